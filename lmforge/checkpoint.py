@@ -1,0 +1,139 @@
+"""Checkpoints: weights in safetensors with the model config as JSON beside them; optimizer, scheduler and RNG
+state in `trainer.pt` (loaded with weights_only=True); each written to a temp folder and renamed into place.
+
+Layout: runs/<name>/checkpoints/step_000100/{model.safetensors, model.json, state.json, trainer.pt}
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+
+from lmforge.config import from_dict, to_dict
+from lmforge.errors import LmforgeError
+from lmforge.models import Decoder, ModelConfig, build_model
+from lmforge.run import atomic_write
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """Finished checkpoints of a run, oldest first (temp folders of interrupted writes are ignored)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit())
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1] if dirs else None
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: Decoder,
+    state: dict[str, Any],
+    trainer: dict[str, Any] | None = None,
+    keep_last: int = 2,
+) -> Path:
+    """Write checkpoint `step` atomically (temp folder + rename) and delete all but the newest `keep_last`."""
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step_{step:06d}"
+    tmp = root / f".step_{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
+    atomic_write(tmp / "model.json", json.dumps(to_dict(model.cfg), indent=2) + "\n")
+    atomic_write(tmp / "state.json", json.dumps({"step": step, **state}, indent=2) + "\n")
+    if trainer is not None:
+        torch.save(trainer, tmp / "trainer.pt")
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in checkpoint_dirs(run_dir)[:-keep_last]:
+        shutil.rmtree(old)
+    return final
+
+
+def _find(run_or_ckpt: str | Path) -> Path:
+    path = Path(run_or_ckpt)
+    if (path / "model.safetensors").exists():
+        return path
+    ckpt = latest_checkpoint(path)
+    if ckpt is None:
+        raise LmforgeError(f"no checkpoint in {path}/checkpoints; train the run first (lmforge pretrain)")
+    return ckpt
+
+
+def read_model_config(ckpt: str | Path) -> ModelConfig:
+    path = _find(ckpt) / "model.json"
+    try:
+        return from_dict(ModelConfig, json.loads(path.read_text()), "model.")
+    except (OSError, json.JSONDecodeError) as e:
+        raise LmforgeError(f"{path} is missing or corrupt ({e}); use an intact checkpoint") from None
+
+
+def load_model(run_or_ckpt: str | Path, device: str | torch.device = "cpu") -> Decoder:
+    """The model of a checkpoint folder, or of the newest checkpoint of a run folder."""
+    ckpt = _find(run_or_ckpt)
+    cfg = read_model_config(ckpt)
+    model = build_model(cfg, device=device)
+    load_weights(model, ckpt / "model.safetensors")
+    return model
+
+
+def load_weights(model: Decoder, path: Path) -> None:
+    try:
+        missing, unexpected = safetensors.torch.load_model(model, str(path), strict=False, device=str(_device(model)))
+    except (safetensors.SafetensorError, OSError, RuntimeError) as e:
+        raise LmforgeError(
+            f"checkpoint {path} is truncated or corrupt ({e}); delete its folder and use an earlier checkpoint"
+        ) from None
+    if missing or unexpected:
+        raise LmforgeError(
+            f"checkpoint {path} does not fit its model.json (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}); use a checkpoint written by this version of lmforge"
+        )
+
+
+def load_trainer_state(ckpt: Path) -> dict[str, Any]:
+    path = ckpt / "trainer.pt"
+    try:
+        return torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise LmforgeError(f"{path} is missing: this checkpoint holds weights only and cannot be resumed") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise LmforgeError(f"{path} is truncated or corrupt ({e}); delete its folder and resume from another") from None
+
+
+def read_state(ckpt: Path) -> dict[str, Any]:
+    try:
+        return json.loads((ckpt / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LmforgeError(f"{ckpt}/state.json is missing or corrupt ({e}); resume from another checkpoint") from None
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def load_run(run: str | Path, device: str | torch.device = "cpu"):
+    """The newest model of a run and its tokenizer, checked to share one vocabulary."""
+    from lmforge.run import resolve_run
+    from lmforge.tokenizer import Tokenizer
+
+    run_dir = resolve_run(run)
+    model = load_model(run_dir, device)
+    tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
+    if tokenizer.vocab_size != model.cfg.vocab_size:
+        raise LmforgeError(
+            f"the checkpoint's vocabulary ({model.cfg.vocab_size}) does not match {run_dir}/tokenizer.json "
+            f"({tokenizer.vocab_size}); use the tokenizer the model was trained with"
+        )
+    return model.eval(), tokenizer

@@ -1,0 +1,152 @@
+"""Decoder-only transformer (GPT-2 and LLaMA families): causal self-attention with MHA/GQA/MQA, a KV cache.
+
+Variants (positions, norm, MLP) are picked once in __init__; forward branches only on whether a KV cache is used.
+Init (`init_weights`): N(0, init_std) for embeddings and linear weights, zero biases, and the two residual
+projections of each block scaled by 1/sqrt(2 * n_layers) so the residual stream's variance stays flat with
+depth (GPT-2, Radford et al., 2019).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from lmforge.models.config import ModelConfig
+from lmforge.models.layers import MLPS, NORMS, POSITIONS, Positions
+
+
+class KVCache:
+    """Keys and values of every layer for a batch of sequences, preallocated to `max_len` positions."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v: (B, Hkv, T, D) at the current position; return all keys and values so far."""
+        end = self.pos + k.shape[2]
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        # one fused projection for q, k and v: a single larger matmul is faster than three on a CPU
+        self.qkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.bias)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: Tensor, positions: Positions, pos: Tensor, cache: KVCache | None) -> Tensor:
+        B, T, C = x.shape
+        qkv = self.qkv(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=1)  # (B, H*, T, D)
+        q, k = positions.rotate(q, k, pos)
+        gqa = self.n_kv_heads != self.n_heads
+        dropout = self.dropout if self.training else 0.0
+        if cache is None:
+            bias = positions.bias(pos, T)
+            if bias is None:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout, enable_gqa=gqa)
+        else:
+            k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, D), S = cached + T
+            bias = positions.bias(pos, k.shape[2])
+            if bias is None and T > 1:
+                bias = torch.zeros(T, k.shape[2], dtype=q.dtype, device=q.device)
+                bias.masked_fill_(torch.arange(k.shape[2], device=q.device)[None, :] > pos[:, None], float("-inf"))
+            mask = None if bias is None else bias.to(q.dtype)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.proj(y)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = NORMS[cfg.norm](cfg)
+        self.attn = Attention(cfg, layer)
+        self.mlp_norm = NORMS[cfg.norm](cfg)
+        self.mlp = MLPS[cfg.mlp](cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, positions: Positions, pos: Tensor, cache: KVCache | None = None) -> Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), positions, pos, cache))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+class Decoder(nn.Module):
+    """Token embedding -> positions -> n_layers blocks -> final norm -> lm_head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.positions = POSITIONS[cfg.pos](cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = NORMS[cfg.norm](cfg)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter and buffer in place (also after building on the meta device)."""
+        std = self.cfg.init_std
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                scaled = name.endswith(("attn.proj", "mlp.down"))
+                nn.init.normal_(module.weight, std=std / math.sqrt(2 * self.cfg.n_layers) if scaled else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding | nn.LayerNorm | nn.RMSNorm):
+                module.reset_parameters()
+                if isinstance(module, nn.Embedding):
+                    nn.init.normal_(module.weight, std=std)
+        self.positions.init_weights()
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        """idx: (B, T) token ids. Returns logits (B, T, V), or the mean cross-entropy when targets (B, T) are
+        given (positions with target -100 are ignored). With a cache, idx continues the cached sequences."""
+        B, T = idx.shape
+        start = 0 if cache is None else cache.pos
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.drop(self.positions.embed(self.embed(idx), pos))  # (B, T, C)
+        for block in self.layers:
+            x = block(x, self.positions, pos, cache)
+        if cache is not None:
+            cache.pos += T
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(B * T, -1).float(), targets.reshape(B * T), ignore_index=-100)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int | None = None) -> Decoder:
+    """Build on the meta device (no memory touched), materialise on `device`, initialise once."""
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    model.to_empty(device=device)
+    if seed is not None:
+        torch.manual_seed(seed)
+    model.init_weights()
+    return model
