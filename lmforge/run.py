@@ -47,8 +47,10 @@ def resolve_run(name_or_path: str | Path, root: str | Path = "runs") -> Path:
     for candidate in (Path(name_or_path), Path(root) / str(name_or_path)):
         if candidate.is_dir():
             return candidate
-    raise LmforgeError(f"run {name_or_path!r} not found (looked for the folder itself and {root}/{name_or_path}); "
-                       "train one first with `lmforge pretrain` or `lmforge speedrun`")
+    raise LmforgeError(
+        f"run {name_or_path!r} not found (looked for the folder itself and {root}/{name_or_path}); "
+        "train one first with `lmforge pretrain` or `lmforge speedrun`"
+    )
 
 
 class Run:

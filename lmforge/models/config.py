@@ -87,7 +87,9 @@ class ModelConfig:
             self.n_heads % self.n_kv_heads == 0,
             f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads} (1 = MQA, n_heads = MHA)",
         )
-        check(self.pos != "rope" or self.head_dim % 2 == 0, f"model.pos=rope needs an even head_dim, got {self.head_dim}")
+        check(
+            self.pos != "rope" or self.head_dim % 2 == 0, f"model.pos=rope needs an even head_dim, got {self.head_dim}"
+        )
         check(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
         check(self.norm_eps > 0 and self.init_std > 0, "model.norm_eps and model.init_std must be positive")
 

@@ -59,7 +59,9 @@ class Attention(nn.Module):
             if bias is None:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
             else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout, enable_gqa=gqa)
+                y = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout, enable_gqa=gqa
+                )
         else:
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, D), S = cached + T
             bias = positions.bias(pos, k.shape[2])

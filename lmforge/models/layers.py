@@ -159,6 +159,7 @@ class ALiBiPositions(Positions):
 
 def alibi_slopes(n_heads: int) -> Tensor:
     """Geometric slopes 2^(-8i/n); for a head count that is not a power of two, interleave as the paper does."""
+
     def powers(n: int) -> list[float]:
         start = 2 ** (-8 / n)
         return [start ** (i + 1) for i in range(n)]

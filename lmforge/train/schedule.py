@@ -27,5 +27,7 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
     return 1.0 - (1 - floor) * min(1.0, progress)
 
 
-def build_schedulers(optimizers: list[torch.optim.Optimizer], cfg: TrainConfig) -> list[torch.optim.lr_scheduler.LambdaLR]:
+def build_schedulers(
+    optimizers: list[torch.optim.Optimizer], cfg: TrainConfig
+) -> list[torch.optim.lr_scheduler.LambdaLR]:
     return [torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_multiplier(step, cfg)) for opt in optimizers]

@@ -1,0 +1,83 @@
+"""The `lmforge` command: one verb per stage (config + overrides) or tool (plain flags).
+
+Run: `lmforge --help`. User errors print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lmforge import report
+from lmforge.config import load_config
+from lmforge.errors import LmforgeError
+from lmforge.interop import hf
+from lmforge.run import Run
+from lmforge.serve import chat, generate
+from lmforge.speedrun import SpeedrunConfig
+from lmforge.speedrun import main as speedrun_main
+from lmforge.train.pretrain import PretrainConfig
+from lmforge.train.pretrain import main as pretrain_main
+
+# stages: a config dataclass and main(cfg, run) -> metrics
+VERBS = {
+    "pretrain": (PretrainConfig, pretrain_main),
+    "speedrun": (SpeedrunConfig, speedrun_main),
+}
+# tools: add_arguments(parser) and command(args)
+TOOLS = {
+    "generate": (generate.add_arguments, generate.command),
+    "chat": (chat.add_arguments, chat.command),
+    "export": (hf.add_export_arguments, hf.export_command),
+    "import": (hf.add_import_arguments, hf.import_command),
+    "report": (report.add_arguments, report.command),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmforge", description="Train, sample and export language models.")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for name, (cfg_cls, _) in VERBS.items():
+        p = verbs.add_parser(name, help=(sys.modules[cfg_cls.__module__].__doc__ or "").splitlines()[0])
+        p.add_argument("--config", help="YAML file with the config sections")
+        p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of run.name")
+        p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override a config value")
+    for name, (add_arguments, command) in TOOLS.items():
+        p = verbs.add_parser(name, help=(sys.modules[command.__module__].__doc__ or "").splitlines()[0])
+        add_arguments(p)
+    return parser
+
+
+def run_stage(verb: str, config: str | None, overrides: list[str], resume: bool = False) -> dict[str, float]:
+    cfg_cls, stage_main = VERBS[verb]
+    cfg = load_config(cfg_cls, config, overrides)  # validated before anything is written
+    if resume:
+        if not hasattr(cfg, "resume"):
+            raise LmforgeError(f"`lmforge {verb}` cannot resume; drop --resume")
+        cfg.resume = True
+    run = Run.from_config(cfg.run)
+    metrics = stage_main(cfg, run)
+    path = report.write_report(run.path)
+    print(f"report: {path}")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.verb in VERBS:
+            metrics = run_stage(args.verb, args.config, args.overrides, args.resume)
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
+        else:
+            TOOLS[args.verb][1](args)
+    except LmforgeError as e:
+        print(f"lmforge {args.verb}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"lmforge {args.verb}: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""Byte-level BPE (GPT-2 style, Sennrich et al. 2016) on Hugging Face `tokenizers`: every byte is a token, so any text
+or byte string round-trips exactly, and the saved folder loads unchanged in transformers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from lmforge.config import check
+from lmforge.errors import LmforgeError
+from lmforge.run import atomic_write
+
+SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+ROLES = ("system", "user", "assistant")
+BYTE_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256
+
+# Renders exactly what Tokenizer.render_chat renders; transformers runs it with trim_blocks/lstrip_blocks, hence the
+# explicit whitespace control on every tag.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+    "{{- raise_exception('unknown chat role ' ~ message['role'] ~ '; use system, user or assistant') -}}"
+    "{%- endif -%}"
+    "{{- '<|' ~ message['role'] ~ '|>' ~ message['content'] ~ '<|end|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
+)
+
+_SURROGATES = re.compile("([\udc80-\udcff])")
+
+
+@dataclass
+class TokenizerConfig:
+    kind: Literal["bpe", "byte"] = "bpe"
+    """bpe: byte-level BPE trained to exactly model.vocab_size; byte: the 256 bytes plus the specials, no merges."""
+    min_frequency: int = 2
+    """A pair must occur this often to be merged."""
+    max_train_bytes: int = 20_000_000
+    """Train the BPE on at most this many bytes of the training text (training time grows with it)."""
+
+    def validate(self) -> None:
+        check(self.min_frequency >= 1, f"tokenizer.min_frequency={self.min_frequency} must be >= 1")
+        check(self.max_train_bytes > 0, f"tokenizer.max_train_bytes={self.max_train_bytes} must be > 0")
+
+
+def _byte_level_pipeline(model: models.Model) -> tokenizers.Tokenizer:
+    tok = tokenizers.Tokenizer(model)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _byte_alphabet() -> list[str]:
+    """The 256 characters ByteLevel maps bytes 0..255 to, in byte order (GPT-2's table: printable Latin-1 bytes map
+    to themselves, the rest to U+0100 onwards)."""
+    keep = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    chars, extra = [], 0
+    for b in range(256):
+        chars.append(chr(b) if b in keep else chr(256 + extra))
+        extra += b not in keep
+    return chars
+
+
+def _take_bytes(texts: Iterable[str], limit: int) -> Iterator[str]:
+    left = limit
+    for text in texts:
+        if left <= 0:
+            return
+        data = text.encode()
+        if len(data) > left:
+            yield data[:left].decode(errors="ignore")
+            return
+        left -= len(data)
+        yield text
+
+
+class Tokenizer:
+    """A byte-level BPE vocabulary whose first ids are SPECIAL_TOKENS; wraps a `tokenizers.Tokenizer` (`inner`)."""
+
+    def __init__(self, inner: tokenizers.Tokenizer):
+        self.inner = inner
+        for i, token in enumerate(SPECIAL_TOKENS):
+            if inner.token_to_id(token) != i:
+                raise LmforgeError(
+                    f"tokenizer has {token} at id {inner.token_to_id(token)}, expected {i}; "
+                    "use a tokenizer trained by lmforge"
+                )
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, cfg: TokenizerConfig | None = None) -> Tokenizer:
+        """Train on `texts` to exactly `vocab_size` tokens (padded with reserved tokens if merges run out)."""
+        cfg = cfg or TokenizerConfig()
+        if cfg.kind == "byte":
+            if vocab_size != BYTE_VOCAB_SIZE:
+                raise LmforgeError(
+                    f"model.vocab_size={vocab_size} but tokenizer.kind=byte has exactly {BYTE_VOCAB_SIZE} tokens "
+                    f"(256 bytes + {len(SPECIAL_TOKENS)} specials); set model.vocab_size={BYTE_VOCAB_SIZE}"
+                )
+            vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + _byte_alphabet())}
+            inner = _byte_level_pipeline(models.BPE(vocab=vocab, merges=[]))
+            inner.add_special_tokens(SPECIAL_TOKENS)
+            return cls(inner)
+        if vocab_size < BYTE_VOCAB_SIZE:
+            raise LmforgeError(
+                f"model.vocab_size={vocab_size} is too small for byte-level BPE: the 256 bytes and "
+                f"{len(SPECIAL_TOKENS)} specials need {BYTE_VOCAB_SIZE}; set model.vocab_size >= {BYTE_VOCAB_SIZE}"
+            )
+        inner = _byte_level_pipeline(models.BPE())
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=cfg.min_frequency,
+            special_tokens=SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        inner.train_from_iterator(_take_bytes(texts, cfg.max_train_bytes), trainer=trainer)
+        # Too little text (or min_frequency) can stop the trainer short; reserved tokens keep the vocabulary exactly
+        # model.vocab_size so the embedding table and the tokenizer always agree.
+        missing = vocab_size - inner.get_vocab_size(with_added_tokens=True)
+        assert missing >= 0, "BpeTrainer overshot vocab_size"
+        start = inner.get_vocab_size(with_added_tokens=True)
+        inner.add_special_tokens([f"<|reserved_{start + i}|>" for i in range(missing)])
+        assert inner.get_vocab_size(with_added_tokens=True) == vocab_size
+        return cls(inner)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Load a tokenizer.json (or the folder holding one)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise LmforgeError(
+                f"tokenizer file {path} cannot be read ({e.strerror}); train one first (lmforge tokenizer) "
+                "or point to the run folder that holds tokenizer.json"
+            ) from None
+        try:
+            inner = tokenizers.Tokenizer.from_str(text)
+        except Exception as e:
+            raise LmforgeError(f"tokenizer file {path} is corrupt ({e}); delete it and retrain the tokenizer") from None
+        return cls(inner)
+
+    def save(self, dir: str | Path) -> Path:
+        """Write tokenizer.json and the transformers files (config, special tokens, chat template)."""
+        dir = Path(dir)
+        atomic_write(dir / "tokenizer.json", self._json)
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": SPECIAL_TOKENS[0],
+            "eos_token": SPECIAL_TOKENS[1],
+            "pad_token": SPECIAL_TOKENS[2],
+            "additional_special_tokens": SPECIAL_TOKENS[3:],
+            "clean_up_tokenization_spaces": False,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "chat_template": CHAT_TEMPLATE,
+        }
+        special = {k: config[k] for k in ("bos_token", "eos_token", "pad_token", "additional_special_tokens")}
+        atomic_write(dir / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+        atomic_write(dir / "special_tokens_map.json", json.dumps(special, indent=2) + "\n")
+        return dir / "tokenizer.json"
+
+    @cached_property
+    def _json(self) -> str:
+        return self.inner.to_str(pretty=True)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self._json.encode()).hexdigest()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.inner.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int:
+        return 0
+
+    @property
+    def eos_id(self) -> int:
+        return 1
+
+    @property
+    def pad_id(self) -> int:
+        return 2
+
+    def token_id(self, token: str) -> int:
+        i = self.inner.token_to_id(token)
+        if i is None:
+            raise LmforgeError(f"token {token!r} is not in the vocabulary")
+        return i
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        ids = self.inner.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if bos else ids
+
+    def encode_batch(self, texts: list[str], bos: bool = False) -> list[list[int]]:
+        """Encode many texts at once in the Rust thread pool."""
+        out = [e.ids for e in self.inner.encode_batch_fast(texts, add_special_tokens=False)]
+        return [[self.bos_id, *ids] for ids in out] if bos else out
+
+    def decode(self, ids: list[int], skip_special: bool = False) -> str:
+        return self.inner.decode(ids, skip_special_tokens=skip_special)
+
+    @cached_property
+    def _id_bytes(self) -> list[bytes]:
+        byte_of = {c: b for b, c in enumerate(_byte_alphabet())}
+        table = [b""] * self.vocab_size
+        added = {t.content for t in self.inner.get_added_tokens_decoder().values()}
+        for token, i in self.inner.get_vocab(with_added_tokens=True).items():
+            table[i] = token.encode() if token in added else bytes(byte_of[c] for c in token)
+        return table
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        """The exact bytes of `ids`, also when they end inside a UTF-8 character (for streaming)."""
+        table = self._id_bytes
+        return b"".join(table[i] for i in ids)
+
+    def encode_bytes(self, data: bytes) -> list[int]:
+        """Encode arbitrary bytes, also invalid UTF-8: valid runs as text, each invalid byte as its byte token."""
+        # surrogateescape maps each undecodable byte to one lone surrogate U+DC80..U+DCFF and back, losslessly.
+        ids: list[int] = []
+        byte_ids = self._byte_ids
+        for i, part in enumerate(_SURROGATES.split(data.decode("utf-8", errors="surrogateescape"))):
+            if i % 2:
+                ids.append(byte_ids[ord(part) - 0xDC00])
+            elif part:
+                ids.extend(self.encode(part))
+        return ids
+
+    @cached_property
+    def _byte_ids(self) -> list[int]:
+        return [self.inner.token_to_id(c) for c in _byte_alphabet()]
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        """Chat text as `<|user|>hi<|end|><|assistant|>hello<|end|>`; the saved chat_template renders the same."""
+        parts = []
+        for m in messages:
+            if m.get("role") not in ROLES:
+                raise LmforgeError(f"unknown chat role {m.get('role')!r}; use one of {', '.join(ROLES)}")
+            parts.append(f"<|{m['role']}|>{m['content']}<|end|>")
+        if add_generation_prompt:
+            parts.append("<|assistant|>")
+        return "".join(parts)

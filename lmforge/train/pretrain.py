@@ -1,0 +1,284 @@
+"""Pre-training: corpus -> tokenizer -> token shards -> next-token prediction in one plain loop.
+
+Run: `lmforge pretrain --config configs/pretrain/tiny.yaml [--resume] [key.sub=value ...]`
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+from lmforge.checkpoint import latest_checkpoint, load_trainer_state, load_weights, read_state, save_checkpoint
+from lmforge.config import check, to_dict
+from lmforge.data.corpus import DataConfig, load_corpus
+from lmforge.data.shards import ShardLoader, eval_batches, read_manifest, shards_ready, write_shards
+from lmforge.errors import LmforgeError
+from lmforge.models import Decoder, ModelConfig, build_model
+from lmforge.models.decoder import Block
+from lmforge.run import Run, RunConfig
+from lmforge.tokenizer import Tokenizer, TokenizerConfig
+from lmforge.train.config import TrainConfig
+from lmforge.train.flops import matmul_peak_flops
+from lmforge.train.optim import build_optimizers
+from lmforge.train.progress import TrainProgress
+from lmforge.train.schedule import build_schedulers
+
+
+@dataclass
+class SampleConfig:
+    prompts: list[str] = field(default_factory=lambda: ["def ", "import os\n", "class "])
+    """Prompts whose continuations go into the report."""
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+
+
+@dataclass
+class PretrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    resume: bool = False
+    """Continue from the newest checkpoint of run.name (the same as --resume)."""
+
+    def validate(self) -> None:
+        check(
+            self.tokenizer.kind != "byte" or self.model.vocab_size == 263,
+            f"tokenizer.kind=byte has 263 tokens (256 bytes + 7 specials); set model.vocab_size=263, "
+            f"not {self.model.vocab_size}",
+        )
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LmforgeError(f"train.device={name} but no CUDA device is visible; use train.device=cpu")
+    return torch.device(name)
+
+
+def prepare_data(cfg: PretrainConfig, run: Run) -> tuple[Tokenizer, dict[str, Any]]:
+    """Train (or reuse) the run's tokenizer and write (or reuse) its train/val token shards."""
+    tok_path = run.file("tokenizer.json")
+    corpus = None
+    if tok_path.exists():
+        tokenizer = Tokenizer.load(tok_path)
+    else:
+        corpus = load_corpus(cfg.data)
+        tokenizer = Tokenizer.train((d.text for d in corpus[0]), cfg.model.vocab_size, cfg.tokenizer)
+        tokenizer.save(run.path)
+    if tokenizer.vocab_size != cfg.model.vocab_size:
+        raise LmforgeError(
+            f"{tok_path} has {tokenizer.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
+            f"set model.vocab_size={tokenizer.vocab_size} or use a new run.name"
+        )
+    manifests = {}
+    for i, split in enumerate(("train", "val")):
+        folder = run.file(f"data/{split}")
+        if not shards_ready(folder, tokenizer):
+            corpus = corpus or load_corpus(cfg.data)
+            write_shards(corpus[i], tokenizer, folder)
+        manifests[split] = read_manifest(folder)
+    return tokenizer, manifests
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, val_dir, cfg: PretrainConfig, autocast) -> float:
+    """Mean next-token loss over the first `train.eval_batches` validation windows."""
+    was_training = model.training
+    model.eval()
+    losses = []
+    for x, y in eval_batches(val_dir, cfg.model.max_seq_len, cfg.train.batch_size, cfg.train.eval_batches):
+        with autocast():
+            losses.append(model(x.to(_device(model)), y.to(_device(model))).item())
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def main(cfg: PretrainConfig, run: Run) -> dict[str, float]:
+    tc, mc = cfg.train, cfg.model
+    device = pick_device(tc.device)
+    run.write_json("pretrain_config.json", to_dict(cfg))
+    tokenizer, manifests = prepare_data(cfg, run)
+    if manifests["val"]["total_tokens"] <= mc.max_seq_len:
+        raise LmforgeError(
+            f"the validation split has {manifests['val']['total_tokens']} tokens, fewer than one window of "
+            f"{mc.max_seq_len + 1}; raise data.val_fraction, add data or lower model.max_seq_len"
+        )
+
+    model = build_model(mc, device=device, seed=cfg.run.seed)
+    optimizers = build_optimizers(model, tc)
+    schedulers = build_schedulers(optimizers, tc)
+    loader = ShardLoader(run.file("data/train"), mc.max_seq_len, tc.batch_size, seed=cfg.run.seed)
+    step = 0
+    if cfg.resume:
+        step = _resume(run, model, optimizers, schedulers, loader)
+    else:
+        torch.manual_seed(cfg.run.seed)
+
+    train_model: torch.nn.Module = model
+    if tc.activation_checkpointing:
+        apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
+    if tc.compile:
+        train_model = torch.compile(model)
+    bf16 = tc.dtype == "bf16"
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    tokens_per_step = tc.batch_size * tc.grad_accum * mc.max_seq_len
+    flops_per_step = mc.flops_per_token() * tokens_per_step
+    peak = matmul_peak_flops(device.type, torch.bfloat16 if bf16 else torch.float32)
+    _log_header(run, cfg, model, manifests, tokens_per_step)
+    val_dir = run.file("data/val")
+    losses: list[float] = []
+    val_loss = math.nan
+    train_seconds = 0.0
+    start_step = step
+    with TrainProgress(tc.steps, step) as progress:
+        while step < tc.steps:
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            for _ in range(tc.grad_accum):
+                x, y = loader.next_batch()
+                with autocast():
+                    loss = train_model(x.to(device), y.to(device)) / tc.grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else 1e30)
+            for opt in optimizers:
+                opt.step()
+            for sched in schedulers:
+                sched.step()
+            model.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.perf_counter() - t0
+            train_seconds += dt
+            losses.append(loss_sum.item())
+            tok_s = tokens_per_step / dt
+            progress.update(step, losses[-1], tok_s)
+            if step % tc.log_every == 0 or step == tc.steps:
+                lr = optimizers[0].param_groups[0]["lr"]
+                mfu = flops_per_step / dt / peak
+                eta = (tc.steps - step) * train_seconds / (step - start_step)
+                run.log_metrics(
+                    dict(step=step, loss=losses[-1], lr=lr, tokens_per_s=tok_s, grad_norm=grad_norm.item(), mfu=mfu)
+                )
+                progress.line(
+                    f"step {step:>6}/{tc.steps} | loss {losses[-1]:.4f} | lr {lr:.2e} | dt {dt * 1000:.0f} ms | "
+                    f"{tok_s:,.0f} tok/s | MFU {mfu:.1%} | ETA {eta:.0f}s"
+                )
+            if (tc.eval_every and step % tc.eval_every == 0) or step == tc.steps:
+                val_loss = evaluate(train_model, val_dir, cfg, autocast)
+                run.log_metrics(dict(step=step, val_loss=val_loss, val_ppl=math.exp(val_loss)))
+                progress.line(f"step {step:>6} | val loss {val_loss:.4f} | val ppl {math.exp(val_loss):.2f}")
+            if (tc.ckpt_every and step % tc.ckpt_every == 0) or step == tc.steps:
+                _save(run, step, model, optimizers, schedulers, loader, tc.keep_last)
+
+    summary = {
+        "steps": step,
+        "tokens_trained": step * tokens_per_step,
+        "train_loss": losses[-1] if losses else math.nan,
+        "val_loss": val_loss,
+        "val_ppl": math.exp(val_loss) if not math.isnan(val_loss) else math.nan,
+        "train_seconds": train_seconds,
+        "tokens_per_s": (step - start_step) * tokens_per_step / train_seconds if train_seconds else math.nan,
+        "mfu": (step - start_step) * flops_per_step / train_seconds / peak if train_seconds else math.nan,
+    }
+    samples = _samples(model, tokenizer, cfg.sample)
+    _write_summary(run, cfg, model, manifests, tokenizer, summary, samples)
+    run.close()
+    return summary
+
+
+def _log_header(run: Run, cfg: PretrainConfig, model: Decoder, manifests, tokens_per_step: int) -> None:
+    print(
+        f"run {run.path} | model {model.num_params() / 1e6:.2f}M params, {cfg.model.flops_per_token() / 1e6:.1f} "
+        f"MFLOP/token | data {manifests['train']['total_tokens']:,} train / {manifests['val']['total_tokens']:,} val "
+        f"tokens | {tokens_per_step:,} tokens/step",
+        flush=True,
+    )
+
+
+def _save(run: Run, step: int, model, optimizers, schedulers, loader, keep_last: int) -> None:
+    trainer = {
+        "optimizers": [opt.state_dict() for opt in optimizers],
+        "schedulers": [sched.state_dict() for sched in schedulers],
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    state = {"loader": loader.state_dict()}
+    save_checkpoint(run.path, step, model, state=state, trainer=trainer, keep_last=keep_last)
+
+
+def _resume(run: Run, model, optimizers, schedulers, loader) -> int:
+    ckpt = latest_checkpoint(run.path)
+    if ckpt is None:
+        raise LmforgeError(f"--resume given but {run.path}/checkpoints holds no checkpoint; drop --resume to start")
+    load_weights(model, ckpt / "model.safetensors")
+    state = read_state(ckpt)
+    trainer = load_trainer_state(ckpt)
+    if len(trainer["optimizers"]) != len(optimizers):
+        raise LmforgeError(f"{ckpt} was written with another train.optimizer; resume with the same config")
+    for opt, sd in zip(optimizers, trainer["optimizers"], strict=True):
+        opt.load_state_dict(sd)
+    for sched, sd in zip(schedulers, trainer["schedulers"], strict=True):
+        sched.load_state_dict(sd)
+    torch.set_rng_state(trainer["torch_rng"])
+    if trainer["cuda_rng"]:
+        torch.cuda.set_rng_state_all(trainer["cuda_rng"])
+    loader.load_state_dict(state["loader"])
+    print(f"resumed from {ckpt} at step {state['step']}", flush=True)
+    return int(state["step"])
+
+
+def _samples(model: Decoder, tokenizer: Tokenizer, cfg: SampleConfig) -> list[dict[str, str]]:
+    from lmforge.serve.generate import generate
+
+    model.eval()
+    out = []
+    for prompt in cfg.prompts:
+        text = "".join(generate(model, tokenizer, prompt, cfg.max_new_tokens, temperature=cfg.temperature, seed=0))
+        out.append({"prompt": prompt, "completion": text})
+    return out
+
+
+def _write_summary(run, cfg, model, manifests, tokenizer, summary, samples) -> None:
+    train_m, val_m = manifests["train"], manifests["val"]
+    run.write_json(
+        "pretrain.json",
+        {
+            "corpus": {
+                "source": cfg.data.path or "embedded: Python standard library",
+                "train_docs": train_m["num_docs"],
+                "val_docs": val_m["num_docs"],
+                "train_tokens": train_m["total_tokens"],
+                "val_tokens": val_m["total_tokens"],
+                "vocab_size": tokenizer.vocab_size,
+            },
+            "model": {
+                "preset": cfg.model.preset or "(custom)",
+                "params": model.num_params(),
+                "non_embedding_params": cfg.model.num_params(embeddings=False),
+                "flops_per_token": cfg.model.flops_per_token(),
+                "layers": cfg.model.n_layers,
+                "dim": cfg.model.dim,
+                "heads": f"{cfg.model.n_heads} q / {cfg.model.n_kv_heads} kv",
+                "variant": f"{cfg.model.pos}, {cfg.model.norm}, {cfg.model.mlp}",
+            },
+            "training": {**summary, "total_flops": summary["tokens_trained"] * cfg.model.flops_per_token()},
+            "samples": samples,
+        },
+    )
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device

@@ -1,0 +1,78 @@
+"""The CLI surface: verbs, usage errors (exit 2, one line, nothing written), and the README's commands at tiny scale."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmforge.cli import TOOLS, VERBS, build_parser
+
+
+def lmforge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lmforge", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_the_verbs_do_not_change_by_accident():
+    assert sorted(VERBS) == ["pretrain", "speedrun"]
+    assert sorted(TOOLS) == ["chat", "export", "generate", "import", "report"]
+    help_text = build_parser().format_help()
+    for verb in [*VERBS, *TOOLS]:
+        assert verb in help_text
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["pretrain", "train.setps=3"], "unknown config key train.setps; did you mean train.steps?"),
+        (["pretrain", "model.n_heads=3"], "model.n_heads=3 must divide model.dim=64"),
+        (["speedrun", "depth=0"], "depth=0 must be in 1..48"),
+        (["pretrain", "--config", "nope.yaml"], "config file nope.yaml does not exist"),
+        (["generate", "no-such-run", "--prompt", "x"], "run 'no-such-run' not found"),
+        (["pretrain", "data.path=/no/such/folder", "train.steps=1"], "/no/such/folder"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line_and_write_nothing(tmp_path, args, message):
+    result = lmforge(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not any(p.suffix == ".safetensors" for p in tmp_path.rglob("*"))
+
+
+def test_argparse_usage_errors_exit_2(tmp_path):
+    assert lmforge("no-such-verb", cwd=tmp_path).returncode == 2
+    assert lmforge("generate", cwd=tmp_path).returncode == 2
+
+
+def test_readme_commands_at_tiny_scale(tmp_path, tiny_text):
+    """pretrain -> generate -> export hf -> import hf, as the README shows them, on a tiny corpus."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(20):
+        (corpus / f"{i}.txt").write_text(tiny_text[i * 5000 : (i + 1) * 5000])
+    repo = Path(__file__).parent.parent
+    result = lmforge(
+        "pretrain", "--config", str(repo / "configs/pretrain/tiny.yaml"), f"data.path={corpus}",
+        "train.steps=6", "model.max_seq_len=64", "train.eval_every=0", "train.batch_size=4", "model.vocab_size=384",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "step      6/6" in result.stdout and (tmp_path / "runs/tiny/report.md").is_file()
+    assert (tmp_path / "runs/tiny/loss_curve.png").stat().st_size > 1000
+    first = lmforge(
+        "generate", "tiny", "--prompt", "def ", "--max-new-tokens", "12", "--temperature", "0", cwd=tmp_path
+    )
+    second = lmforge(
+        "generate", "tiny", "--prompt", "def ", "--max-new-tokens", "12", "--temperature", "0", cwd=tmp_path
+    )
+    assert first.returncode == 0 and first.stdout == second.stdout and first.stdout.strip()
+    assert lmforge("export", "hf", "tiny", "hf-out", cwd=tmp_path).returncode == 0
+    assert (tmp_path / "hf-out/config.json").is_file()
+    assert lmforge("import", "hf", "hf-out", "--name", "back", cwd=tmp_path).returncode == 0
+    again = lmforge(
+        "generate", "back", "--prompt", "def ", "--max-new-tokens", "12", "--temperature", "0", cwd=tmp_path
+    )
+    assert again.stdout == first.stdout
