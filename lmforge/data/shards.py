@@ -24,7 +24,7 @@ _BATCH_DOCS = 512
 def write_shards(
     docs: Iterable[Document], tokenizer: Tokenizer, out_dir: str | Path, shard_tokens: int = 1 << 24
 ) -> dict[str, Any]:
-    """Tokenize `docs` (each followed by eos) into out_dir/shard_NNNNN.bin files, then write manifest.json."""
+    """Tokenize `docs` (each as bos, text, eos) into out_dir/shard_NNNNN.bin files, then write manifest.json."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # The manifest goes first and comes back last, so a crash never leaves one describing half-written shards.
@@ -46,7 +46,8 @@ def write_shards(
 
     it = iter(docs)
     while batch := list(islice(it, _BATCH_DOCS)):
-        for ids in tokenizer.encode_batch([d.text for d in batch]):
+        # bos opens every document so that generation, which starts from bos, sees what training saw
+        for ids in tokenizer.encode_batch([d.text for d in batch], bos=True):
             ids.append(tokenizer.eos_id)
             pending.append(np.array(ids, dtype=dtype))
             pending_tokens += len(ids)

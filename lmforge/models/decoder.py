@@ -123,9 +123,12 @@ class Decoder(nn.Module):
                     nn.init.normal_(module.weight, std=std)
         self.positions.init_weights()
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
-        """idx: (B, T) token ids. Returns logits (B, T, V), or the mean cross-entropy when targets (B, T) are
-        given (positions with target -100 are ignored). With a cache, idx continues the cached sequences."""
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None, last_only: bool = False
+    ) -> Tensor:
+        """idx: (B, T) token ids. Returns logits (B, T, V), or (B, 1, V) of the last position with last_only, or the
+        mean cross-entropy when targets (B, T) are given (positions with target -100 are ignored). With a cache,
+        idx continues the cached sequences."""
         B, T = idx.shape
         start = 0 if cache is None else cache.pos
         pos = torch.arange(start, start + T, device=idx.device)
@@ -134,6 +137,8 @@ class Decoder(nn.Module):
             x = block(x, self.positions, pos, cache)
         if cache is not None:
             cache.pos += T
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C): a prefill needs only the next token's logits, not a (B, T, V) tensor
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         if targets is None:
             return logits

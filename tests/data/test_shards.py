@@ -23,7 +23,7 @@ def shard_dir(tmp_path_factory, docs, tiny_tokenizer):
 
 def test_shards_hold_the_tokenized_docs(shard_dir, docs, tiny_tokenizer):
     manifest = read_manifest(shard_dir)
-    expected = [t for d in docs for t in [*tiny_tokenizer.encode(d.text), tiny_tokenizer.eos_id]]
+    expected = [t for d in docs for t in [*tiny_tokenizer.encode(d.text, bos=True), tiny_tokenizer.eos_id]]
     assert manifest["total_tokens"] == len(expected) == sum(s["tokens"] for s in manifest["shards"])
     assert manifest["num_docs"] == len(docs)
     assert manifest["dtype"] == "uint16" and manifest["vocab_size"] == 512
@@ -52,7 +52,7 @@ def test_uint32_for_big_vocabularies(tmp_path, tiny_text):
     tok = Tokenizer.train([tiny_text[:2000]], 70_000)
     manifest = write_shards([Document("a", "hello")], tok, tmp_path)
     assert manifest["dtype"] == "uint32"
-    assert np.fromfile(tmp_path / "shard_00000.bin", np.uint32).tolist() == [*tok.encode("hello"), 1]
+    assert np.fromfile(tmp_path / "shard_00000.bin", np.uint32).tolist() == [*tok.encode("hello", bos=True), 1]
 
 
 def test_manifest_errors(tmp_path):
