@@ -46,7 +46,8 @@ def write_report(run_dir: str | Path) -> Path:
 def _table(title: str, values: dict[str, Any]) -> list[str]:
     lines = [f"## {title}", "", "| | |", "|---|---|"]
     for key, value in values.items():
-        lines.append(f"| {key.replace('_', ' ')} | {_fmt(value)} |")
+        shown = f"{value:.1%}" if key == "mfu" and isinstance(value, float) else _fmt(value)
+        lines.append(f"| {key.replace('_', ' ')} | {shown} |")
     return lines + [""]
 
 

@@ -73,7 +73,7 @@ class Run:
         return self.path / rel
 
     def write_json(self, rel: str, obj: Any) -> Path:
-        return self.write_text(rel, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        return self.write_text(rel, json.dumps(obj, indent=2) + "\n")
 
     def read_json(self, rel: str) -> Any:
         path = self.path / rel

@@ -38,9 +38,9 @@ def pretrain_config(cfg: SpeedrunConfig) -> pretrain.PretrainConfig:
     dim = 64 * cfg.depth
     hidden = 64 * round(8 * dim / 3 / 64)  # SwiGLU at the parameter count of a 4x GELU MLP
     batch, seq = 16, 256
-    # ~ tokens the CPU gets through in ~8 minutes at this size (measured: docs/log.md), at least 20 per parameter
-    # would be compute-optimal (Hoffmann et al., 2022) but a laptop cannot afford that past depth 2
-    steps = cfg.steps or max(50, int(2_400 * (4 / cfg.depth) ** 2))
+    # depth 4 runs ~5,000 tok/s in bf16 on 2 cores, so 600 steps of 4,096 tokens (about one pass over the embedded
+    # corpus) take ~8 minutes (docs/log.md). Deeper models get fewer steps but, at ~depth^3 cost per step, more time.
+    steps = cfg.steps or max(50, int(600 * (4 / cfg.depth) ** 2))
     model = ModelConfig(
         preset="",
         vocab_size=4096,

@@ -107,7 +107,9 @@ def main(cfg: PretrainConfig, run: Run) -> dict[str, float]:
     tc, mc = cfg.train, cfg.model
     device = pick_device(tc.device)
     run.write_json("pretrain_config.json", to_dict(cfg))
+    t_data = time.perf_counter()
     tokenizer, manifests = prepare_data(cfg, run)
+    data_seconds = time.perf_counter() - t_data
     if manifests["val"]["total_tokens"] <= mc.max_seq_len:
         raise LmforgeError(
             f"the validation split has {manifests['val']['total_tokens']} tokens, fewer than one window of "
@@ -189,6 +191,7 @@ def main(cfg: PretrainConfig, run: Run) -> dict[str, float]:
         "train_loss": losses[-1] if losses else math.nan,
         "val_loss": val_loss,
         "val_ppl": math.exp(val_loss) if not math.isnan(val_loss) else math.nan,
+        "data_prep_seconds": data_seconds,
         "train_seconds": train_seconds,
         "tokens_per_s": (step - start_step) * tokens_per_step / train_seconds if train_seconds else math.nan,
         "mfu": (step - start_step) * flops_per_step / train_seconds / peak if train_seconds else math.nan,

@@ -1,0 +1,176 @@
+"""Single-stream decode speed: lmforge's generate_tokens vs transformers' generate(use_cache=True) on the same weights,
+and both against the memory-bandwidth roofline (every weight read once per token).
+
+    .venv/bin/python benchmarks/bench_decode.py              # Llama 8192/384/6 layers, 16 + 256 tokens, ~40 s
+    .venv/bin/python benchmarks/bench_decode.py --threads 0  # all cores
+
+One thread by default: on the 2-core dev box a second thread gained ~10% decode speed when idle (183 vs 168 tok/s) and
+lost 2-5x whenever another process held a core, as the threads then wait on each other at every op.
+
+The weights are exported into a LlamaForCausalLM and both must produce the same greedy tokens before timing. Ours and
+the peer run in alternating rounds so that load from other processes hits both; each reports its best round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without installing
+
+from benchmarks.machine import memory_bandwidth_gbs, set_threads  # noqa: E402
+from lmforge.models import Decoder, ModelConfig, build_model  # noqa: E402
+from lmforge.serve.generate import generate_tokens, prepare_for_decode  # noqa: E402
+
+
+def to_hf_llama(model: Decoder) -> nn.Module:
+    """A transformers LlamaForCausalLM holding exactly `model`'s weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = model.cfg
+    hf = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.dim,
+            intermediate_size=cfg.hidden_dim,
+            num_hidden_layers=cfg.n_layers,
+            num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.n_kv_heads,
+            max_position_embeddings=cfg.max_seq_len,
+            rope_theta=cfg.rope_theta,
+            rms_norm_eps=cfg.norm_eps,
+            tie_word_embeddings=cfg.tie_embeddings,
+            attn_implementation="sdpa",
+        )
+    )
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    ours = model.state_dict()
+    state = {
+        "model.embed_tokens.weight": ours["embed.weight"],
+        "model.norm.weight": ours["norm.weight"],
+        "lm_head.weight": ours["lm_head.weight"],
+    }
+    for i in range(cfg.n_layers):
+        src, dst = f"layers.{i}.", f"model.layers.{i}."
+        wq, wk, wv = ours[src + "attn.qkv.weight"].split([q, kv, kv])  # rows: q, then k, then v
+        gate, up = ours[src + "mlp.gate_up.weight"].chunk(2)  # rows: gate, then up
+        state |= {
+            dst + "self_attn.q_proj.weight": wq,
+            dst + "self_attn.k_proj.weight": wk,
+            dst + "self_attn.v_proj.weight": wv,
+            dst + "self_attn.o_proj.weight": ours[src + "attn.proj.weight"],
+            dst + "mlp.gate_proj.weight": gate,
+            dst + "mlp.up_proj.weight": up,
+            dst + "mlp.down_proj.weight": ours[src + "mlp.down.weight"],
+            dst + "input_layernorm.weight": ours[src + "attn_norm.weight"],
+            dst + "post_attention_layernorm.weight": ours[src + "mlp_norm.weight"],
+        }
+    hf.load_state_dict(state, strict=True)
+    hf.generation_config.eos_token_id = None  # random weights: always generate the full length
+    hf.generation_config.pad_token_id = 0
+    return hf.eval()
+
+
+@torch.inference_mode()
+def hf_generate(hf: nn.Module, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = hf.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+def read_bandwidth_gbs(mib: int = 512) -> float:
+    """GB/s of summing a large fp32 tensor: a pure read, like streaming the weights through a matrix-vector product."""
+    x = torch.empty(mib * 2**20 // 4).normal_()
+    x.sum()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
+def weight_bytes_per_token(model: Decoder) -> int:
+    """Bytes of weights a decode step reads: everything but the input embedding table (one row of it is read)."""
+    embedding = {id(model.embed.weight)} - {id(model.lm_head.weight)}
+    return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in embedding)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--dim", type=int, default=384)
+    p.add_argument("--n-layers", type=int, default=6)
+    p.add_argument("--n-heads", type=int, default=6)
+    p.add_argument("--n-kv-heads", type=int, default=6)
+    p.add_argument("--hidden-dim", type=int, default=1024)
+    p.add_argument("--max-seq-len", type=int, default=512)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up (best counts)")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads; 0 = all cores (default 1)")
+    args = p.parse_args()
+
+    threads = set_threads(args.threads or None)
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=args.vocab_size,
+        dim=args.dim,
+        n_layers=args.n_layers,
+        n_heads=args.n_heads,
+        n_kv_heads=args.n_kv_heads,
+        hidden_dim=args.hidden_dim,
+        max_seq_len=args.max_seq_len,
+    )
+    model = build_model(cfg, seed=0).eval()
+    hf = to_hf_llama(model)
+    prompt = torch.randint(0, cfg.vocab_size, (args.prompt_len,)).tolist()
+    n = args.new_tokens
+
+    prepared = prepare_for_decode(copy.deepcopy(model))
+    runs = {
+        "lmforge": lambda: list(generate_tokens(prepared, prompt, n)),
+        "lmforge, row-major weights": lambda: list(generate_tokens(model, prompt, n)),
+        "transformers": lambda: hf_generate(hf, prompt, n),
+    }
+    tokens = {name: run() for name, run in runs.items()}
+    for name in runs:
+        diff = next(
+            (i for i, (a, b) in enumerate(zip(tokens[name], tokens["transformers"], strict=True)) if a != b), None
+        )
+        print(f"{name}: greedy tokens {'identical to transformers' if diff is None else f'differ at {diff}'}")
+
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(args.rounds):
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - t0)
+
+    tok_s = {name: n / seconds for name, seconds in best.items()}
+    weight_mb = weight_bytes_per_token(model) / 1e6
+    read, copy_ = read_bandwidth_gbs(), memory_bandwidth_gbs()
+    print(f"threads {threads}, {model.num_params() / 1e6:.1f}M params, fp32, batch 1, prompt {len(prompt)}, new {n}")
+    for name, value in tok_s.items():
+        print(f"{name:28s} {value:8.1f} tok/s  {value / tok_s['transformers']:5.2f}x transformers")
+    print(f"weights read per token {weight_mb:.1f} MB")
+    for label, gbs in (("read (sum)", read), ("copy", copy_)):
+        roofline = gbs * 1e3 / weight_mb
+        print(
+            f"{label:10s} bandwidth {gbs:5.1f} GB/s: roofline {roofline:6.1f} tok/s, lmforge at "
+            f"{100 * tok_s['lmforge'] / roofline:5.1f}%"
+        )
+    if any(tokens[name] != tokens["transformers"] for name in runs):
+        sys.exit("greedy tokens differ between lmforge and transformers")
+
+
+if __name__ == "__main__":
+    main()
