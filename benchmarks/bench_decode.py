@@ -25,56 +25,17 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without installing
 
 from benchmarks.machine import memory_bandwidth_gbs, set_threads  # noqa: E402
+from lmforge.interop.hf import to_transformers  # noqa: E402
 from lmforge.models import Decoder, ModelConfig, build_model  # noqa: E402
 from lmforge.serve.generate import generate_tokens, prepare_for_decode  # noqa: E402
 
 
 def to_hf_llama(model: Decoder) -> nn.Module:
-    """A transformers LlamaForCausalLM holding exactly `model`'s weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = model.cfg
-    hf = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=cfg.vocab_size,
-            hidden_size=cfg.dim,
-            intermediate_size=cfg.hidden_dim,
-            num_hidden_layers=cfg.n_layers,
-            num_attention_heads=cfg.n_heads,
-            num_key_value_heads=cfg.n_kv_heads,
-            max_position_embeddings=cfg.max_seq_len,
-            rope_theta=cfg.rope_theta,
-            rms_norm_eps=cfg.norm_eps,
-            tie_word_embeddings=cfg.tie_embeddings,
-            attn_implementation="sdpa",
-        )
-    )
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    ours = model.state_dict()
-    state = {
-        "model.embed_tokens.weight": ours["embed.weight"],
-        "model.norm.weight": ours["norm.weight"],
-        "lm_head.weight": ours["lm_head.weight"],
-    }
-    for i in range(cfg.n_layers):
-        src, dst = f"layers.{i}.", f"model.layers.{i}."
-        wq, wk, wv = ours[src + "attn.qkv.weight"].split([q, kv, kv])  # rows: q, then k, then v
-        gate, up = ours[src + "mlp.gate_up.weight"].chunk(2)  # rows: gate, then up
-        state |= {
-            dst + "self_attn.q_proj.weight": wq,
-            dst + "self_attn.k_proj.weight": wk,
-            dst + "self_attn.v_proj.weight": wv,
-            dst + "self_attn.o_proj.weight": ours[src + "attn.proj.weight"],
-            dst + "mlp.gate_proj.weight": gate,
-            dst + "mlp.up_proj.weight": up,
-            dst + "mlp.down_proj.weight": ours[src + "mlp.down.weight"],
-            dst + "input_layernorm.weight": ours[src + "attn_norm.weight"],
-            dst + "post_attention_layernorm.weight": ours[src + "mlp_norm.weight"],
-        }
-    hf.load_state_dict(state, strict=True)
-    hf.generation_config.eos_token_id = None  # random weights: always generate the full length
+    """A transformers LlamaForCausalLM holding exactly `model`'s weights, set to always generate the full length."""
+    hf = to_transformers(model)
+    hf.generation_config.eos_token_id = None  # random weights: never stop early
     hf.generation_config.pad_token_id = 0
-    return hf.eval()
+    return hf
 
 
 @torch.inference_mode()

@@ -27,6 +27,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without installing
 
 from benchmarks.machine import matmul_peak_gflops, set_threads  # noqa: E402
+from lmforge.interop.hf import to_transformers  # noqa: E402
 from lmforge.models import ModelConfig, build_model  # noqa: E402
 from lmforge.train.config import TrainConfig  # noqa: E402
 from lmforge.train.optim import build_optimizers  # noqa: E402
@@ -35,23 +36,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def hf_llama(cfg: ModelConfig) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hf_cfg = LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.dim,
-        intermediate_size=cfg.hidden_dim,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads,
-        max_position_embeddings=cfg.max_seq_len,
-        rope_theta=cfg.rope_theta,
-        rms_norm_eps=cfg.norm_eps,
-        tie_word_embeddings=cfg.tie_embeddings,
-        use_cache=False,
-        attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(hf_cfg)
+    """transformers' LlamaForCausalLM with the same shapes and the same initial weights as ours."""
+    hf = to_transformers(build_model(cfg, seed=0))
+    hf.config.use_cache = False
+    return hf
 
 
 def hf_adamw(model: nn.Module, train: TrainConfig) -> list[torch.optim.Optimizer]:

@@ -22,7 +22,7 @@ from torch import Tensor
 from lmforge.checkpoint import load_run, save_checkpoint
 from lmforge.config import from_dict
 from lmforge.errors import LmforgeError
-from lmforge.models import ModelConfig, build_model
+from lmforge.models import Decoder, ModelConfig, build_model
 from lmforge.tokenizer import Tokenizer
 
 # The variant fields each HF class fixes; every other ModelConfig field maps to a number in its config.
@@ -154,16 +154,17 @@ FROM_HF: dict[str, Callable[[ModelConfig, dict[str, Tensor]], dict[str, Tensor]]
 # ---- configs: ModelConfig <-> config.json ----
 
 
-def _hf_config(cfg: ModelConfig, family: str, tokenizer: Tokenizer, dtype: torch.dtype):
+def _hf_config(cfg: ModelConfig, family: str, tokenizer: Tokenizer | None, dtype: torch.dtype):
     transformers = _transformers()
+    special = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) if tokenizer else (0, 1, 2)  # SPECIAL_TOKENS
     common = dict(
         architectures=[ARCHITECTURES[family]],
         vocab_size=cfg.vocab_size,
         tie_word_embeddings=cfg.tie_embeddings,
         initializer_range=cfg.init_std,
-        bos_token_id=tokenizer.bos_id,
-        eos_token_id=tokenizer.eos_id,
-        pad_token_id=tokenizer.pad_id,
+        bos_token_id=special[0],
+        eos_token_id=special[1],
+        pad_token_id=special[2],
         torch_dtype=str(dtype).removeprefix("torch."),  # transformers 5 stores it as `dtype`, 4.x as `torch_dtype`
     )
     if family == "llama":
@@ -282,18 +283,36 @@ MODEL_CONFIGS = {"llama": _llama_model_config, "gpt2": _gpt2_model_config}
 # ---- export and import ----
 
 
+def _hf_tensors(model: Decoder) -> dict[str, Tensor]:
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    tensors = TO_HF[hf_family(model.cfg)](model.cfg, sd)
+    if not model.cfg.tie_embeddings:
+        tensors["lm_head.weight"] = sd["lm_head.weight"]
+    return tensors
+
+
+def to_transformers(model: Decoder, tokenizer: Tokenizer | None = None):
+    """The same network as a transformers model in memory (LlamaForCausalLM or GPT2LMHeadModel), our weights."""
+    transformers = _transformers()
+    family = hf_family(model.cfg)
+    config = _hf_config(model.cfg, family, tokenizer, model.lm_head.weight.dtype)
+    config._attn_implementation = "sdpa"
+    hf = getattr(transformers, ARCHITECTURES[family])(config)
+    missing, unexpected = hf.load_state_dict(_hf_tensors(model), strict=False)
+    assert not unexpected and all(k == "lm_head.weight" or ".attn.bias" in k for k in missing), (missing, unexpected)
+    if model.cfg.tie_embeddings:
+        hf.tie_weights()
+    return hf.eval()
+
+
 def export_hf(run: str | Path, out_dir: str | Path) -> Path:
     """Write the run's newest checkpoint and tokenizer as a folder that transformers' Auto classes load."""
     out = Path(out_dir)
     _check_new(out)
     transformers = _transformers()
     model, tokenizer = load_run(run)
-    family = hf_family(model.cfg)
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
-    tensors = TO_HF[family](model.cfg, sd)
-    if not model.cfg.tie_embeddings:
-        tensors["lm_head.weight"] = sd["lm_head.weight"]
-    config = _hf_config(model.cfg, family, tokenizer, model.lm_head.weight.dtype)
+    tensors = _hf_tensors(model)
+    config = _hf_config(model.cfg, hf_family(model.cfg), tokenizer, model.lm_head.weight.dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:

@@ -32,10 +32,12 @@ from lmforge.train.schedule import build_schedulers
 
 @dataclass
 class SampleConfig:
-    prompts: list[str] = field(default_factory=lambda: ["def ", "import os\n", "class "])
+    prompts: list[str] = field(default_factory=lambda: ["import os\n", "def parse_args(", "class Stack:\n"])
     """Prompts whose continuations go into the report."""
     max_new_tokens: int = 64
-    temperature: float = 0.0
+    temperature: float = 0.8
+    """0 is greedy, which loops on small models; sampling (seeded) shows more of what the model learnt."""
+    top_p: float = 0.95
 
 
 @dataclass
@@ -249,7 +251,7 @@ def _samples(model: Decoder, tokenizer: Tokenizer, cfg: SampleConfig) -> list[di
     model.eval()
     out = []
     for prompt in cfg.prompts:
-        text = "".join(generate(model, tokenizer, prompt, cfg.max_new_tokens, temperature=cfg.temperature, seed=0))
+        text = "".join(generate(model, tokenizer, prompt, cfg.max_new_tokens, cfg.temperature, top_p=cfg.top_p, seed=0))
         out.append({"prompt": prompt, "completion": text})
     return out
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # noqa: E402
 
 from lmforge.checkpoint import load_model, read_state, save_checkpoint
 from lmforge.errors import LmforgeError
@@ -23,8 +24,6 @@ from lmforge.interop.hf import (
 from lmforge.models import ModelConfig, build_model
 from lmforge.serve.generate import generate_tokens
 from lmforge.tokenizer import Tokenizer
-
-transformers = pytest.importorskip("transformers")
 
 SMALL = dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_seq_len=128)
 CONFIGS = {
@@ -48,14 +47,17 @@ def make_run(path: Path, tokenizer: Tokenizer, **overrides) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
-def exported(request, tmp_path_factory, tiny_tokenizer):
-    family = request.param
+def export_family(family, tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp(f"hf_{family}")
     run = make_run(root / "run", tiny_tokenizer, **CONFIGS[family])
     out = export_hf(run, root / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     return family, run, out, hf
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def exported(request, tmp_path_factory, tiny_tokenizer):
+    return export_family(request.param, tmp_path_factory, tiny_tokenizer)
 
 
 def test_logits_match_transformers(exported):
@@ -154,10 +156,8 @@ def test_import_errors(exported, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_import_rejects_llama_variants_it_cannot_express(exported, tmp_path):
-    family, _, out, hf = exported
-    if family != "llama":
-        pytest.skip("llama-only config fields")
+def test_import_rejects_llama_variants_it_cannot_express(tmp_path_factory, tiny_tokenizer, tmp_path):
+    family, _, out, hf = export_family("llama", tmp_path_factory, tiny_tokenizer)
     for field, value, message in [
         ("attention_bias", True, "no biases"),
         ("head_dim", 32, "head_dim=32 differs"),
@@ -170,10 +170,8 @@ def test_import_rejects_llama_variants_it_cannot_express(exported, tmp_path):
             import_hf(folder, tmp_path / "run")
 
 
-def test_import_of_tanh_gelu_gpt2_warns(exported, tmp_path):
-    family, run, out, _ = exported
-    if family != "gpt2":
-        pytest.skip("gpt2-only config field")
+def test_import_of_tanh_gelu_gpt2_warns(tmp_path_factory, tiny_tokenizer, tmp_path):
+    family, run, out, _ = export_family("gpt2", tmp_path_factory, tiny_tokenizer)
     folder = tmp_path / "gpt2"
     folder.mkdir()
     for name in ("model.safetensors", "tokenizer.json"):
