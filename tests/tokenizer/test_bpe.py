@@ -192,6 +192,7 @@ TEXTS = ["hello world", HANDMADE[6], HANDMADE[7], HANDMADE[11], "<|user|>hi<|end
 
 def test_tokenizers_and_transformers_agree(tiny_tokenizer, tmp_path):
     import transformers
+
     tiny_tokenizer.save(tmp_path)
     raw = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
@@ -208,6 +209,7 @@ def test_tokenizers_and_transformers_agree(tiny_tokenizer, tmp_path):
 
 def test_chat_template_matches_render_chat(tiny_tokenizer, tmp_path):
     import transformers
+
     tiny_tokenizer.save(tmp_path)
     auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
     chats = [
