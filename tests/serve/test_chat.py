@@ -5,21 +5,9 @@ from __future__ import annotations
 import argparse
 import io
 
-import pytest
-import torch
-
 from lmforge.checkpoint import load_run
 from lmforge.serve import chat
 from lmforge.serve.generate import generate_tokens, prepare_for_decode, stream_text
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: a second intra-op thread only adds synchronisation, which stalls badly on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_chat(run, lines: str, monkeypatch, capsys, *flags: str) -> tuple[str, str]:

@@ -21,15 +21,6 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: a second intra-op thread only adds synchronisation, which stalls badly on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(variant: str = "llama"):
     # a larger init spreads the logits so greedy picks are not near-ties that rounding could flip
     return build_model(ModelConfig(**{**TINY, **VARIANTS[variant]}, init_std=0.5), seed=0).eval()
