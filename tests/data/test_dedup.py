@@ -1,0 +1,146 @@
+import random
+
+import numpy as np
+import pytest
+from datasketch import MinHash, MinHashLSH
+from datasketch.lsh import _optimal_param
+
+from lmforge.config import from_dict
+from lmforge.data import Document
+from lmforge.data.dedup import DedupConfig, deduplicate, minhash_signatures, near_duplicate_clusters, optimal_banding
+from lmforge.errors import LmforgeError
+
+
+def shingles(text: str, k: int = 5) -> set[str]:
+    words = text.lower().split()
+    return {" ".join(words[i : i + k]) for i in range(max(len(words) - k + 1, 1))}
+
+
+def jaccard(x: str, y: str) -> float:
+    a, b = shingles(x), shingles(y)
+    return len(a & b) / len(a | b)
+
+
+def planted_corpus(
+    n_base: int, edits: tuple[int, ...], seed: int = 0
+) -> tuple[list[str], dict[int, tuple[int, float]]]:
+    """`n_base` random 200-word documents plus, for each, a copy with each number of `edits` words replaced, shuffled;
+    returns the texts and, for each copy, (index of its source, true Jaccard similarity)."""
+    rng = random.Random(seed)
+    vocab = [f"w{i}" for i in range(20_000)]
+    base = [[rng.choice(vocab) for _ in range(200)] for _ in range(n_base)]
+    items = [(" ".join(words), None) for words in base]
+    for src, words in enumerate(base):
+        for m in edits:
+            copy = list(words)
+            for pos in rng.sample(range(200), m):
+                copy[pos] = rng.choice(vocab)
+            items.append((" ".join(copy), src))
+    order = list(range(len(items)))
+    rng.shuffle(order)
+    where = {old: new for new, old in enumerate(order)}
+    texts = [items[old][0] for old in order]
+    copies = {
+        where[old]: (where[src], jaccard(items[old][0], items[src][0]))
+        for old, (_, src) in enumerate(items)
+        if src is not None
+    }
+    return texts, copies
+
+
+def test_exact_duplicates_with_case_and_whitespace_variants():
+    docs = [
+        Document("a", "The quick brown fox"),
+        Document("b", "something else entirely"),
+        Document("c", "  the QUICK\n\tbrown   fox "),
+        Document("d", "The quick brown fox"),
+    ]
+    kept, stats = deduplicate(docs, DedupConfig(near=False))
+    assert [d.id for d in kept] == ["a", "b"]
+    assert stats == {"docs_in": 4, "docs_out": 2, "removed": {"exact_duplicate": 2, "near_duplicate": 0}}
+    assert deduplicate(docs, DedupConfig(exact=False, near=False))[0] == docs
+    assert deduplicate([], DedupConfig())[1]["docs_out"] == 0
+
+
+def test_planted_near_duplicates_recall_and_precision():
+    texts, copies = planted_corpus(300, edits=(1, 2, 13, 30))
+    docs = [Document(str(i), t) for i, t in enumerate(texts)]
+    kept, stats = deduplicate(docs, DedupConfig())
+    kept_ids = {int(d.id) for d in kept}
+    removed = set(range(len(docs))) - kept_ids
+    high = [(c, src) for c, (src, j) in copies.items() if j >= 0.9]
+    assert len(high) >= 400
+    # A high-similarity pair is caught if one of the two was removed.
+    recall = np.mean([c in removed or src in removed for c, src in high])
+    related = {c for c, (_, j) in copies.items() if j >= 0.7} | {src for _, (src, j) in copies.items() if j >= 0.7}
+    precision = len(removed & related) / len(removed)
+    assert recall >= 0.95 and precision >= 0.99, (recall, precision)
+    assert stats["removed"]["near_duplicate"] == len(removed) and stats["docs_out"] == len(kept)
+    assert max(j for _, j in copies.values() if j < 0.6) < 0.6  # the low-edit copies really are below threshold
+
+
+def test_order_and_split_independent():
+    texts, _ = planted_corpus(100, edits=(1, 2, 20))
+    cfg = DedupConfig()
+    sig = minhash_signatures(texts, cfg)
+    # Signing in pieces (as workers would) gives the same signatures.
+    assert np.array_equal(
+        sig, np.concatenate([minhash_signatures(texts[:37], cfg), minhash_signatures(texts[37:], cfg)])
+    )
+    perm = np.random.default_rng(0).permutation(len(texts))
+    labels = np.array(near_duplicate_clusters(sig, 9, 13, 0.8))
+    labels_perm = np.array(near_duplicate_clusters(sig[perm], 9, 13, 0.8))
+    same = labels[:, None] == labels[None, :]
+    same_perm = np.empty_like(same)
+    same_perm[np.ix_(perm, perm)] = labels_perm[:, None] == labels_perm[None, :]
+    assert np.array_equal(same, same_perm)
+
+
+def test_agrees_with_datasketch():
+    texts, _ = planted_corpus(150, edits=(0, 1, 30))
+    cfg = DedupConfig(exact=False)
+    kept, _ = deduplicate([Document(str(i), t) for i, t in enumerate(texts)], cfg)
+    ours = set(range(len(texts))) - {int(d.id) for d in kept}
+    lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm)
+    theirs = set()
+    for i, text in enumerate(texts):
+        m = MinHash(num_perm=cfg.num_perm)
+        m.update_batch([s.encode() for s in shingles(text)])
+        if lsh.query(m):
+            theirs.add(i)
+        lsh.insert(i, m)
+    assert len(ours) >= 280
+    agreement = 1 - len(ours ^ theirs) / len(texts)
+    assert agreement >= 0.98, agreement
+
+
+def test_estimated_jaccard_close_to_true():
+    texts, copies = planted_corpus(40, edits=(2, 8, 20, 45))
+    sig = minhash_signatures(texts, DedupConfig())
+    assert sig.shape == (len(texts), 128)
+    errors = [abs((sig[c] == sig[src]).mean() - j) for c, (src, j) in copies.items()]
+    assert max(errors) < 0.1 and np.mean(errors) < 0.04, (max(errors), np.mean(errors))
+    assert len({j for _, j in copies.values()}) > 10 and min(j for _, j in copies.values()) < 0.3
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.8, 0.9])
+def test_banding_matches_datasketch(threshold):
+    bands, rows = optimal_banding(threshold, 128)
+    assert (bands, rows) == _optimal_param(threshold, 128, 0.5, 0.5) and bands * rows <= 128
+    assert DedupConfig(threshold=threshold).banding() == (bands, rows)
+    assert DedupConfig(bands=16, rows=8).banding() == (16, 8)
+
+
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({"threshold": 1.0}, "dedup.threshold"),
+        ({"threshold": 0.0}, "dedup.threshold"),
+        ({"shingle_size": 0}, "dedup.shingle_size"),
+        ({"bands": 20, "rows": 10}, "dedup.bands"),
+        ({"bands": 4}, "dedup.bands"),
+    ],
+)
+def test_bad_config_names_key(values, key):
+    with pytest.raises(LmforgeError, match=key):
+        from_dict(DedupConfig, values)
