@@ -11,6 +11,7 @@ import sys
 
 from lmforge import report
 from lmforge.config import load_config
+from lmforge.data import prepare
 from lmforge.errors import LmforgeError
 from lmforge.interop import hf
 from lmforge.run import Run
@@ -32,6 +33,7 @@ TOOLS = {
     "export": (hf.add_export_arguments, hf.export_command),
     "import": (hf.add_import_arguments, hf.import_command),
     "report": (report.add_arguments, report.command),
+    "data": (prepare.add_arguments, prepare.command),
 }
 
 

@@ -54,5 +54,5 @@ def toxic_ratio(text: str, terms: frozenset[tuple[str, ...]]) -> float:
 
 
 def toxicity_reason(text: str, cfg: ToxicityConfig, terms: frozenset[tuple[str, ...]]) -> str | None:
-    """"toxic_words" when the blocked-term ratio of `text` exceeds cfg.max_ratio, else None."""
+    """ "toxic_words" when the blocked-term ratio of `text` exceeds cfg.max_ratio, else None."""
     return "toxic_words" if terms and toxic_ratio(text, terms) > cfg.max_ratio else None
