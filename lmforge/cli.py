@@ -15,7 +15,7 @@ from lmforge.data import prepare
 from lmforge.errors import LmforgeError
 from lmforge.interop import hf
 from lmforge.run import Run
-from lmforge.serve import chat, generate
+from lmforge.serve import chat, generate, server
 from lmforge.speedrun import SpeedrunConfig
 from lmforge.speedrun import main as speedrun_main
 from lmforge.train.pretrain import PretrainConfig
@@ -30,6 +30,7 @@ VERBS = {
 TOOLS = {
     "generate": (generate.add_arguments, generate.command),
     "chat": (chat.add_arguments, chat.command),
+    "serve": (server.add_arguments, server.command),
     "export": (hf.add_export_arguments, hf.export_command),
     "import": (hf.add_import_arguments, hf.import_command),
     "report": (report.add_arguments, report.command),
