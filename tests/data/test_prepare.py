@@ -73,7 +73,8 @@ def test_stats_count_every_stage_and_reason_exactly(prepared):
     out, stats = prepared
     assert json.loads((out / "stats.json").read_text()) == stats
     stages = {s["name"]: s for s in stats["stages"]}
-    assert list(stages) == ["normalize", "quality", "dedup", "scrub", "toxicity"]
+    assert list(stages) == ["read", "normalize", "quality", "dedup", "scrub", "toxicity"]
+    assert stages["read"]["removed"] == {} and stages["read"]["repaired"] == {"invalid_utf8": 0}
     assert stages["normalize"]["removed"] == {"empty_after_normalize": 1}
     assert stages["quality"]["removed"] == {"lorem_ipsum": 1, "too_few_words": 1}
     assert stages["dedup"]["removed"] == {"exact_duplicate": 2, "near_duplicate": 1}
@@ -96,11 +97,14 @@ def test_stats_count_every_stage_and_reason_exactly(prepared):
 
 def test_shards_hold_scrubbed_text_only(prepared):
     out, stats = prepared
-    manifest = json.loads((out / "train/manifest.json").read_text())
-    assert manifest["num_docs"] == stats["docs_out"]
     tokenizer = Tokenizer.load(out / "tokenizer")
-    ids = np.concatenate([np.fromfile(out / "train" / s["file"], dtype=manifest["dtype"]) for s in manifest["shards"]])
-    text = tokenizer.decode(ids.tolist(), skip_special=True)
+    text, num_docs = "", 0
+    for part in ("train", "val"):
+        manifest = json.loads((out / part / "manifest.json").read_text())
+        num_docs += manifest["num_docs"]
+        ids = np.concatenate([np.fromfile(out / part / s["file"], dtype=manifest["dtype"]) for s in manifest["shards"]])
+        text += tokenizer.decode(ids.tolist(), skip_special=True)
+    assert num_docs == stats["docs_out"] == sum(stats["split"].values())
     assert "<EMAIL>" in text and "<CREDIT_CARD>" in text
     assert "jane.doe@example.com" not in text and "4111" not in text
     assert "bastard" not in text and "Lorem" not in text and "zeppelin" not in text
@@ -121,7 +125,7 @@ def test_rejects_lineage_and_report(prepared):
     assert all(len(r["text"]) <= 500 for r in rejects)
     lineage = json.loads((out / "lineage.json").read_text())
     assert [s["name"] for s in lineage["stages"]] == [s["name"] for s in stats["stages"]]
-    assert lineage["stages"][2]["config"]["threshold"] == 0.8
+    assert lineage["stages"][3]["config"]["threshold"] == 0.8
     assert lineage["tokenizer"]["sha256"] == Tokenizer.load(out / "tokenizer").sha256
     report = (out / "report.md").read_text()
     assert "| dedup | 10 | 7 |" in report and "near_duplicate 1" in report
@@ -170,3 +174,78 @@ def test_everything_removed_is_a_user_error(corpus, tmp_path):
     with pytest.raises(LmforgeError, match="all 13 documents were removed"):
         main(config(corpus, tmp_path, "quality.min_words=100000"))
     assert json.loads((tmp_path / "stats.json").read_text())["docs_out"] == 0
+
+
+def test_bad_inputs_are_counted_in_the_read_stage_and_rejects(tmp_path):
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(4):
+        (src / f"good_{i}.txt").write_text(clean(20 + i))
+    (src / "bad_utf8.txt").write_bytes(clean(30).encode() + b" \xff\xfe end")
+    (src / "empty.txt").write_bytes(b"")
+    (src / "big.jsonl").write_text(json.dumps({"text": "word " * 500}) + "\n" + json.dumps({"text": clean(31)}) + "\n")
+    (src / "mixed.jsonl").write_text('{"text": "unclosed\n' + json.dumps({"body": clean(32)}) + "\n")
+    pq.write_table(pa.table({"body": [clean(33)]}), src / "other.parquet")
+    packed = gzip.compress("".join(json.dumps({"text": clean(i)}) + "\n" for i in range(40, 90)).encode())
+    (src / "cut.jsonl.gz").write_bytes(packed[: len(packed) // 2])
+    out = tmp_path / "out"
+    stats = main(config(src, out, "max_doc_bytes=2000", "val_fraction=0.3"))
+    read = stats["stages"][0]
+    assert read["name"] == "read" and read["repaired"] == {"invalid_utf8": 1}
+    assert read["removed"] == {
+        "empty_file": 1,
+        "malformed_json": 1,
+        "missing_text_field": 1,
+        "parquet_schema": 1,
+        "too_large": 1,
+        "unreadable_file": 1,
+    }
+    assert read["docs_in"] == read["docs_out"] + 6 and read["bytes_in"] > read["bytes_out"] + 2500
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert {(r["reason"], r["id"]) for r in rejects if r["stage"] == "read"} == {
+        ("invalid_utf8_repaired", "bad_utf8.txt"),
+        ("empty_file", "empty.txt"),
+        ("too_large", "big.jsonl:1"),
+        ("malformed_json", "mixed.jsonl:1"),
+        ("missing_text_field", "mixed.jsonl:2"),
+        ("parquet_schema", "other.parquet"),
+        ("unreadable_file", "cut.jsonl.gz"),
+    }
+    assert "read" in {s["name"] for s in json.loads((out / "lineage.json").read_text())["stages"]}
+
+
+def test_val_split_matches_pretraining_and_is_disjoint(corpus, tmp_path):
+    from lmforge.data.corpus import DataConfig, load_corpus
+    from lmforge.data.prepare import read_docs, split_docs
+
+    cfg = config(corpus, tmp_path, "val_fraction=0.3")
+    docs, _ = read_docs(cfg)
+    train, val = split_docs(docs, 0.3)
+    ref_train, ref_val = load_corpus(DataConfig(path=str(corpus), val_fraction=0.3))
+    assert [d.id for d in val] == [d.id for d in ref_val] and [d.id for d in train] == [d.id for d in ref_train]
+    assert val and train and not {d.id for d in train} & {d.id for d in val}
+    stats = main(cfg)
+    for part in ("train", "val"):
+        manifest = json.loads((tmp_path / part / "manifest.json").read_text())
+        assert manifest["num_docs"] == stats["split"][part] > 0
+    assert stats["split"]["train"] + stats["split"]["val"] == stats["docs_out"]
+    main(config(corpus, tmp_path, "val_fraction=0"))
+    assert not (tmp_path / "val").exists()
+
+
+def test_langid_stage_keeps_english_and_rejects_german(corpus, tmp_path):
+    german = (Path(__file__).resolve().parents[3] / "shared/data/tokenizer/german.txt").read_text()
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        (src / f"en_{i}.txt").write_text(clean(60 + i))
+    (src / "de.txt").write_text(german[:3000])
+    stats = main(config(src, tmp_path / "out", "langid.enabled=true"))
+    stages = {s["name"]: s for s in stats["stages"]}
+    assert list(stages)[:3] == ["read", "normalize", "langid"]
+    assert stages["langid"]["removed"] == {"lang_de": 1} and stages["langid"]["docs_out"] == 3

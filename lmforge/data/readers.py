@@ -1,0 +1,192 @@
+"""Lenient reading for data preparation: every record of the input comes back as a Document or as a Reject with its
+reason, so bad files and lines are counted instead of stopping the run (pre-training keeps corpus.py's strict readers).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from lmforge.data.corpus import Document
+from lmforge.errors import LmforgeError
+
+FORMATS = (".txt", ".jsonl", ".parquet")
+COMPRESSIONS = (".gz", ".zst")
+FORMATS_HELP = ".txt, .jsonl, .parquet, each optionally .gz or .zst"
+EXCERPT_CHARS = 500
+_CHUNK = 1 << 20
+
+
+@dataclass
+class Reject:
+    id: str
+    reason: str
+    """malformed_json, missing_text_field, parquet_schema, unreadable_file, empty_file, too_large,
+    unsupported_format, or invalid_utf8_repaired (the only one whose document is kept, repaired)."""
+    nbytes: int = 0
+    """Raw size of what was removed (0 for a repair, whose document is kept)."""
+    text: str = ""
+    """The start of what was removed, for rejects.jsonl."""
+
+    @property
+    def kept(self) -> bool:
+        return self.reason == "invalid_utf8_repaired"
+
+
+def read_lenient(
+    path: str | Path, text_field: str = "text", max_doc_bytes: int = 10 << 20
+) -> Iterator[Document | Reject]:
+    """Documents of a file or of every file under a folder (sorted), with ids as corpus.read_documents gives them;
+    a .txt file is one document, so max_doc_bytes applies to the whole file."""
+    path = Path(path)
+    if path.is_dir():
+        files, root = sorted(p for p in path.rglob("*") if p.is_file()), path
+    elif path.is_file():
+        files, root = [path], path.parent
+    else:
+        raise LmforgeError(f"input {path} does not exist; give a folder or file of {FORMATS_HELP}")
+    if not files:
+        raise LmforgeError(f"input folder {path} is empty; add files of {FORMATS_HELP}")
+    for file in files:
+        doc_id = file.relative_to(root).as_posix()
+        fmt = _format(file)
+        if not fmt:
+            yield Reject(doc_id, "unsupported_format", _size(file))
+            continue
+        yield from _read_file(file, doc_id, fmt, text_field, max_doc_bytes)
+
+
+def _format(path: Path) -> str:
+    name = path.name
+    for suffix in COMPRESSIONS:
+        name = name.removesuffix(suffix)
+    return next((ext for ext in FORMATS if name.endswith(ext)), "")
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _open(path: Path) -> BinaryIO:
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.name.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError:
+            raise LmforgeError(
+                f"{path} is zstd-compressed and the zstandard package is missing; `pip install zstandard` or "
+                "decompress the file"
+            ) from None
+        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+    return open(path, "rb")
+
+
+def _read_file(path: Path, doc_id: str, fmt: str, text_field: str, max_doc_bytes: int) -> Iterator[Document | Reject]:
+    try:
+        with _open(path) as stream:
+            reader = {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}[fmt]
+            yield from reader(stream, doc_id, text_field, max_doc_bytes)
+    except LmforgeError:
+        raise
+    except Exception as e:
+        # Corrupt compression, permissions and I/O errors surface at any read; what was read before still counts.
+        yield Reject(doc_id, "unreadable_file", _size(path), f"{type(e).__name__}: {e}"[:EXCERPT_CHARS])
+
+
+def _decode(data: bytes, doc_id: str) -> tuple[str, Reject | None]:
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", errors="replace")
+        return text, Reject(doc_id, "invalid_utf8_repaired", 0, text[:EXCERPT_CHARS])
+
+
+def _read_txt(stream: BinaryIO, doc_id: str, text_field: str, max_doc_bytes: int) -> Iterator[Document | Reject]:
+    data = stream.read(max_doc_bytes + 1)
+    if len(data) > max_doc_bytes:
+        size = len(data) + sum(len(chunk) for chunk in iter(lambda: stream.read(_CHUNK), b""))
+        yield Reject(doc_id, "too_large", size, data[:EXCERPT_CHARS].decode(errors="replace"))
+    elif not data.strip():
+        yield Reject(doc_id, "empty_file", len(data))
+    else:
+        text, repaired = _decode(data, doc_id)
+        yield Document(doc_id, text)
+        if repaired:
+            yield repaired
+
+
+def _lines(stream: BinaryIO, max_bytes: int) -> Iterator[tuple[bytes, int]]:
+    """(line, size) per line; a line over max_bytes comes back as its first bytes, never held whole in memory."""
+    buffered = io.BufferedReader(stream) if not isinstance(stream, io.BufferedIOBase) else stream
+    while line := buffered.readline(max_bytes + 1):
+        size, tail = len(line), line
+        while size > max_bytes and not tail.endswith(b"\n") and (tail := buffered.readline(_CHUNK)):
+            size += len(tail)
+        yield line, size
+
+
+def _read_jsonl(stream: BinaryIO, doc_id: str, text_field: str, max_doc_bytes: int) -> Iterator[Document | Reject]:
+    empty = True
+    for n, (line, size) in enumerate(_lines(stream, max_doc_bytes), 1):
+        if not line.strip():
+            continue
+        empty, line_id = False, f"{doc_id}:{n}"
+        if size > max_doc_bytes:
+            yield Reject(line_id, "too_large", size, line[:EXCERPT_CHARS].decode(errors="replace"))
+            continue
+        raw, repaired = _decode(line, line_id)
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError:
+            yield Reject(line_id, "malformed_json", size, raw[:EXCERPT_CHARS])
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+            yield Reject(line_id, "missing_text_field", size, raw[:EXCERPT_CHARS])
+            continue
+        yield Document(line_id, row[text_field])
+        if repaired:
+            yield repaired
+    if empty:
+        yield Reject(doc_id, "empty_file", 0)
+
+
+def _read_parquet(stream: BinaryIO, doc_id: str, text_field: str, max_doc_bytes: int) -> Iterator[Document | Reject]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if isinstance(stream, io.BufferedReader):  # a plain file: pyarrow seeks in it instead of reading it whole
+        source, nbytes = stream, os.fstat(stream.fileno()).st_size
+    else:
+        data = stream.read()
+        source, nbytes = pa.BufferReader(data), len(data)
+    if not nbytes:
+        yield Reject(doc_id, "empty_file", 0)
+        return
+    pf = pq.ParquetFile(source)
+    names = pf.schema_arrow.names
+    if text_field not in names:
+        yield Reject(doc_id, "parquet_schema", nbytes, f"columns: {', '.join(names)}"[:EXCERPT_CHARS])
+        return
+    if pf.metadata.num_rows == 0:
+        yield Reject(doc_id, "empty_file", nbytes)
+        return
+    row = 0
+    for batch in pf.iter_batches(columns=[text_field]):
+        for text in batch.column(0).to_pylist():
+            row_id, row = f"{doc_id}:{row}", row + 1
+            if not isinstance(text, str):
+                yield Reject(row_id, "missing_text_field", 0, repr(text)[:EXCERPT_CHARS])
+            elif (size := len(text.encode())) > max_doc_bytes:
+                yield Reject(row_id, "too_large", size, text[:EXCERPT_CHARS])
+            else:
+                yield Document(row_id, text)

@@ -1,0 +1,109 @@
+"""Lenient reading on real bad files: every record comes back as a document or as a reject with its reason."""
+
+import gzip
+import json
+import sys
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from lmforge.data.corpus import Document, read_documents
+from lmforge.data.readers import Reject, read_lenient
+from lmforge.errors import LmforgeError
+
+GOOD = "A plain sentence about rivers and gardens."
+
+
+def lines(*rows) -> str:
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+
+
+def split(items):
+    items = list(items)
+    docs = {i.id: i.text for i in items if isinstance(i, Document)}
+    rejects = [(i.id, i.reason) for i in items if isinstance(i, Reject)]
+    return docs, rejects
+
+
+def test_good_files_read_as_the_strict_reader_reads_them(tmp_path):
+    (tmp_path / "a.txt").write_text(GOOD)
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress(lines({"text": GOOD}, "", {"text": "two"}).encode()))
+    pq.write_table(pa.table({"text": ["x", "y"]}), tmp_path / "c.parquet")
+    items = list(read_lenient(tmp_path))
+    assert items == list(read_documents(tmp_path))
+
+
+def test_each_bad_input_has_its_reason(tmp_path):
+    (tmp_path / "bad_utf8.txt").write_bytes(b"caf\xe9 au lait " + GOOD.encode())
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    mixed = lines({"text": GOOD}, '{"text": "unclosed', {"body": GOOD}, [1], {"text": "ok"})
+    (tmp_path / "mixed.jsonl").write_text(mixed)
+    (tmp_path / "big.jsonl").write_text(lines({"text": "x" * 300}, {"text": GOOD}))
+    pq.write_table(pa.table({"body": [GOOD]}), tmp_path / "other.parquet")
+    pq.write_table(pa.table({"text": [GOOD, None]}), tmp_path / "nulls.parquet")
+    packed = gzip.compress(lines(*[{"text": f"{GOOD} {i}"} for i in range(500)]).encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(packed[: len(packed) // 2])
+    (tmp_path / "notes.md").write_text(GOOD)
+    docs, rejects = split(read_lenient(tmp_path, max_doc_bytes=200))
+    assert docs["bad_utf8.txt"] == "caf\ufffd au lait " + GOOD
+    assert sorted(rejects) == [
+        ("bad_utf8.txt", "invalid_utf8_repaired"),
+        ("big.jsonl:1", "too_large"),
+        ("cut.jsonl.gz", "unreadable_file"),
+        ("empty.jsonl", "empty_file"),
+        ("empty.txt", "empty_file"),
+        ("mixed.jsonl:2", "malformed_json"),
+        ("mixed.jsonl:3", "missing_text_field"),
+        ("mixed.jsonl:4", "missing_text_field"),
+        ("notes.md", "unsupported_format"),
+        ("nulls.parquet:1", "missing_text_field"),
+        ("other.parquet", "parquet_schema"),
+    ]
+    assert {k: v for k, v in docs.items() if not k.startswith("cut")} == {
+        "bad_utf8.txt": "caf\ufffd au lait " + GOOD,
+        "big.jsonl:2": GOOD,
+        "mixed.jsonl:1": GOOD,
+        "mixed.jsonl:5": "ok",
+        "nulls.parquet:0": GOOD,
+    }
+
+
+def test_a_12_mb_line_is_too_large_and_the_next_line_still_reads(tmp_path):
+    (tmp_path / "huge.jsonl").write_text(lines({"text": "word " * (12 << 18)}, {"text": GOOD}))
+    items = list(read_lenient(tmp_path / "huge.jsonl"))
+    assert [type(i).__name__ for i in items] == ["Reject", "Document"]
+    assert items[0].reason == "too_large" and items[0].nbytes > 12 << 20 and len(items[0].text) == 500
+    assert items[1] == Document("huge.jsonl:2", GOOD)
+
+
+def test_any_text_field_and_zstd(tmp_path):
+    data = lines({"content": GOOD}, {"text": "not this one"})
+    (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(data.encode()))
+    pq.write_table(pa.table({"content": ["row"]}), tmp_path / "b.parquet")
+    docs, rejects = split(read_lenient(tmp_path, text_field="content"))
+    assert docs == {"a.jsonl.zst:1": GOOD, "b.parquet:0": "row"}
+    assert rejects == [("a.jsonl.zst:2", "missing_text_field")]
+
+
+def test_zstd_without_zstandard_names_the_fix(tmp_path, monkeypatch):
+    (tmp_path / "a.txt.zst").write_bytes(zstandard.ZstdCompressor().compress(GOOD.encode()))
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    with pytest.raises(LmforgeError, match="pip install zstandard"):
+        list(read_lenient(tmp_path))
+
+
+def test_unreadable_file(tmp_path):
+    # a file that cannot be parsed at all (tests run as root, so a chmod 000 file would still be readable)
+    (tmp_path / "garbage.parquet").write_bytes(b"not a parquet file at all")
+    assert Counter(r.reason for r in read_lenient(tmp_path)) == {"unreadable_file": 1}
+
+
+def test_missing_or_empty_input_is_a_user_error(tmp_path):
+    with pytest.raises(LmforgeError, match="is empty"):
+        list(read_lenient(tmp_path))
+    with pytest.raises(LmforgeError, match="does not exist"):
+        list(read_lenient(tmp_path / "nope"))
