@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from lmforge import report
@@ -61,8 +62,8 @@ def run_stage(verb: str, config: str | None, overrides: list[str], resume: bool 
         cfg.resume = True
     run = Run.from_config(cfg.run)
     metrics = stage_main(cfg, run)
-    path = report.write_report(run.path)
-    print(f"report: {path}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only the first process writes the report
+        print(f"report: {report.write_report(run.path)}")
     return metrics
 
 

@@ -1,6 +1,7 @@
 """Pre-training: corpus -> tokenizer -> token shards -> next-token prediction in one plain loop.
 
 Run: `lmforge pretrain --config configs/pretrain/tiny.yaml [--resume] [key.sub=value ...]`
+(or `torchrun --nproc-per-node N -m lmforge pretrain ...` for data parallelism; see train/parallel.py)
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
 from lmforge.checkpoint import latest_checkpoint, load_trainer_state, load_weights, read_state, save_checkpoint
@@ -23,9 +25,11 @@ from lmforge.models import Decoder, ModelConfig, build_model
 from lmforge.models.decoder import Block
 from lmforge.run import Run, RunConfig
 from lmforge.tokenizer import Tokenizer, TokenizerConfig
+from lmforge.train import parallel
 from lmforge.train.config import TrainConfig
 from lmforge.train.flops import matmul_peak_flops
 from lmforge.train.optim import build_optimizers
+from lmforge.train.parallel import ParallelConfig
 from lmforge.train.progress import TrainProgress
 from lmforge.train.schedule import build_schedulers
 
@@ -48,6 +52,7 @@ class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     resume: bool = False
     """Continue from the newest checkpoint of run.name (the same as --resume)."""
 
@@ -56,6 +61,15 @@ class PretrainConfig:
             self.tokenizer.kind != "byte" or self.model.vocab_size == 263,
             f"tokenizer.kind=byte has 263 tokens (256 bytes + 7 specials); set model.vocab_size=263, "
             f"not {self.model.vocab_size}",
+        )
+        check(
+            self.parallel.dp_shard != "fsdp" or self.train.optimizer == "adamw",
+            "parallel.dp_shard=fsdp shards each matrix over the ranks but Muon orthogonalises whole matrices; "
+            "use train.optimizer=adamw or parallel.dp_shard=ddp",
+        )
+        check(
+            self.parallel.backend != "nccl" or self.train.device != "cpu",
+            "parallel.backend=nccl needs CUDA devices; use parallel.backend=gloo (or auto) with train.device=cpu",
         )
 
 
@@ -107,10 +121,20 @@ def evaluate(model: torch.nn.Module, val_dir, cfg: PretrainConfig, autocast) -> 
 
 def main(cfg: PretrainConfig, run: Run) -> dict[str, float]:
     tc, mc = cfg.train, cfg.model
-    device = pick_device(tc.device)
-    run.write_json("pretrain_config.json", to_dict(cfg))
+    rank, world_size, device = parallel.init_distributed(cfg.parallel, pick_device(tc.device))
+    fsdp = world_size > 1 and cfg.parallel.dp_shard == "fsdp"
+    if cfg.resume and fsdp:
+        raise LmforgeError(
+            "--resume under parallel.dp_shard=fsdp is not supported yet (its checkpoints hold no optimizer state); "
+            "resume with parallel.dp_shard=ddp or on one process"
+        )
     t_data = time.perf_counter()
-    tokenizer, manifests = prepare_data(cfg, run)
+    if rank == 0:
+        run.write_json("pretrain_config.json", to_dict(cfg))
+        tokenizer, manifests = prepare_data(cfg, run)
+    parallel.barrier()
+    if rank != 0:
+        tokenizer, manifests = prepare_data(cfg, run)  # rank 0 wrote everything, so this only reads
     data_seconds = time.perf_counter() - t_data
     if manifests["val"]["total_tokens"] <= mc.max_seq_len:
         raise LmforgeError(
@@ -118,30 +142,32 @@ def main(cfg: PretrainConfig, run: Run) -> dict[str, float]:
             f"{mc.max_seq_len + 1}; raise data.val_fraction, add data or lower model.max_seq_len"
         )
 
+    tokens_per_step = tc.batch_size * tc.grad_accum * world_size * mc.max_seq_len
     model = build_model(mc, device=device, seed=cfg.run.seed)
-    optimizers = build_optimizers(model, tc)
+    # the header before sharding, and with FSDP a whole CPU copy on rank 0 for checkpoints and samples
+    plain = build_model(mc, device="cpu") if fsdp and rank == 0 else model
+    if rank == 0:
+        _log_header(run, cfg, model, manifests, tokens_per_step)
+    if tc.activation_checkpointing:
+        apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
+    dist_model = parallel.parallelize(model, cfg.parallel, world_size)
+    optimizers = build_optimizers(model, tc)  # after sharding: FSDP replaces the parameters with DTensors
     schedulers = build_schedulers(optimizers, tc)
-    loader = ShardLoader(run.file("data/train"), mc.max_seq_len, tc.batch_size, seed=cfg.run.seed)
+    loader = ShardLoader(run.file("data/train"), mc.max_seq_len, tc.batch_size, cfg.run.seed, rank, world_size)
     step = 0
     if cfg.resume:
-        step = _resume(run, model, optimizers, schedulers, loader)
+        step = _resume(run, model, optimizers, schedulers, loader, world_size)
     else:
         torch.manual_seed(cfg.run.seed)
 
-    train_model: torch.nn.Module = model
-    if tc.activation_checkpointing:
-        apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
-    if tc.compile:
-        train_model = torch.compile(model)
+    train_model = torch.compile(dist_model) if tc.compile else dist_model
     bf16 = tc.dtype == "bf16"
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
-    tokens_per_step = tc.batch_size * tc.grad_accum * mc.max_seq_len
     flops_per_step = mc.flops_per_token() * tokens_per_step
-    peak = matmul_peak_flops(device.type, torch.bfloat16 if bf16 else torch.float32)
-    _log_header(run, cfg, model, manifests, tokens_per_step)
+    peak = world_size * matmul_peak_flops(device.type, torch.bfloat16 if bf16 else torch.float32)
     val_dir = run.file("data/val")
     losses: list[float] = []
     val_loss = math.nan
@@ -151,13 +177,15 @@ def main(cfg: PretrainConfig, run: Run) -> dict[str, float]:
         while step < tc.steps:
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
-            for _ in range(tc.grad_accum):
+            for micro in range(tc.grad_accum):
                 x, y = loader.next_batch()
-                with autocast():
-                    loss = train_model(x.to(device), y.to(device)) / tc.grad_accum
-                loss.backward()
+                with parallel.grad_sync(dist_model, sync=micro == tc.grad_accum - 1):
+                    with autocast():
+                        loss = train_model(x.to(device), y.to(device)) / tc.grad_accum
+                    loss.backward()
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else 1e30)
+            grad_norm = parallel.full_tensor(grad_norm)
             for opt in optimizers:
                 opt.step()
             for sched in schedulers:
@@ -166,10 +194,10 @@ def main(cfg: PretrainConfig, run: Run) -> dict[str, float]:
             step += 1
             dt = time.perf_counter() - t0
             train_seconds += dt
-            losses.append(loss_sum.item())
+            losses.append(parallel.mean_over_ranks(loss_sum).item())
             tok_s = tokens_per_step / dt
             progress.update(step, losses[-1], tok_s)
-            if step % tc.log_every == 0 or step == tc.steps:
+            if rank == 0 and (step % tc.log_every == 0 or step == tc.steps):
                 lr = optimizers[0].param_groups[0]["lr"]
                 mfu = flops_per_step / dt / peak
                 eta = (tc.steps - step) * train_seconds / (step - start_step)
@@ -181,11 +209,12 @@ def main(cfg: PretrainConfig, run: Run) -> dict[str, float]:
                     f"{tok_s:,.0f} tok/s | MFU {mfu:.1%} | ETA {eta:.0f}s"
                 )
             if (tc.eval_every and step % tc.eval_every == 0) or step == tc.steps:
-                val_loss = evaluate(train_model, val_dir, cfg, autocast)
-                run.log_metrics(dict(step=step, val_loss=val_loss, val_ppl=math.exp(val_loss)))
-                progress.line(f"step {step:>6} | val loss {val_loss:.4f} | val ppl {math.exp(val_loss):.2f}")
+                val_loss = evaluate(train_model, val_dir, cfg, autocast)  # every rank: FSDP gathers in forward
+                if rank == 0:
+                    run.log_metrics(dict(step=step, val_loss=val_loss, val_ppl=math.exp(val_loss)))
+                    progress.line(f"step {step:>6} | val loss {val_loss:.4f} | val ppl {math.exp(val_loss):.2f}")
             if (tc.ckpt_every and step % tc.ckpt_every == 0) or step == tc.steps:
-                _save(run, step, model, optimizers, schedulers, loader, tc.keep_last)
+                _save(run, step, model, plain, rank, optimizers, schedulers, loader, tc.keep_last, world_size)
 
     summary = {
         "steps": step,
@@ -198,9 +227,11 @@ def main(cfg: PretrainConfig, run: Run) -> dict[str, float]:
         "tokens_per_s": (step - start_step) * tokens_per_step / train_seconds if train_seconds else math.nan,
         "mfu": (step - start_step) * flops_per_step / train_seconds / peak if train_seconds else math.nan,
     }
-    samples = _samples(model, tokenizer, cfg.sample)
-    _write_summary(run, cfg, model, manifests, tokenizer, summary, samples)
+    if rank == 0:
+        samples = _samples(plain, tokenizer, cfg.sample)
+        _write_summary(run, cfg, plain, manifests, tokenizer, summary, samples)
     run.close()
+    parallel.destroy()  # after a barrier, so rank 0 has written pretrain.json before any rank returns
     return summary
 
 
@@ -213,23 +244,39 @@ def _log_header(run: Run, cfg: PretrainConfig, model: Decoder, manifests, tokens
     )
 
 
-def _save(run: Run, step: int, model, optimizers, schedulers, loader, keep_last: int) -> None:
+def _save(run: Run, step: int, model, plain, rank, optimizers, schedulers, loader, keep_last, world_size) -> None:
+    """Every rank calls this (FSDP gathers the weights); rank 0 writes. FSDP checkpoints hold weights only."""
+    if parallel.is_sharded(model):
+        weights = parallel.full_state_dict(model)
+        if rank == 0:
+            plain.load_state_dict(weights)
+            state = {"loader": loader.state_dict(), "world_size": world_size}
+            save_checkpoint(run.path, step, plain, state=state, keep_last=keep_last)
+        return
+    if rank != 0:
+        return
     trainer = {
         "optimizers": [opt.state_dict() for opt in optimizers],
         "schedulers": [sched.state_dict() for sched in schedulers],
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
-    state = {"loader": loader.state_dict()}
+    state = {"loader": loader.state_dict(), "world_size": world_size}
     save_checkpoint(run.path, step, model, state=state, trainer=trainer, keep_last=keep_last)
 
 
-def _resume(run: Run, model, optimizers, schedulers, loader) -> int:
+def _resume(run: Run, model, optimizers, schedulers, loader, world_size: int) -> int:
     ckpt = latest_checkpoint(run.path)
     if ckpt is None:
         raise LmforgeError(f"--resume given but {run.path}/checkpoints holds no checkpoint; drop --resume to start")
     load_weights(model, ckpt / "model.safetensors")
     state = read_state(ckpt)
+    # each rank's loader position counts its own windows, so it means the same data only at the same world size
+    if state.get("world_size", 1) != world_size:
+        raise LmforgeError(
+            f"{ckpt} was written by {state.get('world_size', 1)} processes, not {world_size}; resume with "
+            f"--nproc-per-node {state.get('world_size', 1)}"
+        )
     trainer = load_trainer_state(ckpt)
     if len(trainer["optimizers"]) != len(optimizers):
         raise LmforgeError(f"{ckpt} was written with another train.optimizer; resume with the same config")
@@ -241,7 +288,8 @@ def _resume(run: Run, model, optimizers, schedulers, loader) -> int:
     if trainer["cuda_rng"]:
         torch.cuda.set_rng_state_all(trainer["cuda_rng"])
     loader.load_state_dict(state["loader"])
-    print(f"resumed from {ckpt} at step {state['step']}", flush=True)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"resumed from {ckpt} at step {state['step']}", flush=True)
     return int(state["step"])
 
 
