@@ -62,8 +62,9 @@ def run_stage(verb: str, config: str | None, overrides: list[str], resume: bool 
         cfg.resume = True
     run = Run.from_config(cfg.run)
     metrics = stage_main(cfg, run)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun only the first process writes the report
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only the first process reports
         print(f"report: {report.write_report(run.path)}")
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
     return metrics
 
 
@@ -71,8 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         if args.verb in VERBS:
-            metrics = run_stage(args.verb, args.config, args.overrides, args.resume)
-            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
+            run_stage(args.verb, args.config, args.overrides, args.resume)
         else:
             TOOLS[args.verb][1](args)
     except LmforgeError as e:
