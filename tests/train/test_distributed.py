@@ -40,14 +40,6 @@ COMMON = [
 ]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, tiny_text) -> Path:
-    folder = tmp_path_factory.mktemp("corpus")
-    for i in range(12):
-        (folder / f"doc{i:02d}.txt").write_text(tiny_text[i * 2500 : (i + 1) * 2500])
-    return folder
-
-
 def run_pretrain(root: Path, corpus: Path, *overrides: str, name: str, resume: bool = False) -> None:
     cfg = load_config(
         pretrain.PretrainConfig, None, [*overrides, f"data.path={corpus}", f"run.root={root}", f"run.name={name}"]

@@ -29,14 +29,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, tiny_text) -> Path:
-    folder = tmp_path_factory.mktemp("corpus")
-    for i in range(0, 40):
-        (folder / f"doc{i:02d}.txt").write_text(tiny_text[i * 2500 : (i + 1) * 2500])
-    return folder
-
-
 def run_pretrain(root: Path, corpus: Path, *overrides: str, name: str = "r", resume: bool = False) -> dict:
     cfg = load_config(
         pretrain.PretrainConfig,
