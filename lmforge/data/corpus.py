@@ -158,6 +158,19 @@ def _hash(doc_id: str) -> int:
     return int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big")
 
 
+def split_docs(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
+    """(train, val) by sha256 of each document id, so every machine agrees. With val_fraction > 0 and 2+ documents,
+    val gets at least the document of smallest hash; train always keeps the document of largest hash."""
+    hashes = [_hash(d.id) for d in docs]
+    in_val = [h < val_fraction * 2**64 for h in hashes]
+    if val_fraction > 0 and len(docs) > 1 and not any(in_val):
+        in_val[min(range(len(docs)), key=hashes.__getitem__)] = True
+    if docs and all(in_val):
+        in_val[max(range(len(docs)), key=hashes.__getitem__)] = False
+    train = [d for d, v in zip(docs, in_val, strict=True) if not v]
+    return train, [d for d, v in zip(docs, in_val, strict=True) if v]
+
+
 def load_corpus(cfg: DataConfig) -> tuple[list[Document], list[Document]]:
     """(train, val), split by sha256 of the document id so every machine agrees; val is never empty."""
     docs = embedded_corpus() if not cfg.path else read_documents(cfg.path)
@@ -172,14 +185,4 @@ def load_corpus(cfg: DataConfig) -> tuple[list[Document], list[Document]]:
         cut = round(len(doc.text) * (1 - cfg.val_fraction))
         cut = doc.text.rfind("\n", 0, cut) + 1 or cut
         return [Document(doc.id, doc.text[:cut])], [Document(f"{doc.id}#val", doc.text[cut:])]
-    threshold = cfg.val_fraction * 2**64
-    hashes = [_hash(d.id) for d in docs]
-    train = [d for d, h in zip(docs, hashes, strict=True) if h >= threshold]
-    val = [d for d, h in zip(docs, hashes, strict=True) if h < threshold]
-    if not val:
-        pick = min(range(len(docs)), key=hashes.__getitem__)
-        val, train = [docs[pick]], docs[:pick] + docs[pick + 1 :]
-    if not train:
-        pick = max(range(len(docs)), key=hashes.__getitem__)
-        train, val = [docs[pick]], docs[:pick] + docs[pick + 1 :]
-    return train, val
+    return split_docs(docs, cfg.val_fraction)

@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from lmforge.config import check, load_config
-from lmforge.data.corpus import Document, _hash, embedded_corpus
+from lmforge.data.corpus import Document, embedded_corpus, split_docs
 from lmforge.data.dedup import DedupConfig, deduplicate
 from lmforge.data.langid import LangIdConfig, language_reason, load_identifier
 from lmforge.data.normalize import normalize
@@ -143,18 +143,6 @@ def read_docs(cfg: DataPrepConfig) -> tuple[list[Document], list[Reject]]:
     for item in embedded_corpus() if not cfg.input else read_lenient(cfg.input, cfg.text_field, cfg.max_doc_bytes):
         (rejects if isinstance(item, Reject) else docs).append(item)
     return docs, rejects
-
-
-def split_docs(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
-    """(train, val) by sha256 of the id, as corpus.load_corpus splits; val is non-empty when there are 2+ docs."""
-    threshold = val_fraction * 2**64
-    val = [d for d in docs if _hash(d.id) < threshold]
-    if val_fraction and not val and len(docs) > 1:
-        val = [min(docs, key=lambda d: _hash(d.id))]
-    if len(val) == len(docs) and val:
-        val.remove(max(val, key=lambda d: _hash(d.id)))
-    val_ids = {id(d) for d in val}
-    return [d for d in docs if id(d) not in val_ids], val
 
 
 def _bytes(docs: list[Document]) -> int:

@@ -173,7 +173,7 @@ def main(cfg: PretrainConfig, run: Run) -> dict[str, float]:
     val_loss = math.nan
     train_seconds = 0.0
     start_step = step
-    with TrainProgress(tc.steps, step) as progress:
+    with TrainProgress(tc.steps, step, show=rank == 0) as progress:
         while step < tc.steps:
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), device=device)

@@ -9,7 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class TrainProgress:
-    def __init__(self, total_steps: int, start_step: int, description: str = "pretrain"):
+    def __init__(self, total_steps: int, start_step: int, description: str = "pretrain", show: bool = True):
         self.console = Console(file=sys.stdout, highlight=False)
         self.bar = Progress(
             TextColumn("[bold]{task.description}"),
@@ -21,7 +21,7 @@ class TrainProgress:
             TextColumn("ETA"),
             TimeRemainingColumn(),
             console=self.console,
-            disable=not self.console.is_terminal,
+            disable=not (show and self.console.is_terminal),  # one bar per job: rank 0's
         )
         self.task = self.bar.add_task(description, total=total_steps, completed=start_step, loss="-", tok_s="-")
 
