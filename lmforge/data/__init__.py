@@ -1,17 +1,18 @@
 """Data: corpora as documents, the train/val split, and token shards with a resumable loader."""
 
-from lmforge.data.corpus import DataConfig, Document, embedded_corpus, load_corpus, read_documents
-from lmforge.data.shards import ShardLoader, eval_batches, read_manifest, shards_ready, write_shards
+from typing import Any
 
-__all__ = [
-    "DataConfig",
-    "Document",
-    "ShardLoader",
-    "embedded_corpus",
-    "eval_batches",
-    "load_corpus",
-    "read_documents",
-    "read_manifest",
-    "shards_ready",
-    "write_shards",
-]
+from lmforge.data.corpus import DataConfig, Document, embedded_corpus, load_corpus, read_documents
+
+_SHARDS = ("ShardLoader", "eval_batches", "read_manifest", "shards_ready", "write_shards")
+
+__all__ = ["DataConfig", "Document", "embedded_corpus", "load_corpus", "read_documents", *_SHARDS]
+
+
+def __getattr__(name: str) -> Any:
+    # shards.py imports torch (seconds); data-preparation workers import this package but never need it.
+    if name in _SHARDS:
+        from lmforge.data import shards
+
+        return getattr(shards, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

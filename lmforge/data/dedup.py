@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from itertools import chain
 
 import numpy as np
 
 from lmforge.config import check
 from lmforge.data.corpus import Document
 
-_PRIME = np.uint64((1 << 61) - 1)  # Mersenne prime, as in datasketch
 _MAX32 = np.uint64((1 << 32) - 1)
-_CHUNK = 2048  # shingles per block: a (2048, 128) uint64 block stays in cache; 8192 was 10% and 32768 2x slower
+_CHUNK = 2048  # shingles per block: a (2048, 128) block stays in cache; 1024 and 4096 were 20-40% slower
 
 
 @dataclass
@@ -74,15 +72,48 @@ def optimal_banding(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_
     return int(best[0]), int(best[1])
 
 
+# Bytes that str.split() treats as whitespace in ASCII text; other text is re-spaced in Python first.
+_SPACE = np.zeros(256, dtype=bool)
+_SPACE[[9, 10, 11, 12, 13, 28, 29, 30, 31, 32]] = True
+_BASE = np.uint64(0x100000001B3)  # odd, so invertible mod 2^64
+_BASE_INV = np.uint64(pow(0x100000001B3, -1, 1 << 64))
+_BATCH_BYTES = 1 << 20  # text hashed per batch: temporaries are ~40 bytes per byte of text
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: every output bit depends on every input bit."""
+    h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return h ^ (h >> np.uint64(31))
+
+
+def _word_hashes(docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """64-bit hashes of each document's lowercased words (as str.split() cuts them), concatenated, and each
+    document's word count. Words are hashed in numpy, all at once: a polynomial hash of their bytes from prefix sums
+    (the sum over a word's bytes b_i * BASE^i, shifted to its start by BASE^-start), then mixed."""
+    encoded = [(t if t.isascii() else " ".join(t.split())).lower().encode() for t in docs]
+    data = np.frombuffer(b" ".join(encoded), dtype=np.uint8)
+    space = _SPACE[data]
+    word = ~space
+    starts = np.flatnonzero(word & np.r_[True, space[:-1]])
+    ends = np.flatnonzero(word & np.r_[space[1:], True]) + 1
+    powers = np.full(data.size + 1, _BASE, dtype=np.uint64)
+    powers[0] = 1
+    np.cumprod(powers, out=powers)  # wraps mod 2^64, as intended
+    inverse = np.full(data.size + 1, _BASE_INV, dtype=np.uint64)
+    inverse[0] = 1
+    np.cumprod(inverse, out=inverse)
+    prefix = np.zeros(data.size + 1, dtype=np.uint64)
+    np.cumsum(data * powers[:-1], out=prefix[1:])
+    hashes = _mix((prefix[ends] - prefix[starts]) * inverse[starts] + (ends - starts).astype(np.uint64))
+    doc_ends = np.cumsum([len(e) + 1 for e in encoded])
+    counts = np.diff(np.searchsorted(starts, doc_ends), prepend=0)
+    return hashes, counts
+
+
 def _shingle_hashes(docs: list[str], size: int) -> tuple[np.ndarray, np.ndarray]:
     """32-bit hashes of each document's word shingles, concatenated, and each document's shingle count (>= 1)."""
-    split = [text.lower().split() for text in docs]
-    words = list(chain.from_iterable(split))
-    # Each distinct word is hashed once; shingle hashes are then mixed from word hashes in numpy, which is what
-    # makes signing fast (datasketch hashes every shingle string with SHA-1 in Python).
-    word_hash = {w: int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little") for w in set(words)}
-    tokens = np.fromiter(map(word_hash.__getitem__, words), dtype=np.uint64, count=len(words))
-    lengths = np.fromiter(map(len, split), dtype=np.int64, count=len(split))
+    tokens, lengths = _word_hashes(docs)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     counts = np.maximum(lengths - size + 1, 1)
     # A document shorter than one shingle is one shingle of all its words: its window is cut at the document's end.
@@ -96,36 +127,44 @@ def _shingle_hashes(docs: list[str], size: int) -> tuple[np.ndarray, np.ndarray]
         h ^= h >> np.uint64(29)
     h *= np.uint64(0xBF58476D1CE4E5B9)  # splitmix64 finaliser, so the low 32 bits depend on every word
     h ^= h >> np.uint64(32)
-    return h & _MAX32, counts
+    return (h & _MAX32).astype(np.uint32), counts
 
 
 def minhash_signatures(docs: list[str], cfg: DedupConfig) -> np.ndarray:
-    """(N, num_perm) uint32 MinHash signatures of lowercased word shingles, all documents signed in one pass."""
+    """(N, num_perm) uint32 MinHash signatures of lowercased word shingles, documents signed in batches of ~1 MB."""
     gen = np.random.RandomState(cfg.seed)
-    a = gen.randint(1, _PRIME, size=cfg.num_perm, dtype=np.uint64)
-    b = gen.randint(0, _PRIME, size=cfg.num_perm, dtype=np.uint64)
-    if not docs:
-        return np.zeros((0, cfg.num_perm), dtype=np.uint32)
-    hashes, counts = _shingle_hashes(docs, cfg.shingle_size)
+    a = gen.randint(0, 1 << 32, size=cfg.num_perm, dtype=np.uint64).astype(np.uint32) | np.uint32(1)
+    b = gen.randint(0, 1 << 32, size=cfg.num_perm, dtype=np.uint64).astype(np.uint32)
     sig = np.empty((len(docs), cfg.num_perm), dtype=np.uint32)
+    start = 0
+    while start < len(docs):
+        stop, nbytes = start, 0
+        while stop < len(docs) and (nbytes < _BATCH_BYTES or stop == start):
+            nbytes += len(docs[stop])
+            stop += 1
+        sig[start:stop] = _sign(docs[start:stop], cfg.shingle_size, a, b)
+        start = stop
+    return sig
+
+
+def _sign(docs: list[str], size: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    hashes, counts = _shingle_hashes(docs, size)
+    sig = np.empty((len(docs), a.size), dtype=np.uint32)
     ends = np.cumsum(counts)
     firsts = ends - counts
     # Reused buffers and in-place ops: allocating each block's temporaries made signing 2x slower.
-    buf = np.empty((max(_CHUNK, int(counts.max())), cfg.num_perm), dtype=np.uint64)
-    high = np.empty_like(buf)
+    buf = np.empty((max(_CHUNK, int(counts.max())), a.size), dtype=np.uint32)
     doc, start = 0, 0
     while doc < len(docs):
         # Whole documents per block, so that min-reduction never spans two blocks.
         last = max(int(np.searchsorted(ends, start + _CHUNK, side="right")), doc + 1)
         stop = int(ends[last - 1])
-        v, t = buf[: stop - start], high[: stop - start]
+        v = buf[: stop - start]
+        # a*x + b mod 2^32 with odd a: a permutation of the 32-bit shingle hashes, which are already well mixed, so
+        # their minima behave like those of random permutations. Two uint32 passes took 0.16 s where datasketch's
+        # (a*x + b) mod (2^61 - 1) in uint64 took 0.37 s (5,000 docs of 200 words, 128 permutations).
         np.multiply(hashes[start:stop, None], a, out=v)
-        v += b  # wraps mod 2^64 like datasketch's legacy scheme
-        # The low 32 bits of v mod (2^61-1) are those of v + (v >> 61) (folding the high bits); ~5x cheaper than
-        # numpy's uint64 '%' and exact except when the fold lands in [p, p+7], with probability ~2^-58.
-        np.right_shift(v, np.uint64(61), out=t)
-        v += t
-        v &= _MAX32
+        v += b
         sig[doc:last] = np.minimum.reduceat(v, firsts[doc:last] - start, axis=0)
         doc, start = last, stop
     return sig
@@ -169,14 +208,20 @@ def near_duplicate_clusters(signatures: np.ndarray, bands: int, rows: int, thres
     return labels.tolist()
 
 
+def exact_key(text: str) -> bytes:
+    """16-byte hash of the text lowercased with whitespace collapsed: equal keys are exact duplicates."""
+    return hashlib.blake2b(" ".join(text.lower().split()).encode(), digest_size=16).digest()
+
+
 def deduplicate(docs: list[Document], cfg: DedupConfig) -> tuple[list[Document], dict]:
     """The first document of each exact-duplicate group, then of each near-duplicate cluster, in input order."""
     kept, seen = [], set()
     for doc in docs:
-        key = hashlib.blake2b(" ".join(doc.text.lower().split()).encode(), digest_size=16).digest()
-        if cfg.exact and key in seen:
-            continue
-        seen.add(key)
+        if cfg.exact:
+            key = exact_key(doc.text)
+            if key in seen:
+                continue
+            seen.add(key)
         kept.append(doc)
     exact_removed = len(docs) - len(kept)
     if cfg.near and kept:

@@ -11,213 +11,179 @@ import argparse
 import json
 import shutil
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
 
-from lmforge.config import check, load_config
-from lmforge.data.corpus import Document, embedded_corpus, split_docs
-from lmforge.data.dedup import DedupConfig, deduplicate
-from lmforge.data.langid import LangIdConfig, language_reason, load_identifier
-from lmforge.data.normalize import normalize
-from lmforge.data.quality import CodeQualityConfig, QualityConfig, code_quality_reasons, quality_reasons
-from lmforge.data.readers import FORMATS_HELP, Reject, read_lenient
-from lmforge.data.scrub import ScrubConfig, scrub
+import numpy as np
+
+from lmforge.config import load_config
+from lmforge.data.config import DataPrepConfig
+from lmforge.data.corpus import Document, split_docs
+from lmforge.data.dedup import near_duplicate_clusters
+from lmforge.data.engines import local, ray_data
 from lmforge.data.shards import write_shards
-from lmforge.data.toxicity import ToxicityConfig, load_terms, toxicity_reason
+from lmforge.data.stages import REJECT_CHARS, ShardResult, ShardTask, load_shard, plan_shards, process_shard, shard_done
+from lmforge.data.stages import spilled as spilled_docs
+from lmforge.data.toxicity import Scorer, resolve_scorer
 from lmforge.errors import LmforgeError
 from lmforge.run import atomic_write
 from lmforge.tokenizer import Tokenizer
-from lmforge.tokenizer.bpe import BYTE_VOCAB_SIZE
 
-CODE_SUFFIXES = frozenset(
-    {".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".cs", ".java", ".kt", ".scala", ".go", ".rs", ".js", ".ts"}
-    | {".rb", ".php", ".lua", ".jl", ".sh", ".sql", ".swift"}
-)
-REJECT_CHARS = 500
-
-Rejected = tuple[Document, str]  # a removed document and the reason it was removed
+ENGINES = {
+    "local": lambda tasks, cfg: local.run_tasks(process_shard, tasks, cfg.workers),
+    "ray": lambda tasks, cfg: ray_data.run_tasks(process_shard, tasks, cfg.ray_address),
+}
 
 
-@dataclass
-class DataPrepConfig:
-    input: str = ""
-    """Raw text: "" for the embedded corpus, else a folder or file of .txt, .jsonl, .parquet (optionally .gz, .zst)."""
-    output: str = "runs/data/prepared"
-    """Folder for stats.json, rejects.jsonl, lineage.json, report.md, tokenizer/, train/ and val/ shards."""
-    text_field: str = "text"
-    """The .jsonl field or .parquet column that holds each document's text."""
-    max_doc_bytes: int = 10 << 20
-    """Documents (a .jsonl line, a .parquet row, a whole .txt file) larger than this are rejected as too_large."""
-    val_fraction: float = 0.01
-    """Share of the kept documents written to val/, chosen by a hash of the document id as pre-training does."""
-    kind: Literal["prose", "code", "auto"] = "auto"
-    """Quality rules: prose (Gopher/C4), code (line shape), or auto (code for ids ending in .py, .c, ...)."""
-    normalize: bool = True
-    """NFC, drop control characters, tidy whitespace (see lmforge/data/normalize.py)."""
-    langid: LangIdConfig = field(default_factory=LangIdConfig)
-    quality: QualityConfig = field(default_factory=QualityConfig)
-    code_quality: CodeQualityConfig = field(default_factory=CodeQualityConfig)
-    dedup: DedupConfig = field(default_factory=DedupConfig)
-    scrub: ScrubConfig = field(default_factory=ScrubConfig)
-    toxicity: ToxicityConfig = field(default_factory=ToxicityConfig)
-    vocab_size: int = 4096
-    """Vocabulary of the BPE tokenizer trained on the kept documents."""
-    rejects_sample: int = 20
-    """Rejected documents written to rejects.jsonl per stage and reason."""
-
-    def validate(self) -> None:
-        check(
-            not self.input or Path(self.input).exists(),
-            f'input={self.input!r} does not exist; give a folder or file of {FORMATS_HELP}, or "" for the embedded '
-            "corpus",
-        )
-        check(bool(self.output), 'output="" must name a folder for the prepared data')
-        check(bool(self.text_field), 'text_field="" must name the field or column that holds the text')
-        check(self.max_doc_bytes > 0, f"max_doc_bytes={self.max_doc_bytes} must be > 0")
-        check(0.0 <= self.val_fraction < 1.0, f"val_fraction={self.val_fraction} must be >= 0 and < 1")
-        check(self.vocab_size >= BYTE_VOCAB_SIZE, f"vocab_size={self.vocab_size} must be >= {BYTE_VOCAB_SIZE}")
-        check(self.rejects_sample >= 0, f"rejects_sample={self.rejects_sample} must be >= 0")
-
-
-def is_code(doc: Document, kind: str) -> bool:
-    return kind == "code" or (kind == "auto" and PurePosixPath(doc.id).suffix.lower() in CODE_SUFFIXES)
-
-
-def normalize_docs(docs: list[Document]) -> tuple[list[Document], list[Rejected]]:
-    kept, rejected = [], []
-    for doc in docs:
-        text, reason = normalize(doc.text)
-        if reason:
-            rejected.append((doc, reason))
-        else:
-            kept.append(Document(doc.id, text))
-    return kept, rejected
-
-
-def filter_docs(docs: list[Document], reason_of: Callable[[Document], str | None]) -> tuple[list, list[Rejected]]:
-    kept, rejected = [], []
-    for doc in docs:
-        reason = reason_of(doc)
-        if reason:
-            rejected.append((doc, reason))
-        else:
-            kept.append(doc)
-    return kept, rejected
-
-
-def quality_reason(doc: Document, cfg: DataPrepConfig) -> str | None:
-    """The first rule `doc` fails (each removed document is counted once, under its first reason)."""
-    code = is_code(doc, cfg.kind)
-    reasons = code_quality_reasons(doc.text, cfg.code_quality) if code else quality_reasons(doc.text, cfg.quality)
-    return reasons[0] if reasons else None
-
-
-def dedup_docs(docs: list[Document], cfg: DedupConfig) -> tuple[list[Document], list[Rejected]]:
-    # Two passes (exact, then near over the exact survivors, as deduplicate does in one) name each removal's reason.
-    rejected = []
-    for reason, pass_cfg in (
-        ("exact_duplicate", replace(cfg, near=False)),
-        ("near_duplicate", replace(cfg, exact=False)),
-    ):
-        kept, _ = deduplicate(docs, pass_cfg)
-        survivors = {id(d) for d in kept}
-        rejected += [(d, reason) for d in docs if id(d) not in survivors]
-        docs = kept
-    return docs, rejected
-
-
-def scrub_docs(docs: list[Document], cfg: ScrubConfig) -> tuple[list[Document], Counter]:
-    out, counts = [], Counter()
-    for doc in docs:
-        text, found = scrub(doc.text, cfg)
-        counts.update(found)
-        out.append(Document(doc.id, text))
-    return out, counts
-
-
-def read_docs(cfg: DataPrepConfig) -> tuple[list[Document], list[Reject]]:
-    """Every readable document of cfg.input, and the records rejected or repaired on the way."""
-    docs, rejects = [], []
-    for item in embedded_corpus() if not cfg.input else read_lenient(cfg.input, cfg.text_field, cfg.max_doc_bytes):
-        (rejects if isinstance(item, Reject) else docs).append(item)
-    return docs, rejects
-
-
-def _bytes(docs: list[Document]) -> int:
-    return sum(len(d.text.encode()) for d in docs)
-
-
-def _stage(name: str, docs_in: list[Document], kept: list[Document], rejected: list[Rejected]) -> dict[str, Any]:
-    assert len(docs_in) == len(kept) + len(rejected), name
+def _stage(name: str, nbytes_in: np.ndarray, nbytes_out: np.ndarray, keep: np.ndarray, reasons: list) -> dict:
+    """Counts of a global stage: documents in (all of nbytes_in), kept (where keep), removed by reason."""
     return {
         "name": name,
-        "docs_in": len(docs_in),
-        "docs_out": len(kept),
-        "bytes_in": _bytes(docs_in),
-        "bytes_out": _bytes(kept),
-        "removed": dict(sorted(Counter(reason for _, reason in rejected).items())),
+        "docs_in": len(keep),
+        "docs_out": int(keep.sum()),
+        "bytes_in": int(nbytes_in.sum()),
+        "bytes_out": int(nbytes_out[keep].sum()),
+        "removed": dict(sorted(Counter(r for r in reasons if r).items())),
     }
 
 
-def main(cfg: DataPrepConfig) -> dict[str, Any]:
-    """Run every stage over the input, write the artifacts into cfg.output and return the stats."""
-    out = Path(cfg.output)
-    docs, read_rejects = read_docs(cfg)
-    removed = [r for r in read_rejects if not r.kept]
-    docs_in = len(docs) + len(removed)
-    terms = load_terms(cfg.toxicity.wordlist) if cfg.toxicity.wordlist else frozenset()
-    identifier = load_identifier() if cfg.langid.enabled else None
+def merge_shard_stages(results: list[ShardResult], cfg: DataPrepConfig) -> tuple[list[dict], list[dict]]:
+    """The per-document stages' counts summed over shards, and their rejects: the first few per stage and reason."""
     stages, rejects, samples = [], [], Counter()
+    for name in results[0].stages:
+        stage: dict[str, Any] = {"name": name}
+        for part in (r.stages[name] for r in results):
+            for key, value in part.items():
+                if isinstance(value, dict):
+                    total = stage.get(key, {})
+                    stage[key] = {k: total.get(k, 0) + value.get(k, 0) for k in sorted(total | value)}
+                else:
+                    stage[key] = stage.get(key, 0) + value
+        stages.append(stage)
+        for r in (r for result in results for r in result.rejects if r["stage"] == name):
+            if samples[name, r["reason"]] < cfg.rejects_sample:
+                samples[name, r["reason"]] += 1
+                rejects.append(r)
+    return stages, rejects
 
-    def record(name: str, kept: list[Document], rejected: list[Rejected]) -> list[Document]:
-        stages.append(_stage(name, docs, kept, rejected))
-        for doc, reason in rejected:
-            if samples[name, reason] < cfg.rejects_sample:
-                samples[name, reason] += 1
-                rejects.append({"stage": name, "reason": reason, "id": doc.id, "text": doc.text[:REJECT_CHARS]})
-        return kept
 
-    read_stage = {"name": "read", "docs_in": docs_in, "docs_out": len(docs)}
-    read_stage |= {"bytes_in": _bytes(docs) + sum(r.nbytes for r in removed), "bytes_out": _bytes(docs)}
-    read_stage["removed"] = dict(sorted(Counter(r.reason for r in removed).items()))
-    read_stage["repaired"] = {"invalid_utf8": sum(r.kept for r in read_rejects)}
-    stages.append(read_stage)
-    for r in read_rejects:
-        if samples["read", r.reason] < cfg.rejects_sample:
-            samples["read", r.reason] += 1
-            rejects.append({"stage": "read", "reason": r.reason, "id": r.id, "text": r.text[:REJECT_CHARS]})
-    docs = record("normalize", *(normalize_docs(docs) if cfg.normalize else (docs, [])))
-    if identifier is not None:
-        docs = record("langid", *filter_docs(docs, lambda d: language_reason(d.text, cfg.langid, identifier)))
-    docs = record("quality", *filter_docs(docs, lambda d: quality_reason(d, cfg)))
-    docs = record("dedup", *dedup_docs(docs, cfg.dedup))
-    scrubbed, replaced = scrub_docs(docs, cfg.scrub)
-    docs = record("scrub", scrubbed, [])
-    stages[-1]["replaced"] = {kind: replaced[kind] for kind in sorted(replaced)}
-    docs = record("toxicity", *filter_docs(docs, lambda d: toxicity_reason(d.text, cfg.toxicity, terms)))
+def dedup_reasons(results: list[ShardResult], cfg: DataPrepConfig) -> list[str | None]:
+    """exact_duplicate, near_duplicate or None (kept) for each survivor of the quality stage, in input order: the first
+    document of each exact group and of each near-duplicate cluster is kept, whatever shard or worker it came from."""
+    n = sum(len(r.ids) for r in results)
+    reasons: list[str | None] = [None] * n
+    if cfg.dedup.exact and n:
+        keys = np.concatenate([r.keys for r in results]).view(np.dtype((np.void, 16))).ravel()
+        first = np.zeros(n, dtype=bool)
+        first[np.unique(keys, return_index=True)[1]] = True
+        for i in np.flatnonzero(~first):
+            reasons[i] = "exact_duplicate"
+    if cfg.dedup.near and n:
+        rest = np.array([i for i, r in enumerate(reasons) if r is None], dtype=np.int64)
+        signatures = np.concatenate([r.signatures for r in results])[rest]
+        threshold = cfg.dedup.threshold if cfg.dedup.verify else None
+        labels = near_duplicate_clusters(signatures, *cfg.dedup.banding(), threshold)
+        for k, label in enumerate(labels):
+            if label != k:
+                reasons[rest[k]] = "near_duplicate"
+    return reasons
 
-    train, val = split_docs(docs, cfg.val_fraction)
-    stats = {"input": cfg.input or "<embedded corpus>", "docs_in": docs_in, "docs_out": len(docs), "stages": stages}
-    stats["split"] = {"train": len(train), "val": len(val)}
+
+def global_stages(results: list[ShardResult], cfg: DataPrepConfig) -> tuple[list[dict], list[str | None]]:
+    """The dedup, scrub and toxicity stages' counts, and the reason each survivor of quality was removed (or None)."""
+    reasons = dedup_reasons(results, cfg)
+    nbytes = np.concatenate([r.nbytes for r in results])
+    scrubbed = np.concatenate([r.nbytes_scrubbed for r in results])
+    kept = np.array([r is None for r in reasons], dtype=bool)
+    stages = [_stage("dedup", nbytes, nbytes, kept, reasons)]
+    stages.append(_stage("scrub", nbytes[kept], scrubbed[kept], np.ones(int(kept.sum()), dtype=bool), []))
+    replaced = np.concatenate([r.replaced for r in results])[kept].sum(0).tolist()
+    stages[-1]["replaced"] = dict(sorted(zip(results[0].scrub_kinds, replaced, strict=True))) if kept.any() else {}
+    toxic = [t for r in results for t in r.toxic]
+    for i in np.flatnonzero(kept):
+        reasons[i] = toxic[i]
+    final = np.array([r is None for r in reasons], dtype=bool)
+    stages.append(
+        _stage("toxicity", scrubbed[kept], scrubbed[kept], final[kept], [toxic[i] for i in np.flatnonzero(kept)])
+    )
+    return stages, reasons
+
+
+def spilled(tasks: list[ShardTask], results: list[ShardResult], wanted: np.ndarray) -> Iterator[tuple[int, Document]]:
+    """(index, scrubbed document) of the survivors of quality where `wanted`, streamed from the shards' spill files."""
+    offset = 0
+    for task, result in zip(tasks, results, strict=True):
+        n = len(result.ids)
+        if wanted[offset : offset + n].any():
+            for k, doc in enumerate(spilled_docs(task)):
+                if wanted[offset + k]:
+                    yield offset + k, doc
+        offset += n
+
+
+def global_rejects(tasks: list[ShardTask], results: list[ShardResult], reasons: list, cfg: DataPrepConfig) -> list:
+    """The first few documents removed per reason by dedup, then by toxicity, with the start of their scrubbed text."""
+    ids = [i for r in results for i in r.ids]
+    samples, sampled = Counter(), np.zeros(len(reasons), dtype=bool)
+    for i, reason in enumerate(reasons):
+        if reason and samples[reason] < cfg.rejects_sample:
+            samples[reason] += 1
+            sampled[i] = True
+    texts = {i: doc.text for i, doc in spilled(tasks, results, sampled)}
+    rejects = []
+    for stage in ("dedup", "toxicity"):
+        for i in np.flatnonzero(sampled):
+            if (reasons[i] in ("exact_duplicate", "near_duplicate")) == (stage == "dedup"):
+                rejects.append({"stage": stage, "reason": reasons[i], "id": ids[i], "text": texts[i][:REJECT_CHARS]})
+    return rejects
+
+
+def main(cfg: DataPrepConfig, scorers: dict[str, Scorer] | None = None) -> dict[str, Any]:
+    """Run every stage over the input, write the artifacts into cfg.output and return the stats. `scorers` adds
+    named toxicity classifiers to toxicity.SCORERS for this run (see toxicity.classifier)."""
+    out = Path(cfg.output)
+    work = out / ".work"
+    tasks = plan_shards(cfg, work, resolve_scorer(cfg.toxicity, scorers))
+    # Shards finished by an earlier, interrupted run of the same input and settings are not redone.
+    for _ in ENGINES[cfg.engine]([t for t in tasks if not shard_done(t)], cfg):
+        pass
+    results = [load_shard(t) for t in tasks]
+    stages, rejects = merge_shard_stages(results, cfg)
+    more_stages, reasons = global_stages(results, cfg)
+    stages += more_stages
+    rejects += global_rejects(tasks, results, reasons, cfg)
+    final = np.array([r is None for r in reasons], dtype=bool)
+    kept_ids = [i for r in results for i in r.ids]
+    kept_ids = [kept_ids[i] for i in np.flatnonzero(final)]
+    val_ids = {d.id for d in split_docs([Document(i, "") for i in kept_ids], cfg.val_fraction)[1]}
+    docs_in, docs_out = stages[0]["docs_in"], len(kept_ids)
+    stats = {"input": cfg.input or "<embedded corpus>", "docs_in": docs_in, "docs_out": docs_out, "stages": stages}
+    stats["split"] = {"train": docs_out - len(val_ids), "val": len(val_ids)}
     atomic_write(out / "stats.json", json.dumps(stats, indent=2) + "\n")
     atomic_write(out / "rejects.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
     atomic_write(out / "report.md", f"# Data preparation: {stats['input']}\n\n{stats_table(stats)}\n")
-    if not docs:
+    if not docs_out:
+        shutil.rmtree(work, ignore_errors=True)
         raise LmforgeError(
             f"all {docs_in} documents were removed; see {out / 'report.md'} and {out / 'rejects.jsonl'}, then "
             "loosen the filters in the config"
         )
+
+    def part(name: str) -> Iterator[Document]:
+        in_val = name == "val"
+        return (doc for _, doc in spilled(tasks, results, final) if (doc.id in val_ids) == in_val)
+
     # The tokenizer sees only train text, so validation loss is measured on text it was not fitted to.
-    tokenizer = Tokenizer.train((d.text for d in train), cfg.vocab_size)
+    tokenizer = Tokenizer.train((d.text for d in part("train")), cfg.vocab_size)
     tokenizer.save(out / "tokenizer")
     shards = {}
-    for name, part in (("train", train), ("val", val)):
-        if not part:
+    for name, count in stats["split"].items():
+        if not count:
             shutil.rmtree(out / name, ignore_errors=True)  # a stale val/ from an earlier run must not linger
         else:
-            manifest = write_shards(part, tokenizer, out / name)
+            manifest = write_shards(part(name), tokenizer, out / name)
             shards[name] = {"path": name, "total_tokens": manifest["total_tokens"], "num_docs": manifest["num_docs"]}
     configs = {
         "read": {"text_field": cfg.text_field, "max_doc_bytes": cfg.max_doc_bytes},
@@ -236,6 +202,7 @@ def main(cfg: DataPrepConfig) -> dict[str, Any]:
         "config": asdict(cfg),
     }
     atomic_write(out / "lineage.json", json.dumps(lineage, indent=2) + "\n")
+    shutil.rmtree(work)
     return stats
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import re
 import string
-from collections import Counter
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from lmforge.config import check
 
@@ -102,22 +103,31 @@ def _dup_fracs(chunks: list[str]) -> tuple[float, float]:
     return dup / len(chunks), dup_chars / sum(len(c) for c in chunks)
 
 
-def _top_ngram_frac(words: list[str], n: int, total: int) -> float:
-    grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
-    if not grams:
-        return 0.0
-    gram, count = grams.most_common(1)[0]
-    return count * sum(map(len, gram)) / total
-
-
-def _dup_ngram_frac(words: list[str], n: int, total: int) -> float:
-    grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
-    covered = [False] * len(words)
-    for i in range(len(words) - n + 1):
-        if grams[tuple(words[i : i + n])] > 1:
-            covered[i : i + n] = [True] * n
-    # Each word counts once however many overlapping repeated n-grams cover it, as Gopher specifies.
-    return sum(len(w) for w, c in zip(words, covered, strict=True) if c) / total
+def ngram_fracs(words: list[str], total: int, top_ns: range, dup_ns: range) -> tuple[list[float], list[float]]:
+    """Gopher's n-gram repetition measures, as shares of the `total` word characters: for each n in top_ns, the
+    characters of the most frequent n-gram times its count (ties go to the first seen); for each n in dup_ns, the
+    characters of words covered by any n-gram that occurs more than once (each word counted once)."""
+    vocab: dict[str, int] = {}
+    ids = np.array([vocab.setdefault(w, len(vocab)) for w in words], dtype=np.int64)
+    lengths = np.array([len(w) for w in words], dtype=np.int64)
+    chars = np.concatenate([[0], np.cumsum(lengths)])
+    top, dup = [], []
+    grams = ids  # n-gram ids, exact (no hashing): n-1-gram id and next word, renumbered densely by np.unique
+    for n in range(2, max(top_ns.stop, dup_ns.stop)):
+        if len(words) < n:
+            top += [0.0] * (n in top_ns)
+            dup += [0.0] * (n in dup_ns)
+            continue
+        grams = grams[:-1] * len(words) + ids[n - 1 :]
+        _, first, grams, counts = np.unique(grams, return_index=True, return_inverse=True, return_counts=True)
+        if n in top_ns:
+            best = first[counts == counts.max()].min()
+            top.append(float(counts.max() * (chars[best + n] - chars[best]) / total))
+        if n in dup_ns:
+            starts = np.flatnonzero(counts[grams] > 1)
+            edges = np.bincount(starts, minlength=len(words) + 1) - np.bincount(starts + n, minlength=len(words) + 1)
+            dup.append(float(lengths[np.cumsum(edges)[:-1] > 0].sum() / total))
+    return top, dup
 
 
 def quality_reasons(text: str, cfg: QualityConfig) -> list[str]:
@@ -163,11 +173,12 @@ def quality_reasons(text: str, cfg: QualityConfig) -> list[str]:
         reasons.append("dup_para_chars")
     total = sum(map(len, words))
     if total:
-        for n, limit in enumerate(cfg.max_top_ngram_frac, start=2):
-            if _top_ngram_frac(words, n, total) > limit:
+        top, dup = ngram_fracs(words, total, range(2, 5), range(5, 11))
+        for n, (frac, limit) in enumerate(zip(top, cfg.max_top_ngram_frac, strict=True), start=2):
+            if frac > limit:
                 reasons.append(f"top_{n}gram")
-        for n, limit in enumerate(cfg.max_dup_ngram_frac, start=5):
-            if _dup_ngram_frac(words, n, total) > limit:
+        for n, (frac, limit) in enumerate(zip(dup, cfg.max_dup_ngram_frac, strict=True), start=5):
+            if frac > limit:
                 reasons.append(f"dup_{n}gram")
     if cfg.lorem_ipsum and "lorem ipsum" in text.lower():
         reasons.append("lorem_ipsum")

@@ -44,6 +44,12 @@ def read_lenient(
 ) -> Iterator[Document | Reject]:
     """Documents of a file or of every file under a folder (sorted), with ids as corpus.read_documents gives them;
     a .txt file is one document, so max_doc_bytes applies to the whole file."""
+    files, root = input_files(path)
+    yield from read_files(files, root, text_field, max_doc_bytes)
+
+
+def input_files(path: str | Path) -> tuple[list[Path], Path]:
+    """The files of `path` in reading order (sorted), and the folder their document ids are relative to."""
     path = Path(path)
     if path.is_dir():
         files, root = sorted(p for p in path.rglob("*") if p.is_file()), path
@@ -53,6 +59,13 @@ def read_lenient(
         raise LmforgeError(f"input {path} does not exist; give a folder or file of {FORMATS_HELP}")
     if not files:
         raise LmforgeError(f"input folder {path} is empty; add files of {FORMATS_HELP}")
+    return files, root
+
+
+def read_files(
+    files: list[Path], root: Path, text_field: str = "text", max_doc_bytes: int = 10 << 20
+) -> Iterator[Document | Reject]:
+    """Documents and rejects of `files`, in order, with ids relative to `root`."""
     for file in files:
         doc_id = file.relative_to(root).as_posix()
         fmt = _format(file)
@@ -60,6 +73,43 @@ def read_lenient(
             yield Reject(doc_id, "unsupported_format", _size(file))
             continue
         yield from _read_file(file, doc_id, fmt, text_field, max_doc_bytes)
+
+
+Piece = tuple[int, int, int]  # (start byte, end byte, number of the first line) of a run of whole lines
+
+
+def splittable(path: Path) -> bool:
+    """Uncompressed JSONL: a file that can be cut into pieces at line ends, read each on its own."""
+    return path.name.endswith(".jsonl")
+
+
+def jsonl_pieces(path: Path, piece_bytes: int) -> list[Piece]:
+    """`path` cut after the first line end at or past every piece_bytes; line numbers are counted in one pass, so
+    each piece's documents get the ids a whole-file read gives them."""
+    pieces, start, first_line, newlines, offset = [], 0, 1, 0, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            counted = 0  # newlines of chunk[:counted] are in `newlines`
+            while (at := start + piece_bytes - offset) < len(chunk):
+                cut = chunk.find(b"\n", max(at, counted))
+                if cut == -1:
+                    break
+                newlines += chunk.count(b"\n", counted, cut + 1)
+                counted = cut + 1
+                pieces.append((start, offset + cut + 1, first_line))
+                start, first_line = offset + cut + 1, newlines + 1
+            newlines += chunk.count(b"\n", counted)
+            offset += len(chunk)
+    if start < offset or not pieces:
+        pieces.append((start, offset, first_line))
+    return pieces
+
+
+def read_piece(
+    file: Path, root: Path, piece: Piece, text_field: str = "text", max_doc_bytes: int = 10 << 20
+) -> Iterator[Document | Reject]:
+    """Documents and rejects of the lines of an uncompressed JSONL file in `piece`."""
+    yield from _read_file(file, file.relative_to(root).as_posix(), ".jsonl", text_field, max_doc_bytes, piece)
 
 
 def _format(path: Path) -> str:
@@ -91,9 +141,15 @@ def _open(path: Path) -> BinaryIO:
     return open(path, "rb")
 
 
-def _read_file(path: Path, doc_id: str, fmt: str, text_field: str, max_doc_bytes: int) -> Iterator[Document | Reject]:
+def _read_file(
+    path: Path, doc_id: str, fmt: str, text_field: str, max_doc_bytes: int, piece: Piece | None = None
+) -> Iterator[Document | Reject]:
     try:
         with _open(path) as stream:
+            if piece:
+                stream.seek(piece[0])
+                yield from _read_jsonl(stream, doc_id, text_field, max_doc_bytes, piece[2], piece[1] - piece[0])
+                return
             reader = {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}[fmt]
             yield from reader(stream, doc_id, text_field, max_doc_bytes)
     except LmforgeError:
@@ -125,19 +181,24 @@ def _read_txt(stream: BinaryIO, doc_id: str, text_field: str, max_doc_bytes: int
             yield repaired
 
 
-def _lines(stream: BinaryIO, max_bytes: int) -> Iterator[tuple[bytes, int]]:
-    """(line, size) per line; a line over max_bytes comes back as its first bytes, never held whole in memory."""
+def _lines(stream: BinaryIO, max_bytes: int, limit: int | None = None) -> Iterator[tuple[bytes, int]]:
+    """(line, size) per line of the next `limit` bytes (all if None, else they must end a line); a line over
+    max_bytes comes back as its first bytes, never held whole in memory."""
     buffered = io.BufferedReader(stream) if not isinstance(stream, io.BufferedIOBase) else stream
-    while line := buffered.readline(max_bytes + 1):
+    consumed = 0
+    while (limit is None or consumed < limit) and (line := buffered.readline(max_bytes + 1)):
         size, tail = len(line), line
         while size > max_bytes and not tail.endswith(b"\n") and (tail := buffered.readline(_CHUNK)):
             size += len(tail)
+        consumed += size
         yield line, size
 
 
-def _read_jsonl(stream: BinaryIO, doc_id: str, text_field: str, max_doc_bytes: int) -> Iterator[Document | Reject]:
+def _read_jsonl(
+    stream: BinaryIO, doc_id: str, text_field: str, max_doc_bytes: int, first_line: int = 1, limit: int | None = None
+) -> Iterator[Document | Reject]:
     empty = True
-    for n, (line, size) in enumerate(_lines(stream, max_doc_bytes), 1):
+    for n, (line, size) in enumerate(_lines(stream, max_doc_bytes, limit), first_line):
         if not line.strip():
             continue
         empty, line_id = False, f"{doc_id}:{n}"
@@ -153,10 +214,18 @@ def _read_jsonl(stream: BinaryIO, doc_id: str, text_field: str, max_doc_bytes: i
         if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
             yield Reject(line_id, "missing_text_field", size, raw[:EXCERPT_CHARS])
             continue
-        yield Document(line_id, row[text_field])
+        text = row[text_field]
+        if not text.isascii():
+            # JSON escapes can spell lone surrogates ("\ud800"), which are not text and cannot be written as UTF-8.
+            try:
+                text.encode()
+            except UnicodeEncodeError:
+                text = text.encode(errors="replace").decode()
+                repaired = repaired or Reject(line_id, "invalid_utf8_repaired", 0, text[:EXCERPT_CHARS])
+        yield Document(line_id, text)
         if repaired:
             yield repaired
-    if empty:
+    if empty and limit is None:  # a blank piece of a longer file is not an empty file
         yield Reject(doc_id, "empty_file", 0)
 
 

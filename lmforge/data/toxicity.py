@@ -1,9 +1,10 @@
-"""Word-list toxicity filter: drop documents where too many words belong to a blocklist of terms, as in C4's
-"bad words" rule (Raffel et al. 2020, section 2.2) but as a ratio rather than a single hit."""
+"""Toxicity filter: drop documents where too many words belong to a blocklist of terms, as in C4's "bad words" rule
+(Raffel et al. 2020, section 2.2) but as a ratio rather than a single hit, or whose classifier score is too high."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,14 @@ from lmforge.errors import LmforgeError
 
 _WORD = re.compile(r"\w+(?:['’]\w+)*")
 
+Scorer = Callable[[str], float]
+"""A classifier: text -> probability that it is toxic (0..1). Under engine=local with workers > 1 it is pickled to
+the worker processes, so it must be a module-level function (or another picklable callable)."""
+
+# Classifiers that toxicity.classifier can name. None ships: every good one needs model weights, which lmforge does
+# not download; add one here, or pass scorers={"name": fn} to lmforge.data.prepare.main.
+SCORERS: dict[str, Scorer] = {}
+
 
 @dataclass
 class ToxicityConfig:
@@ -19,9 +28,14 @@ class ToxicityConfig:
     """File of blocked terms, one per line (multi-word terms match as phrases); "" turns the filter off."""
     max_ratio: float = 0.01
     """Drop documents in which more than this share of words are part of a blocked term."""
+    classifier: str = ""
+    """Name of a scorer in toxicity.SCORERS or passed to prepare.main(scorers=...); "" turns the classifier off."""
+    max_score: float = 0.5
+    """Drop documents whose classifier score exceeds this."""
 
     def validate(self) -> None:
         check(0.0 <= self.max_ratio <= 1.0, f"toxicity.max_ratio={self.max_ratio} must be between 0 and 1")
+        check(0.0 <= self.max_score <= 1.0, f"toxicity.max_score={self.max_score} must be between 0 and 1")
         check(
             not self.wordlist or Path(self.wordlist).is_file(),
             f'toxicity.wordlist={self.wordlist!r} is not a file; give a file of terms, one per line, or "" to turn '
@@ -53,6 +67,25 @@ def toxic_ratio(text: str, terms: frozenset[tuple[str, ...]]) -> float:
     return sum(covered) / len(words)
 
 
-def toxicity_reason(text: str, cfg: ToxicityConfig, terms: frozenset[tuple[str, ...]]) -> str | None:
-    """ "toxic_words" when the blocked-term ratio of `text` exceeds cfg.max_ratio, else None."""
-    return "toxic_words" if terms and toxic_ratio(text, terms) > cfg.max_ratio else None
+def resolve_scorer(cfg: ToxicityConfig, scorers: dict[str, Scorer] | None = None) -> Scorer | None:
+    """The classifier cfg.classifier names, from `scorers` or SCORERS; None when it is off."""
+    if not cfg.classifier:
+        return None
+    known = {**SCORERS, **(scorers or {})}
+    if cfg.classifier not in known:
+        choices = ", ".join(sorted(known)) or "none registered"
+        raise LmforgeError(
+            f"toxicity.classifier={cfg.classifier!r} is not a known scorer (choices: {choices}); add it to "
+            'lmforge.data.toxicity.SCORERS or pass scorers={"name": fn} to lmforge.data.prepare.main'
+        )
+    return known[cfg.classifier]
+
+
+def toxicity_reason(
+    text: str, cfg: ToxicityConfig, terms: frozenset[tuple[str, ...]], scorer: Scorer | None = None
+) -> str | None:
+    """ "toxic_words" when the blocked-term ratio of `text` exceeds cfg.max_ratio, "toxic_score" when the classifier
+    scores it above cfg.max_score, else None."""
+    if terms and toxic_ratio(text, terms) > cfg.max_ratio:
+        return "toxic_words"
+    return "toxic_score" if scorer is not None and scorer(text) > cfg.max_score else None

@@ -220,11 +220,11 @@ def test_bad_inputs_are_counted_in_the_read_stage_and_rejects(tmp_path):
 
 
 def test_val_split_matches_pretraining_and_is_disjoint(corpus, tmp_path):
-    from lmforge.data.corpus import DataConfig, load_corpus
-    from lmforge.data.prepare import read_docs, split_docs
+    from lmforge.data.corpus import DataConfig, load_corpus, split_docs
+    from lmforge.data.readers import Reject, read_lenient
 
     cfg = config(corpus, tmp_path, "val_fraction=0.3")
-    docs, _ = read_docs(cfg)
+    docs = [d for d in read_lenient(corpus) if not isinstance(d, Reject)]
     train, val = split_docs(docs, 0.3)
     ref_train, ref_val = load_corpus(DataConfig(path=str(corpus), val_fraction=0.3))
     assert [d.id for d in val] == [d.id for d in ref_val] and [d.id for d in train] == [d.id for d in ref_train]

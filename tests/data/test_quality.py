@@ -140,3 +140,36 @@ def test_config_loads_from_plain_values():
     cfg = from_dict(QualityConfig, {"max_top_ngram_frac": [0.3, 0.2, 0.1], "min_words": 10})
     assert cfg.max_top_ngram_frac == (0.3, 0.2, 0.1)
     assert dataclasses.asdict(cfg)["min_words"] == 10
+
+
+def test_ngram_fracs_match_a_plain_counter_implementation():
+    import random
+    from collections import Counter
+
+    from lmforge.data.quality import ngram_fracs
+
+    def reference(words: list[str], total: int) -> tuple[list[float], list[float]]:
+        top, dup = [], []
+        for n in range(2, 11):
+            grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+            if n < 5:
+                gram, count = grams.most_common(1)[0] if grams else ((), 0)  # first seen wins a tie
+                top.append(count * sum(map(len, gram)) / total)
+            else:
+                covered = [False] * len(words)
+                for i in range(len(words) - n + 1):
+                    if grams[tuple(words[i : i + n])] > 1:
+                        covered[i : i + n] = [True] * n
+                dup.append(sum(len(w) for w, c in zip(words, covered, strict=True) if c) / total)
+        return top, dup
+
+    rng = random.Random(0)
+    for _ in range(300):
+        vocab = [rng.choice(["a", "bb", "ccc", "the", "river"]) + str(i) for i in range(rng.randint(1, 12))]
+        words = [rng.choice(vocab) for _ in range(rng.randint(0, 60))]
+        if rng.random() < 0.3:  # a repeated passage, as in scraped boilerplate
+            words += words[: rng.randint(0, len(words))]
+        total = sum(map(len, words)) or 1
+        top, dup = ngram_fracs(words, total, range(2, 5), range(5, 11))
+        ref_top, ref_dup = reference(words, total)
+        assert top == pytest.approx(ref_top) and dup == pytest.approx(ref_dup), words

@@ -107,3 +107,27 @@ def test_missing_or_empty_input_is_a_user_error(tmp_path):
         list(read_lenient(tmp_path))
     with pytest.raises(LmforgeError, match="does not exist"):
         list(read_lenient(tmp_path / "nope"))
+
+
+def test_lone_surrogates_from_json_escapes_are_repaired(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "half a pair \\ud800 here"}\n{"text": "fine \\u00e9"}\n')
+    docs, rejects = split(read_lenient(tmp_path))
+    assert docs == {"a.jsonl:1": "half a pair ? here", "a.jsonl:2": "fine é"}
+    assert rejects == [("a.jsonl:1", "invalid_utf8_repaired")]
+    assert all(text.encode() for text in docs.values())  # writable as UTF-8
+
+
+@pytest.mark.parametrize("piece_bytes", [1, 7, 40, 10_000])
+def test_jsonl_pieces_read_as_the_whole_file_does(tmp_path, piece_bytes):
+    from lmforge.data.readers import jsonl_pieces, read_piece
+
+    rows = [{"text": f"{GOOD} {i}"} for i in range(12)]
+    text = lines(*rows[:3], "", "{broken", {"body": "x"}, {"text": "y" * 300}, *rows[3:], "   ") + json.dumps(rows[0])
+    path = tmp_path / "a.jsonl"
+    path.write_text(text)  # blank lines, bad lines, a line over max_doc_bytes, no newline at the end
+    pieces = jsonl_pieces(path, piece_bytes)
+    assert pieces[0][0] == 0 and pieces[-1][1] == len(text.encode())
+    assert all(end == start for (_, end, _), (start, _, _) in zip(pieces, pieces[1:], strict=False))
+    whole = list(read_lenient(path, max_doc_bytes=200))
+    assert [x for piece in pieces for x in read_piece(path, tmp_path, piece, max_doc_bytes=200)] == whole
+    assert len(pieces) > 1 or piece_bytes > len(text)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.config import load_config
-from lmforge.data.toxicity import ToxicityConfig, load_terms, toxic_ratio, toxicity_reason
+from lmforge.data.toxicity import SCORERS, ToxicityConfig, load_terms, resolve_scorer, toxic_ratio, toxicity_reason
 from lmforge.errors import LmforgeError
 
 LDNOOBW = Path(__file__).resolve().parents[3] / "shared/data/safety/ldnoobw/en.txt"
@@ -46,3 +46,26 @@ def test_config_rejects_missing_list_and_bad_ratio(tmp_path):
         load_config(ToxicityConfig, None, [f"wordlist={tmp_path / 'nope.txt'}"])
     with pytest.raises(LmforgeError, match="toxicity.max_ratio"):
         load_config(ToxicityConfig, None, ["max_ratio=2"])
+
+
+def shouting(text: str) -> float:
+    letters = [c for c in text if c.isalpha()]
+    return sum(c.isupper() for c in letters) / max(len(letters), 1)
+
+
+def test_classifier_score_above_max_score_is_toxic_score(terms):
+    cfg = ToxicityConfig(classifier="shouting", max_score=0.5)
+    assert toxicity_reason("WHAT ARE YOU DOING", cfg, frozenset(), shouting) == "toxic_score"
+    assert toxicity_reason("What are you doing", cfg, frozenset(), shouting) is None
+    assert toxicity_reason("What a BASTARD", cfg, terms, shouting) == "toxic_words"  # the word list decides first
+
+
+def test_scorers_come_from_the_registry_or_the_caller(monkeypatch):
+    assert resolve_scorer(ToxicityConfig()) is None
+    with pytest.raises(LmforgeError, match=r"toxicity.classifier='shouting' is not a known scorer \(choices: none"):
+        resolve_scorer(ToxicityConfig(classifier="shouting"))
+    assert resolve_scorer(ToxicityConfig(classifier="shouting"), {"shouting": shouting}) is shouting
+    monkeypatch.setitem(SCORERS, "shouting", shouting)
+    assert resolve_scorer(ToxicityConfig(classifier="shouting")) is shouting
+    with pytest.raises(LmforgeError, match="toxicity.max_score"):
+        load_config(ToxicityConfig, None, ["max_score=1.5"])
