@@ -12,6 +12,7 @@ from lmforge.errors import LmforgeError
 _GPT2 = dict(pos="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True)
 # LLaMA style: RoPE, RMSNorm, SwiGLU, no biases, untied embeddings (Touvron et al., 2023).
 _LLAMA = dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False)
+_LLAMA2 = dict(vocab_size=32000, max_seq_len=4096)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # tiny sizes that train on a laptop CPU
@@ -34,6 +35,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         rope_theta=500000.0,
         tie_embeddings=True,
     ),
+    # Llama 2 (Touvron et al., 2023b, table 1 and the released config.json files)
+    "llama-7b": dict(_LLAMA, **_LLAMA2, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008),
+    "llama-13b": dict(_LLAMA, **_LLAMA2, dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, hidden_dim=13824),
+    "llama-70b": dict(_LLAMA, **_LLAMA2, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672),
 }
 
 

@@ -1,7 +1,8 @@
 """Pre-training: corpus -> tokenizer -> token shards -> next-token prediction in one plain loop.
 
 Run: `lmforge pretrain --config configs/pretrain/tiny.yaml [--resume] [key.sub=value ...]`
-(or `torchrun --nproc-per-node N -m lmforge pretrain ...` for data parallelism; see train/parallel.py)
+(or `torchrun --nproc-per-node N -m lmforge pretrain ... [parallel.tp=2 parallel.pp=2 parallel.zero=3]`: data, tensor
+and pipeline parallelism, see train/parallel.py)
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
 from lmforge.checkpoint import latest_checkpoint, load_trainer_state, load_weights, read_state, save_checkpoint
 from lmforge.config import check, to_dict
@@ -22,10 +22,9 @@ from lmforge.data.corpus import DataConfig, load_corpus
 from lmforge.data.shards import ShardLoader, eval_batches, read_manifest, shards_ready, write_shards
 from lmforge.errors import LmforgeError
 from lmforge.models import Decoder, ModelConfig, build_model
-from lmforge.models.decoder import Block
 from lmforge.run import Run, RunConfig
 from lmforge.tokenizer import Tokenizer, TokenizerConfig
-from lmforge.train import parallel
+from lmforge.train import parallel, pipeline
 from lmforge.train.config import TrainConfig
 from lmforge.train.flops import matmul_peak_flops
 from lmforge.train.optim import build_optimizers
@@ -62,10 +61,22 @@ class PretrainConfig:
             f"tokenizer.kind=byte has 263 tokens (256 bytes + 7 specials); set model.vocab_size=263, "
             f"not {self.model.vocab_size}",
         )
+        pc = self.parallel
+        pc.check_model(self.model)
         check(
-            self.parallel.dp_shard != "fsdp" or self.train.optimizer == "adamw",
-            "parallel.dp_shard=fsdp shards each matrix over the ranks but Muon orthogonalises whole matrices; "
-            "use train.optimizer=adamw or parallel.dp_shard=ddp",
+            pc.zero < 2 or self.train.optimizer == "adamw",
+            f"parallel.zero={pc.zero} shards each matrix over the ranks but Muon orthogonalises whole matrices; use "
+            f"train.optimizer=adamw or parallel.zero<=1",
+        )
+        microbatches = pc.microbatches or self.train.grad_accum
+        check(
+            pc.pp == 1 or (self.train.batch_size * self.train.grad_accum) % microbatches == 0,
+            f"parallel.microbatches={microbatches} must divide train.batch_size * train.grad_accum = "
+            f"{self.train.batch_size * self.train.grad_accum} (the rows of one pipeline step)",
+        )
+        check(
+            pc.pp == 1 or not self.train.compile,
+            "parallel.pp>1 runs stages eagerly; set train.compile=false",
         )
         check(
             self.parallel.backend != "nccl" or self.train.device != "cpu",
@@ -121,12 +132,16 @@ def evaluate(model: torch.nn.Module, val_dir, cfg: PretrainConfig, autocast) -> 
 
 def main(cfg: PretrainConfig, run: Run) -> dict[str, float]:
     tc, mc = cfg.train, cfg.model
-    rank, world_size, device = parallel.init_distributed(cfg.parallel, pick_device(tc.device))
-    fsdp = world_size > 1 and cfg.parallel.dp_shard == "fsdp"
-    if cfg.resume and fsdp:
+    pc = cfg.parallel
+    rank, world_size, device = parallel.init_distributed(pc, pick_device(tc.device))
+    mesh = parallel.build_mesh(pc, world_size, device)
+    dp_rank, dp_size = parallel.dp_rank_and_size(mesh)
+    # every rank holds only part of the model: checkpoints hold the gathered weights but no optimizer state
+    sharded = world_size > 1 and (pc.zero >= 2 or pc.tp > 1 or pc.pp > 1)
+    if cfg.resume and sharded:
         raise LmforgeError(
-            "--resume under parallel.dp_shard=fsdp is not supported yet (its checkpoints hold no optimizer state); "
-            "resume with parallel.dp_shard=ddp or on one process"
+            f"--resume under parallel.zero={pc.zero} tp={pc.tp} pp={pc.pp} is not supported yet (its checkpoints hold "
+            f"no optimizer state); resume with parallel.zero<=1, tp=1, pp=1 or on one process"
         )
     t_data = time.perf_counter()
     if rank == 0:
@@ -142,18 +157,22 @@ def main(cfg: PretrainConfig, run: Run) -> dict[str, float]:
             f"{mc.max_seq_len + 1}; raise data.val_fraction, add data or lower model.max_seq_len"
         )
 
-    tokens_per_step = tc.batch_size * tc.grad_accum * world_size * mc.max_seq_len
+    tokens_per_step = tc.batch_size * tc.grad_accum * dp_size * mc.max_seq_len
     model = build_model(mc, device=device, seed=cfg.run.seed)
-    # the header before sharding, and with FSDP a whole CPU copy on rank 0 for checkpoints and samples
-    plain = build_model(mc, device="cpu") if fsdp and rank == 0 else model
+    # the header before sharding, and when sharded a whole CPU copy on rank 0 for checkpoints and samples
+    plain = build_model(mc, device="cpu") if sharded and rank == 0 else model
     if rank == 0:
         _log_header(run, cfg, model, manifests, tokens_per_step)
-    if tc.activation_checkpointing:
-        apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
-    dist_model = parallel.parallelize(model, cfg.parallel, world_size)
-    optimizers = build_optimizers(model, tc)  # after sharding: FSDP replaces the parameters with DTensors
+    if pc.pp > 1:
+        model = pipeline.build_stage(model, mesh["pp"])  # this rank's layers; `model` is what it trains from here
+    dist_model = parallel.parallelize(model, pc, mesh, mc, tc.activation_checkpointing)
+    pipe = None
+    if pc.pp > 1:
+        pipe = pipeline.Pipeline(dist_model, mesh["pp"], device, pc.schedule, pc.microbatches or tc.grad_accum)
+    # after sharding: FSDP and TP replace the parameters with DTensors
+    optimizers = parallel.shard_optimizers(build_optimizers(model, tc), pc, mesh)
     schedulers = build_schedulers(optimizers, tc)
-    loader = ShardLoader(run.file("data/train"), mc.max_seq_len, tc.batch_size, cfg.run.seed, rank, world_size)
+    loader = ShardLoader(run.file("data/train"), mc.max_seq_len, tc.batch_size, cfg.run.seed, dp_rank, dp_size)
     step = 0
     if cfg.resume:
         step = _resume(run, model, optimizers, schedulers, loader, world_size)
@@ -173,28 +192,36 @@ def main(cfg: PretrainConfig, run: Run) -> dict[str, float]:
     val_loss = math.nan
     train_seconds = 0.0
     start_step = step
+    memory: dict[str, int] = {}
     with TrainProgress(tc.steps, step, show=rank == 0) as progress:
         while step < tc.steps:
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
-            for micro in range(tc.grad_accum):
-                x, y = loader.next_batch()
-                with parallel.grad_sync(dist_model, sync=micro == tc.grad_accum - 1):
-                    with autocast():
-                        loss = train_model(x.to(device), y.to(device)) / tc.grad_accum
-                    loss.backward()
-                loss_sum += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else 1e30)
-            grad_norm = parallel.full_tensor(grad_norm)
+            if pipe is not None:  # the schedule runs the micro-batches: one step over all of the step's rows
+                batches = [loader.next_batch() for _ in range(tc.grad_accum)]
+                x, y = (torch.cat([b[i] for b in batches]).to(device) for i in (0, 1))
+                with autocast():
+                    loss_sum = pipe.step(x, y)
+            else:
+                for micro in range(tc.grad_accum):
+                    x, y = loader.next_batch()
+                    with parallel.grad_sync(dist_model, sync=micro == tc.grad_accum - 1):
+                        with autocast():
+                            loss = train_model(x.to(device), y.to(device)) / tc.grad_accum
+                        loss.backward()
+                    loss_sum += loss.detach()
+            grad_norm = parallel.clip_grad_norm(model, tc.grad_clip if tc.grad_clip > 0 else 1e30, pc, mesh)
             for opt in optimizers:
                 opt.step()
             for sched in schedulers:
                 sched.step()
+            if step + 1 == tc.steps:  # with the gradients still held: what ZeRO's stages shard
+                memory = parallel.rank_bytes(model, optimizers)
             model.zero_grad(set_to_none=True)
             step += 1
             dt = time.perf_counter() - t0
             train_seconds += dt
-            losses.append(parallel.mean_over_ranks(loss_sum).item())
+            losses.append(parallel.mean_loss(loss_sum, pc).item())
             tok_s = tokens_per_step / dt
             progress.update(step, losses[-1], tok_s)
             if rank == 0 and (step % tc.log_every == 0 or step == tc.steps):
@@ -209,12 +236,15 @@ def main(cfg: PretrainConfig, run: Run) -> dict[str, float]:
                     f"{tok_s:,.0f} tok/s | MFU {mfu:.1%} | ETA {eta:.0f}s"
                 )
             if (tc.eval_every and step % tc.eval_every == 0) or step == tc.steps:
-                val_loss = evaluate(train_model, val_dir, cfg, autocast)  # every rank: FSDP gathers in forward
+                if pipe is None:
+                    val_loss = evaluate(train_model, val_dir, cfg, autocast)  # every rank: FSDP gathers in forward
+                else:
+                    val_loss = _evaluate_gathered(model, plain, rank, val_dir, cfg, mesh, autocast)
                 if rank == 0:
                     run.log_metrics(dict(step=step, val_loss=val_loss, val_ppl=math.exp(val_loss)))
                     progress.line(f"step {step:>6} | val loss {val_loss:.4f} | val ppl {math.exp(val_loss):.2f}")
             if (tc.ckpt_every and step % tc.ckpt_every == 0) or step == tc.steps:
-                _save(run, step, model, plain, rank, optimizers, schedulers, loader, tc.keep_last, world_size)
+                _save(run, step, model, plain, rank, optimizers, schedulers, loader, world_size, cfg, mesh)
 
     summary = {
         "steps": step,
@@ -226,6 +256,7 @@ def main(cfg: PretrainConfig, run: Run) -> dict[str, float]:
         "train_seconds": train_seconds,
         "tokens_per_s": (step - start_step) * tokens_per_step / train_seconds if train_seconds else math.nan,
         "mfu": (step - start_step) * flops_per_step / train_seconds / peak if train_seconds else math.nan,
+        **memory,  # rank 0's bytes of parameters, gradients and optimizer state
     }
     if rank == 0:
         samples = _samples(plain, tokenizer, cfg.sample)
@@ -244,25 +275,40 @@ def _log_header(run: Run, cfg: PretrainConfig, model: Decoder, manifests, tokens
     )
 
 
-def _save(run: Run, step: int, model, plain, rank, optimizers, schedulers, loader, keep_last, world_size) -> None:
-    """Every rank calls this (FSDP gathers the weights); rank 0 writes. FSDP checkpoints hold weights only."""
-    if parallel.is_sharded(model):
-        weights = parallel.full_state_dict(model)
+def _save(run: Run, step: int, model, plain, rank, optimizers, schedulers, loader, world_size, cfg, mesh) -> None:
+    """Every rank calls this (FSDP, TP and pipeline stages gather the weights, ZeRO-1 the optimizer state); rank 0
+    writes. Checkpoints of sharded models hold weights only."""
+    keep_last = cfg.train.keep_last
+    if parallel.gathers_weights(model, cfg.parallel):
+        weights = parallel.full_state_dict(model, cfg.parallel, mesh, cfg.model)
         if rank == 0:
             plain.load_state_dict(weights)
             state = {"loader": loader.state_dict(), "world_size": world_size}
             save_checkpoint(run.path, step, plain, state=state, keep_last=keep_last)
         return
+    optimizer_states = parallel.optimizer_state_dicts(optimizers, rank)
     if rank != 0:
         return
     trainer = {
-        "optimizers": [opt.state_dict() for opt in optimizers],
+        "optimizers": optimizer_states,
         "schedulers": [sched.state_dict() for sched in schedulers],
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
     state = {"loader": loader.state_dict(), "world_size": world_size}
     save_checkpoint(run.path, step, model, state=state, trainer=trainer, keep_last=keep_last)
+
+
+def _evaluate_gathered(model, plain, rank: int, val_dir, cfg: PretrainConfig, mesh, autocast) -> float:
+    """Validation loss of pipeline stages: rank 0 evaluates the gathered model (a pipeline's buffers are sized for the
+    training micro-batch, and the last eval batch may be smaller)."""
+    weights = parallel.full_state_dict(model, cfg.parallel, mesh, cfg.model)
+    out = [math.nan]
+    if rank == 0:
+        plain.load_state_dict(weights)
+        out[0] = evaluate(plain, val_dir, cfg, autocast)
+    dist.broadcast_object_list(out, src=0)
+    return out[0]
 
 
 def _resume(run: Run, model, optimizers, schedulers, loader, world_size: int) -> int:

@@ -1,8 +1,42 @@
-"""Fixtures for the training tests: a small folder of text files."""
+"""Fixtures for the training tests: a small folder of text files, and tiny pre-training runs on one process or on
+several under torchrun (gloo on CPU), compared through their checkpoints and metrics."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmforge.config import load_config
+from lmforge.run import Run
+from lmforge.train import pretrain
+
+TINY = [
+    "model.vocab_size=384",
+    "model.dim=32",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.hidden_dim=64",
+    "model.max_seq_len=32",
+    "train.eval_batches=2",
+    "train.log_every=2",
+    "train.warmup_steps=2",
+]
+# 4 steps of 2 micro-batches: the first micro-batch runs under DDP's no_sync; clipping at 0.3 is active
+COMMON = [
+    *TINY,
+    "train.steps=4",
+    "train.grad_accum=2",
+    "train.grad_clip=0.3",
+    "train.eval_every=0",
+    "train.ckpt_every=2",
+    "train.keep_last=5",
+    "sample.prompts=[]",
+]
 
 
 @pytest.fixture(scope="module")
@@ -11,3 +45,51 @@ def corpus(tmp_path_factory, tiny_text) -> Path:
     for i in range(40):
         (folder / f"doc{i:02d}.txt").write_text(tiny_text[i * 2500 : (i + 1) * 2500])
     return folder
+
+
+class Runs:
+    """Tiny runs of COMMON + overrides in one folder; `name` is the run's name."""
+
+    def __init__(self, root: Path, corpus: Path):
+        self.root, self.corpus = root, corpus
+
+    def _args(self, name: str, overrides) -> list[str]:
+        return [*COMMON, *overrides, f"data.path={self.corpus}", f"run.root={self.root}", f"run.name={name}"]
+
+    def single(self, name: str, *overrides: str, resume: bool = False) -> None:
+        cfg = load_config(pretrain.PretrainConfig, None, self._args(name, overrides))
+        cfg.resume = resume
+        pretrain.main(cfg, Run.from_config(cfg.run))
+
+    def torchrun(self, name: str, *overrides: str, nproc: int = 2, resume: bool = False, rc: int = 0) -> str:
+        """Run `lmforge pretrain` under torchrun; assert its exit status and return its output."""
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+        cmd += ["-m", "lmforge", "pretrain", *self._args(name, overrides), *(["--resume"] if resume else [])]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        text = out.stdout[-3000:] + out.stderr[-12000:]
+        assert out.returncode == rc, text
+        return text
+
+    def weights(self, name: str, step: int = 4) -> dict[str, torch.Tensor]:
+        return load_file(self.root / name / f"checkpoints/step_{step:06d}/model.safetensors")
+
+    def metrics(self, name: str, key: str) -> list[float]:
+        return [r[key] for r in Run(self.root / name).read_metrics() if key in r]
+
+    def assert_same_training(self, name: str, reference: str, rel: float = 1e-5, steps=(2, 4)) -> None:
+        """Loss and gradient norm (before clipping) at every logged step within `rel` (fp32 sums in another order
+        differ by ~1e-7), and weights at each checkpoint within atol 1e-5 (10 * rel), equal the reference run's."""
+        assert self.metrics(name, "step") == self.metrics(reference, "step")  # rank 0 writes each row once
+        assert self.metrics(name, "loss") == pytest.approx(self.metrics(reference, "loss"), rel=rel)
+        assert self.metrics(name, "grad_norm") == pytest.approx(self.metrics(reference, "grad_norm"), rel=rel)
+        for step in steps:
+            a, b = self.weights(name, step), self.weights(reference, step)
+            assert a.keys() == b.keys()
+            for key in a:
+                torch.testing.assert_close(a[key], b[key], atol=rel, rtol=10 * rel, msg=f"step {step} {key}")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, corpus) -> Runs:
+    return Runs(tmp_path_factory.mktemp("runs"), corpus)

@@ -1,0 +1,198 @@
+"""Distributed checkpoints with torch.distributed.checkpoint (DCP): every rank writes its own shards of the model and
+optimizer state, and any number of ranks, sharded any way (one process, DDP, FSDP2), reads them back (resharding on
+load); plus export to the single-file model.safetensors + model.json that the rest of lmforge reads.
+
+Layout: runs/<name>/dcp/step_000100/{__0_0.distcp, __1_0.distcp, .metadata, model.json, state.json, trainer.pt}
+`trainer.pt` holds the schedulers and rank 0's RNG (loaded with weights_only=True), `state.json` the step, the world
+size and whatever the loop adds. A save goes to `.step_N.tmp` and is renamed by rank 0 after every rank finished, so
+an interrupted save leaves the previous checkpoint the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.optim.lr_scheduler import LRScheduler
+
+from lmforge.checkpoint import read_state
+from lmforge.config import from_dict, to_dict
+from lmforge.errors import LmforgeError
+from lmforge.models import Decoder, ModelConfig, build_model
+from lmforge.run import atomic_write
+
+
+def dcp_dirs(run_dir: str | Path) -> list[Path]:
+    """Complete DCP checkpoints of a run, oldest first (temp folders of interrupted saves are ignored)."""
+    root = Path(run_dir) / "dcp"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit())
+
+
+def latest_dcp(run_dir: str | Path) -> Path | None:
+    dirs = dcp_dirs(run_dir)
+    return dirs[-1] if dirs else None
+
+
+def save_dcp(
+    run_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizers: Sequence[torch.optim.Optimizer] = (),
+    schedulers: Sequence[LRScheduler] = (),
+    state: dict[str, Any] | None = None,
+    keep_last: int = 2,
+) -> Path:
+    """Write checkpoint `step` of `model` (plain, DDP or FSDP2) and its optimizers; every rank calls this.
+
+    `state` (JSON-serialisable, e.g. the loader position) lands in state.json beside the step and world size."""
+    root = Path(run_dir) / "dcp"
+    final, tmp = root / f"step_{step:06d}", root / f".step_{step:06d}.tmp"
+    rank, world_size = _rank_and_world()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # what an earlier, interrupted save of this step left
+        tmp.mkdir(parents=True)
+    _barrier()
+    # returns once every rank's shards and the .metadata index are written
+    dcp.save(_state_dict(model, optimizers), checkpoint_id=tmp, no_dist=world_size == 1)
+    if rank == 0:
+        atomic_write(tmp / "model.json", json.dumps(to_dict(_decoder(model).cfg), indent=2) + "\n")
+        atomic_write(tmp / "state.json", json.dumps({"step": step, "world_size": world_size, **(state or {})}) + "\n")
+        trainer = {
+            "schedulers": [sched.state_dict() for sched in schedulers],
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        torch.save(trainer, tmp / "trainer.pt")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in dcp_dirs(run_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    _barrier()  # no rank goes on (or loads) before the rename
+    return final
+
+
+def load_dcp(
+    ckpt: str | Path,
+    model: nn.Module,
+    optimizers: Sequence[torch.optim.Optimizer] = (),
+    schedulers: Sequence[LRScheduler] = (),
+) -> dict[str, Any]:
+    """Load a DCP checkpoint into `model` and `optimizers` however they are sharded now, restore the schedulers and
+    RNG, and return state.json; every rank calls this."""
+    ckpt = Path(ckpt)
+    _check_shapes(ckpt, model, with_optimizer=bool(optimizers))
+    state_dict = _state_dict(model, optimizers)
+    # each rank reads the slices of the saved tensors that its own shards cover, into state_dict's tensors in place
+    dcp.load(state_dict, checkpoint_id=ckpt, no_dist=not dist.is_initialized())
+    if optimizers:
+        set_state_dict(model, optimizers, model_state_dict=state_dict["model"], optim_state_dict=state_dict["optim"])
+    else:
+        set_model_state_dict(model, state_dict["model"])
+    trainer = _read_trainer(ckpt)
+    if schedulers and len(trainer["schedulers"]) != len(schedulers):
+        raise LmforgeError(
+            f"{ckpt} holds {len(trainer['schedulers'])} schedulers, not {len(schedulers)}; resume with the same config"
+        )
+    for sched, sd in zip(schedulers, trainer["schedulers"], strict=False):
+        sched.load_state_dict(sd)
+    torch.set_rng_state(trainer["torch_rng"])
+    if trainer["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(trainer["cuda_rng"])
+    return read_state(ckpt)
+
+
+def export_safetensors(ckpt: str | Path, out_dir: str | Path) -> Path:
+    """Gather a DCP checkpoint's weights into `out_dir`/{model.safetensors, model.json} (what `load_model` reads);
+    one process, any number of ranks may have written it."""
+    ckpt, out_dir = Path(ckpt), Path(out_dir)
+    model = build_model(read_dcp_config(ckpt))
+    _check_shapes(ckpt, model, with_optimizer=False)
+    state_dict = {"model": model.state_dict()}
+    dcp.load(state_dict, checkpoint_id=ckpt, no_dist=True)  # no collectives: only this process reads
+    model.load_state_dict(state_dict["model"])
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
+    atomic_write(tmp / "model.json", json.dumps(to_dict(model.cfg), indent=2) + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def read_dcp_config(ckpt: Path) -> ModelConfig:
+    try:
+        return from_dict(ModelConfig, json.loads((ckpt / "model.json").read_text()), "model.")
+    except (OSError, json.JSONDecodeError) as e:
+        raise LmforgeError(f"{ckpt}/model.json is missing or corrupt ({e}); use a complete DCP checkpoint") from None
+
+
+def _state_dict(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> dict[str, Any]:
+    """Keys are parameter names (no DDP `module.` prefix) and tensors stay sharded as the model is, which is what lets
+    DCP reshard: each rank reads the slices its own shards cover."""
+    if not optimizers:
+        return {"model": get_model_state_dict(model)}
+    model_sd, optim_sd = get_state_dict(model, list(optimizers))
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def _check_shapes(ckpt: Path, model: nn.Module, with_optimizer: bool) -> None:
+    """One clear error for a checkpoint of another model, before DCP's per-tensor failures on every rank."""
+    try:
+        saved = dcp.FileSystemReader(ckpt).read_metadata().state_dict_metadata
+    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
+        raise LmforgeError(f"{ckpt} is not a complete DCP checkpoint ({e}); load an earlier one") from None
+    wanted = {f"model.{k}": tuple(v.shape) for k, v in get_model_state_dict(model).items()}
+    have = {k: tuple(v.size) for k, v in saved.items() if k.startswith("model.") and hasattr(v, "size")}
+    wrong = [k for k in wanted if have.get(k) != wanted[k]] + [k for k in have if k not in wanted]
+    if wrong:
+        key = wrong[0]
+        there = f"{list(have[key])} there" if key in have else "missing there"
+        here = f"{list(wanted[key])} here" if key in wanted else "absent here"
+        saved_cfg = json.loads((ckpt / "model.json").read_text()) if (ckpt / "model.json").exists() else {}
+        shape = ", ".join(f"{k}={saved_cfg[k]}" for k in ("dim", "n_layers", "n_heads", "n_kv_heads") if k in saved_cfg)
+        raise LmforgeError(
+            f"{ckpt} holds another model shape ({shape}): {key} is {there}, {here} ({len(wrong)} tensors differ); "
+            "build the model from the checkpoint's model.json"
+        )
+    if with_optimizer and not any(k.startswith("optim.") for k in saved):
+        raise LmforgeError(f"{ckpt} holds no optimizer state; load it without optimizers or resume from another")
+
+
+def _read_trainer(ckpt: Path) -> dict[str, Any]:
+    try:
+        return torch.load(ckpt / "trainer.pt", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as e:
+        raise LmforgeError(f"{ckpt}/trainer.pt is missing or corrupt ({e}); resume from another checkpoint") from None
+
+
+def _decoder(model: nn.Module) -> Decoder:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
