@@ -20,7 +20,11 @@ from lmforge.models.layers import MLPS, NORMS, POSITIONS, Positions
 
 
 class KVCache:
-    """Keys and values of every layer for a batch of sequences, preallocated to `max_len` positions."""
+    """Keys and values of every layer for a batch of sequences, preallocated to `max_len` positions.
+
+    A cache answers what attention asks of it: the positions of the new tokens, and attention of the new queries
+    over everything cached so far (serve/paged.py has the block-paged cache of the serving engine).
+    """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
@@ -29,12 +33,25 @@ class KVCache:
         self.max_len = max_len
         self.pos = 0
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k, v: (B, Hkv, T, D) at the current position; return all keys and values so far."""
-        end = self.pos + k.shape[2]
+    def positions(self, T: int, device: torch.device) -> Tensor:
+        return torch.arange(self.pos, self.pos + T, device=device)
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Positions) -> Tensor:
+        """Store k, v: (B, Hkv, T, D) at the current position; attend q: (B, H, T, D) over all keys so far."""
+        T, end = q.shape[2], self.pos + k.shape[2]
         self.k[layer, :, :, self.pos : end] = k
         self.v[layer, :, :, self.pos : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        k, v = self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, Hkv, S, D), S = cached + T
+        pos = torch.arange(self.pos, end, device=q.device)
+        bias = positions.bias(pos, end)
+        if bias is None and T > 1:
+            bias = torch.zeros(T, end, dtype=q.dtype, device=q.device)
+            bias.masked_fill_(torch.arange(end, device=q.device)[None, :] > pos[:, None], float("-inf"))
+        mask = None if bias is None else bias.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+    def advance(self, T: int) -> None:
+        self.pos += T
 
 
 class Attention(nn.Module):
@@ -47,30 +64,23 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.bias)
         self.dropout = cfg.dropout
 
-    def forward(self, x: Tensor, positions: Positions, pos: Tensor, cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, positions: Positions, pos: Tensor, cache: KVCache | None = None) -> Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=1)  # (B, H*, T, D)
         q, k = positions.rotate(q, k, pos)
-        gqa = self.n_kv_heads != self.n_heads
-        dropout = self.dropout if self.training else 0.0
-        if cache is None:
+        if cache is not None:
+            y = cache.attend(self.layer, q, k, v, positions)  # (B, H, T, D)
+        else:
+            gqa = self.n_kv_heads != self.n_heads
+            dropout = self.dropout if self.training else 0.0
             bias = positions.bias(pos, T)
             if bias is None:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
             else:
-                y = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout, enable_gqa=gqa
-                )
-        else:
-            k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, D), S = cached + T
-            bias = positions.bias(pos, k.shape[2])
-            if bias is None and T > 1:
-                bias = torch.zeros(T, k.shape[2], dtype=q.dtype, device=q.device)
-                bias.masked_fill_(torch.arange(k.shape[2], device=q.device)[None, :] > pos[:, None], float("-inf"))
-            mask = None if bias is None else bias.to(q.dtype)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+                mask = bias.to(q.dtype)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D): C, or C / tp when heads are split over ranks
         return self.proj(y)
 
 
@@ -130,19 +140,24 @@ class Decoder(nn.Module):
         mean cross-entropy when targets (B, T) are given (positions with target -100 are ignored). With a cache,
         idx continues the cached sequences."""
         B, T = idx.shape
-        start = 0 if cache is None else cache.pos
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.drop(self.positions.embed(self.embed(idx), pos))  # (B, T, C)
-        for block in self.layers:
-            x = block(x, self.positions, pos, cache)
-        if cache is not None:
-            cache.pos += T
+        x = self.hidden_states(idx, cache)  # (B, T, C)
         if last_only:
             x = x[:, -1:]  # (B, 1, C): a prefill needs only the next token's logits, not a (B, T, V) tensor
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(B * T, -1).float(), targets.reshape(B * T), ignore_index=-100)
+
+    def hidden_states(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
+        """idx: (B, T) -> the last block's output (B, T, C), before the final norm and the head."""
+        T = idx.shape[1]
+        pos = torch.arange(T, device=idx.device) if cache is None else cache.positions(T, idx.device)
+        x = self.drop(self.positions.embed(self.embed(idx), pos))  # (B, T, C)
+        for block in self.layers:
+            x = block(x, self.positions, pos, cache)
+        if cache is not None:
+            cache.advance(T)
+        return x
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -39,6 +39,14 @@ def sample_next(
     """logits: (B, V) -> next ids (B,). temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
     if temperature <= 0.0 or top_k == 1:
         return logits.argmax(dim=-1)
+    probs = sampling_probs(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sampling_probs(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
+    """(B, V) logits -> the (B, V) distribution sample_next draws from (one-hot on the argmax when greedy)."""
+    if temperature <= 0.0 or top_k == 1:
+        return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
     logits = logits.float() / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
@@ -50,7 +58,7 @@ def sample_next(
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
         drop[:, 0] = False
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return probs
 
 
 def generate_tokens(
@@ -121,25 +129,48 @@ def generate(
 
 def stream_text(ids: Iterable[int], tokenizer, stops: Iterable[str] = ()) -> Iterator[str]:
     """Turn a stream of ids into text pieces of whole characters, ending before the first stop string."""
-    stops = [s for s in stops if s]
-    pending = b""  # bytes of an incomplete UTF-8 character
-    held = ""  # decoded text not yet emitted because it may begin a stop string
+    text = TextStream(tokenizer, stops)
     for token in ids:
-        pending += tokenizer.decode_bytes([token])
-        text, pending = _split_utf8(pending)
-        held += text
-        cut = min((i for i in (held.find(s) for s in stops) if i >= 0), default=-1)
-        if cut >= 0:
-            if cut:
-                yield held[:cut]
+        if piece := text.push(token):
+            yield piece
+        if text.stopped:
             return
-        keep = max((_prefix_overlap(held, s) for s in stops), default=0)
-        if len(held) > keep:
-            yield held[: len(held) - keep]
-            held = held[len(held) - keep :]
-    tail = held + pending.decode("utf-8", errors="replace")
-    if tail:
+    if tail := text.flush():
         yield tail
+
+
+class TextStream:
+    """Incremental detokenizer: ids in, text out in whole UTF-8 characters, stopping at the first stop string.
+
+    Text that could be the start of a stop string is held back until it is clearly not one.
+    """
+
+    def __init__(self, tokenizer, stops: Iterable[str] = ()):
+        self.tokenizer, self.stops = tokenizer, [s for s in stops if s]
+        self.pending = b""  # bytes of an incomplete UTF-8 character
+        self.held = ""  # decoded text not yet released because it may begin a stop string
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """The text that `token` releases ("" while held back); after a stop string, `stopped` is set."""
+        self.pending += self.tokenizer.decode_bytes([token])
+        text, self.pending = _split_utf8(self.pending)
+        self.held += text
+        cut = min((i for i in (self.held.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            out, self.held, self.pending = self.held[:cut], "", b""
+            return out
+        keep = max((_prefix_overlap(self.held, s) for s in self.stops), default=0)
+        out = self.held[: len(self.held) - keep]
+        self.held = self.held[len(self.held) - keep :]
+        return out
+
+    def flush(self) -> str:
+        """Everything still held at the end of the stream."""
+        out = self.held + self.pending.decode("utf-8", errors="replace")
+        self.held, self.pending = "", b""
+        return out
 
 
 def _split_utf8(data: bytes) -> tuple[str, bytes]:

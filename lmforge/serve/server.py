@@ -1,6 +1,8 @@
-"""An OpenAI-compatible HTTP server (completions, chat completions, models, health, Prometheus metrics) for one run.
+"""An OpenAI-compatible HTTP server on the continuous-batching engine: completions, chat completions (both streamed
+or not), models, health and Prometheus metrics.
 
-Run: lmforge serve RUN --host 127.0.0.1 --port 8000   (then point any OpenAI client at http://127.0.0.1:8000/v1)
+Run: lmforge serve RUN --port 8000 [--api-key KEY] [--max-num-seqs 64] [--kv-blocks N]
+(then point any OpenAI client at http://127.0.0.1:8000/v1)
 """
 
 from __future__ import annotations
@@ -10,36 +12,63 @@ import asyncio
 import json
 import time
 import uuid
-from collections import Counter
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from lmforge.errors import LmforgeError
-from lmforge.serve.generate import generate_tokens, prepare_for_decode, stream_text
+from lmforge.serve.chat_page import CHAT_PAGE
+from lmforge.serve.engine import Engine, EngineConfig, EngineFull, Output, SamplingParams
+from lmforge.serve.engine_thread import EngineThread
+from lmforge.serve.metrics import ServerMetrics
+from lmforge.serve.speculative import SpeculativeEngine
+
+MAX_BODY_BYTES = 4 << 20
 
 
 class SamplingRequest(BaseModel):
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=1 << 20)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)  # not in OpenAI's API; vLLM and llama.cpp accept it too
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)  # vLLM's extension
     stop: str | list[str] | None = None
+    stop_token_ids: list[int] = Field(default_factory=list)
     stream: bool = False
     stream_options: dict | None = None
     seed: int | None = None
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=16)
+
+    def params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: bool, seed: int | None) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            seed=seed,
+            stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
+            stop_token_ids=self.stop_token_ids,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for legacy completions
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=16, ge=0, le=1 << 20)  # OpenAI's default; 0 with echo scores a prompt
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
 class ChatMessage(BaseModel):
@@ -49,6 +78,8 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(SamplingRequest):
     messages: list[ChatMessage]
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
 class ApiError(Exception):
@@ -59,75 +90,57 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
 
-@dataclass
-class Metrics:
-    requests: Counter = field(default_factory=Counter)  # (path, status code) -> count
-    tokens: int = 0
-    latency_sum: float = 0.0
-    latency_count: int = 0
+def build_app(engine: Engine, model_name: str, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app serving `engine`, which steps in a background thread for all requests together."""
+    tokenizer = engine.tokenizer
+    context = engine.context
+    metrics = ServerMetrics()
+    worker = EngineThread(engine, metrics)
+    chat_stops = [tokenizer.eos_id, tokenizer.token_id("<|end|>")]
 
-    def render(self) -> str:
-        lines = ["# TYPE lmforge_requests_total counter"]
-        for (path, code), count in sorted(self.requests.items()):
-            lines.append(f'lmforge_requests_total{{path="{path}",code="{code}"}} {count}')
-        lines += [
-            "# TYPE lmforge_generated_tokens_total counter",
-            f"lmforge_generated_tokens_total {self.tokens}",
-            "# TYPE lmforge_request_latency_seconds summary",
-            f"lmforge_request_latency_seconds_sum {self.latency_sum}",
-            f"lmforge_request_latency_seconds_count {self.latency_count}",
-        ]
-        return "\n".join(lines) + "\n"
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        worker.start(asyncio.get_running_loop())
+        yield
+        worker.stop()
 
-
-class Generation:
-    """One request's text pieces; after the last, `tokens` and `finish_reason` say what happened."""
-
-    def __init__(self, ids: Iterator[int], budget: int, tokenizer, stops: list[str]):
-        self.tokens, self.budget, self.exhausted = 0, budget, False
-        self.pieces = stream_text(self._count(ids), tokenizer, stops)
-
-    def _count(self, ids: Iterator[int]) -> Iterator[int]:
-        for token in ids:
-            self.tokens += 1
-            yield token
-        self.exhausted = True
-
-    @property
-    def finish_reason(self) -> str:
-        # stream_text stops pulling ids at a stop string, so only a drained stream can have hit the limit
-        return "length" if self.exhausted and self.tokens == self.budget else "stop"
-
-
-def build_app(model, tokenizer, model_name: str) -> FastAPI:
-    """The FastAPI app serving `model`; generation runs one request at a time in a worker thread."""
-    app = FastAPI(title="lmforge")
-    context = model.cfg.max_seq_len
-    lock = asyncio.Lock()
-    metrics = Metrics()
-    chat_stops = {tokenizer.eos_id, tokenizer.token_id("<|end|>")}
+    app = FastAPI(title="lmforge", lifespan=lifespan)
+    app.state.worker = worker
 
     @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
+    async def guard(request: Request, call_next):
+        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+            response = error_response(ApiError(413, f"the body is over {MAX_BODY_BYTES} bytes; send a smaller one"))
+        elif (
+            api_key
+            and request.url.path.startswith("/v1")
+            and request.headers.get("authorization") != (f"Bearer {api_key}")
+        ):
+            error = ApiError(401, "missing or wrong API key; send Authorization: Bearer <key>", code="invalid_api_key")
+            response = error_response(error)
+        else:
+            response = await call_next(request)
         metrics.requests[request.url.path, response.status_code] += 1
         return response
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        body = {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}
-        return JSONResponse({"error": body}, status_code=exc.status)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"] if p != "body")
-        return await api_error(request, ApiError(400, f"{param}: {first['msg']}", param=param or None))
+        return error_response(ApiError(400, f"{param}: {first['msg']}", param=param or None))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return await api_error(request, ApiError(exc.status_code, str(exc.detail), type=kind))
+        return error_response(ApiError(exc.status_code, str(exc.detail), type=kind))
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page() -> str:
+        return CHAT_PAGE.replace("MODEL_NAME", json.dumps(model_name))
 
     @app.get("/health")
     async def health() -> dict:
@@ -135,123 +148,263 @@ def build_app(model, tokenizer, model_name: str) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics.render(engine), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models() -> dict:
         card = {"id": model_name, "object": "model", "created": 0, "owned_by": "lmforge", "max_model_len": context}
         return {"object": "list", "data": [card]}
 
-    def start(req: SamplingRequest, prompt_ids: list[int], stop_ids: set[int]) -> Generation:
+    def check_model(req: SamplingRequest) -> None:
         if req.model != model_name:
             raise ApiError(
                 404, f"model {req.model!r} not found; this server serves {model_name!r}", code="model_not_found"
             )
-        stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
-        max_tokens = context if req.max_tokens is None else req.max_tokens
+
+    async def submit(request: Request, prompts: list[list[int]], req: SamplingRequest, params) -> tuple:
+        """Queue every (prompt, choice) pair; returns (queue of Outputs, request ids in choice order)."""
+        ids = [f"{uuid.uuid4().hex}-{i}" for i in range(len(prompts) * req.n)]
+        queue: asyncio.Queue[Output] = asyncio.Queue()
         try:
-            ids = generate_tokens(
-                model, prompt_ids, max_tokens, req.temperature, req.top_k, req.top_p, stop_ids, req.seed
-            )
+            for i, request_id in enumerate(ids):
+                seed = None if req.seed is None else req.seed + i % req.n
+                await worker.add(request_id, prompts[i // req.n], params(seed), queue)
+        except EngineFull as e:
+            worker.abort(ids)
+            raise ApiError(429, str(e), type="rate_limit_error", code="engine_full") from e
         except LmforgeError as e:
+            worker.abort(ids)
             raise ApiError(400, str(e), param="messages" if isinstance(req, ChatRequest) else "prompt") from e
-        return Generation(ids, min(max_tokens, context - len(prompt_ids)), tokenizer, stops)
+        return queue, ids
 
-    async def respond(req: SamplingRequest, prompt_ids: list[int], stop_ids: set[int], shape) -> object:
-        began = time.perf_counter()
-        gen = start(req, prompt_ids, stop_ids)
-        meta = {"id": f"{shape.prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+    async def collect(request: Request, queue: asyncio.Queue, ids: list[str]) -> dict[str, list[Output]]:
+        """Every Output of every choice, aborting them all if the client goes away first."""
+        outputs: dict[str, list[Output]] = {i: [] for i in ids}
+        left = len(ids)
+        try:
+            while left:
+                try:
+                    out = await asyncio.wait_for(queue.get(), timeout=0.5)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        raise ApiError(499, "client closed the request") from None
+                    continue
+                outputs[out.request_id].append(out)
+                left -= out.finished
+        finally:
+            if left:
+                worker.abort(ids)
+        return outputs
 
-        def usage() -> dict:
-            return {
-                "prompt_tokens": len(prompt_ids),
-                "completion_tokens": gen.tokens,
-                "total_tokens": len(prompt_ids) + gen.tokens,
-            }
-
-        def done() -> None:
-            metrics.tokens += gen.tokens
-            metrics.latency_sum += time.perf_counter() - began
-            metrics.latency_count += 1
-
-        if not req.stream:
-            async with lock:
-                text = await asyncio.to_thread(lambda: "".join(gen.pieces))
-            done()
-            return {**meta, **shape.full(text, gen.finish_reason), "usage": usage()}
-
-        async def events() -> AsyncIterator[str]:
-            async with lock:
-                for chunk in shape.opening():
-                    yield _sse({**meta, **chunk})
-                while (piece := await asyncio.to_thread(next, gen.pieces, None)) is not None:
-                    yield _sse({**meta, **shape.piece(piece, None)})
-            done()
-            yield _sse({**meta, **shape.piece("", gen.finish_reason)})
-            if (req.stream_options or {}).get("include_usage"):
-                yield _sse({**meta, "object": shape.chunk_object, "choices": [], "usage": usage()})
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+    async def stream(
+        queue: asyncio.Queue, ids: list[str], n: int, opening: list[dict], shape, usage_meta: dict | None
+    ) -> AsyncIterator[str]:
+        index = {request_id: i for i, request_id in enumerate(ids)}
+        left, usage = len(ids), Usage()
+        try:
+            for chunk in opening:
+                yield _sse(chunk)
+            while left:
+                out = await queue.get()
+                left -= out.finished
+                if out.text or out.logprobs or out.finished:
+                    yield _sse(shape(index[out.request_id], out))
+                if out.finished:
+                    usage.add(out, count_prompt=index[out.request_id] % n == 0)
+        finally:
+            if left:  # the client went away mid-stream: free its sequences' blocks now
+                worker.abort(ids)
+        if usage_meta is not None:
+            yield _sse({**usage_meta, "choices": [], "usage": usage.dict()})
+        yield "data: [DONE]\n\n"
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        return await respond(req, tokenizer.encode(req.prompt, bos=True), {tokenizer.eos_id}, TextShape)
+    async def completions(req: CompletionRequest, request: Request):
+        check_model(req)
+        prompts = encode_prompts(req.prompt, tokenizer)
+        if req.echo and req.stream:
+            raise ApiError(400, "echo with stream is not supported; drop one of them", param="echo")
+        max_tokens = context if req.max_tokens is None else req.max_tokens
+        if max_tokens == 0 and not req.echo:
+            raise ApiError(400, "max_tokens: must be >= 1 (0 only with echo)", param="max_tokens")
+
+        def params(seed):
+            return req.params(max_tokens, req.logprobs, req.echo and req.logprobs is not None, seed)
+
+        queue, ids = await submit(request, prompts, req, params)
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+        if req.stream:
+
+            def shape(i: int, out: Output) -> dict:
+                choice = {"index": i, "text": out.text, "finish_reason": out.finish_reason}
+                choice["logprobs"] = completion_logprobs(out.logprobs, tokenizer) if req.logprobs is not None else None
+                return {**meta, "object": "text_completion", "choices": [choice]}
+
+            usage_meta = {**meta, "object": "text_completion"} if include_usage(req) else None
+            return StreamingResponse(stream(queue, ids, req.n, [], shape, usage_meta), media_type="text/event-stream")
+        outputs = await collect(request, queue, ids)
+        choices, usage = [], Usage()
+        for i, request_id in enumerate(ids):
+            out = merge(outputs[request_id])
+            prompt = prompts[i // req.n]
+            usage.add(out, count_prompt=i % req.n == 0)
+            text = out.text
+            logprobs = None
+            if req.logprobs is not None:
+                entries = out.logprobs
+                if req.echo:
+                    entries = prompt_entries(prompt, out.prompt_logprobs) + entries
+                logprobs = completion_logprobs(entries, tokenizer)
+            if req.echo:
+                text = tokenizer.decode(prompt[1:]) + text  # the prompt without the BOS the server added
+            choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason})
+        return {**meta, "object": "text_completion", "choices": choices, "usage": usage.dict()}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest):
+    async def chat_completions(req: ChatRequest, request: Request):
+        check_model(req)
         if not req.messages:
             raise ApiError(400, "messages is empty; send at least one message", param="messages")
         try:
             text = tokenizer.render_chat([m.model_dump() for m in req.messages], add_generation_prompt=True)
         except LmforgeError as e:
             raise ApiError(400, str(e), param="messages") from e
-        return await respond(req, tokenizer.encode(text, bos=True), chat_stops, ChatShape)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        max_tokens = context if req.max_tokens is None else req.max_tokens
+        req.stop_token_ids = req.stop_token_ids + chat_stops
+
+        def params(seed):
+            return req.params(max_tokens, top, False, seed)
+
+        queue, ids = await submit(request, [tokenizer.encode(text, bos=True)], req, params)
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+        if req.stream:
+            opening = [
+                {
+                    **meta,
+                    "object": "chat.completion.chunk",
+                    "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+                }
+                for i in range(req.n)
+            ]
+
+            def shape(i: int, out: Output) -> dict:
+                choice = {"index": i, "delta": {"content": out.text} if out.text else {}}
+                choice["finish_reason"] = out.finish_reason
+                if top is not None:
+                    choice["logprobs"] = {"content": chat_logprobs(out.logprobs, tokenizer)}
+                return {**meta, "object": "chat.completion.chunk", "choices": [choice]}
+
+            usage_meta = {**meta, "object": "chat.completion.chunk"} if include_usage(req) else None
+            return StreamingResponse(
+                stream(queue, ids, req.n, opening, shape, usage_meta), media_type="text/event-stream"
+            )
+        outputs = await collect(request, queue, ids)
+        choices, usage = [], Usage()
+        for i, request_id in enumerate(ids):
+            out = merge(outputs[request_id])
+            usage.add(out, count_prompt=i == 0)
+            choice = {"index": i, "message": {"role": "assistant", "content": out.text}}
+            choice["logprobs"] = None if top is None else {"content": chat_logprobs(out.logprobs, tokenizer)}
+            choice["finish_reason"] = out.finish_reason
+            choices.append(choice)
+        return {**meta, "object": "chat.completion", "choices": choices, "usage": usage.dict()}
 
     return app
 
 
-class TextShape:
-    """Response bodies of /v1/completions."""
-
-    prefix, chunk_object = "cmpl", "text_completion"
-
-    @staticmethod
-    def full(text: str, finish_reason: str) -> dict:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        return {"object": "text_completion", "choices": [choice]}
-
-    @staticmethod
-    def opening() -> list[dict]:
-        return []
-
-    @staticmethod
-    def piece(text: str, finish_reason: str | None) -> dict:
-        return TextShape.full(text, finish_reason)
+def include_usage(req: SamplingRequest) -> bool:
+    return bool((req.stream_options or {}).get("include_usage"))
 
 
-class ChatShape:
-    """Response bodies of /v1/chat/completions."""
+def encode_prompts(prompt: str | list[str] | list[int] | list[list[int]], tokenizer) -> list[list[int]]:
+    """The completion API's prompt forms (text, texts, token ids, lists of ids) as token lists, each after a BOS."""
+    if isinstance(prompt, str) or prompt and isinstance(prompt[0], int):
+        prompt = [prompt]
+    if not prompt:
+        raise ApiError(400, "prompt is empty; send text or token ids", param="prompt")
+    encoded = []
+    for p in prompt:
+        if not p:
+            raise ApiError(400, "prompt is empty; send text or token ids", param="prompt")
+        if isinstance(p, str):
+            encoded.append(tokenizer.encode(p, bos=True))
+            continue
+        if any(not 0 <= t < tokenizer.vocab_size for t in p):
+            raise ApiError(400, f"prompt: token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
+        encoded.append([tokenizer.bos_id, *p])
+    return encoded
 
-    prefix, chunk_object = "chatcmpl", "chat.completion.chunk"
 
-    @staticmethod
-    def full(text: str, finish_reason: str) -> dict:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
-        return {"object": "chat.completion", "choices": [choice]}
+class Usage:
+    def __init__(self):
+        self.prompt, self.completion = 0, 0
 
-    @staticmethod
-    def opening() -> list[dict]:
-        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-        return [{"object": "chat.completion.chunk", "choices": [choice]}]
+    def add(self, out: Output, count_prompt: bool) -> None:
+        self.prompt += out.prompt_tokens if count_prompt else 0
+        self.completion += out.completion_tokens
 
-    @staticmethod
-    def piece(text: str, finish_reason: str | None) -> dict:
-        delta = {"content": text} if text else {}
+    def dict(self) -> dict:
         return {
-            "object": "chat.completion.chunk",
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+            "prompt_tokens": self.prompt,
+            "completion_tokens": self.completion,
+            "total_tokens": self.prompt + self.completion,
         }
+
+
+def merge(outputs: list[Output]) -> Output:
+    """One request's step outputs as one."""
+    last = outputs[-1]
+    merged = Output(last.request_id, [], "", prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens)
+    for out in outputs:
+        merged.token_ids += out.token_ids
+        merged.text += out.text
+        merged.logprobs += out.logprobs
+        merged.prompt_logprobs = out.prompt_logprobs or merged.prompt_logprobs
+    merged.finished, merged.finish_reason = last.finished, last.finish_reason
+    return merged
+
+
+def prompt_entries(prompt: list[int], prompt_logprobs: list[dict | None] | None) -> list[dict]:
+    """Logprob entries of the prompt's tokens after the BOS (each scored given everything before it)."""
+    scored = prompt_logprobs or [None] * len(prompt)
+    return [entry or {"token": t, "logprob": None, "top": {}} for t, entry in zip(prompt[1:], scored[1:], strict=True)]
+
+
+def token_text(tokenizer, token: int) -> str:
+    return tokenizer.decode_bytes([token]).decode("utf-8", errors="replace")
+
+
+def completion_logprobs(entries: list[dict], tokenizer) -> dict:
+    """The legacy completions shape: parallel lists of tokens, their logprobs, top alternatives and text offsets."""
+    tokens, offsets, offset = [], [], 0
+    for e in entries:
+        tokens.append(token_text(tokenizer, e["token"]))
+        offsets.append(offset)
+        offset += len(tokens[-1])
+    return {
+        "tokens": tokens,
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [{token_text(tokenizer, t): lp for t, lp in e["top"].items()} or None for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(entries: list[dict], tokenizer) -> list[dict]:
+    """The chat shape: one object per token with its bytes and top alternatives."""
+
+    def one(token: int, logprob: float) -> dict:
+        raw = tokenizer.decode_bytes([token])
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+    return [
+        {**one(e["token"], e["logprob"]), "top_logprobs": [one(t, lp) for t, lp in e["top"].items()]} for e in entries
+    ]
+
+
+def error_response(exc: ApiError) -> JSONResponse:
+    body = {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}
+    return JSONResponse({"error": body}, status_code=exc.status)
 
 
 def _sse(data: dict) -> str:
@@ -263,6 +416,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     parser.add_argument("--name", default=None, help="model name clients ask for (default: the run folder's name)")
+    parser.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 (default: open)")
+    defaults = EngineConfig()
+    parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs, help="most sequences in a batch")
+    parser.add_argument(
+        "--kv-blocks", type=int, default=0, help="KV-cache blocks (default: max-num-seqs full contexts)"
+    )
+    parser.add_argument("--block-size", type=int, default=defaults.block_size, help="tokens per KV block")
+    parser.add_argument("--max-waiting", type=int, default=defaults.max_waiting, help="queued requests before 429")
+    parser.add_argument("--draft", default=None, help="run folder of a smaller model for speculative decoding")
+    parser.add_argument("--spec-tokens", type=int, default=4, help="tokens the draft proposes per step (default 4)")
 
 
 def command(args: argparse.Namespace) -> None:
@@ -271,8 +434,25 @@ def command(args: argparse.Namespace) -> None:
     from lmforge.checkpoint import load_run
     from lmforge.run import resolve_run
 
+    for flag in ("max_num_seqs", "block_size", "max_waiting"):
+        if getattr(args, flag) < 1:
+            raise LmforgeError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 1")
+    if args.kv_blocks < 0:
+        raise LmforgeError(f"--kv-blocks {args.kv_blocks} must be >= 0 (0: the default size)")
     run_dir = resolve_run(args.run)
     model, tokenizer = load_run(run_dir)
-    prepare_for_decode(model)
-    app = build_app(model, tokenizer, args.name or run_dir.resolve().name)
+    cfg = EngineConfig(
+        max_num_seqs=args.max_num_seqs,
+        kv_blocks=args.kv_blocks,
+        block_size=args.block_size,
+        max_waiting=args.max_waiting,
+    )
+    if args.draft:
+        draft, draft_tokenizer = load_run(resolve_run(args.draft))
+        if draft_tokenizer.sha256 != tokenizer.sha256:
+            raise LmforgeError(f"--draft {args.draft} has another tokenizer; the draft must share the target's")
+        engine = SpeculativeEngine(model, draft, tokenizer, cfg, k=args.spec_tokens)
+    else:
+        engine = Engine(model, tokenizer, cfg)
+    app = build_app(engine, args.name or run_dir.resolve().name, args.api_key)
     uvicorn.run(app, host=args.host, port=args.port)

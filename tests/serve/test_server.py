@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import socket
 import subprocess
 import sys
@@ -11,34 +13,45 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
 
 from lmforge.checkpoint import load_run
+from lmforge.serve.engine import Engine, EngineConfig
 from lmforge.serve.generate import generate, generate_tokens, prepare_for_decode, stream_text
 from lmforge.serve.server import build_app
 
 NAME = "tiny"
 
 
-@pytest.fixture(scope="module")
-def served(tiny_run):
-    """(model, tokenizer, base url) of a live server on a free local port."""
-    model, tokenizer = load_run(tiny_run)
-    prepare_for_decode(model)
+@contextlib.contextmanager
+def live_server(app):
+    """The app served by uvicorn on a free loopback port, in a thread; yields the base URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = uvicorn.Config(build_app(model, tokenizer, NAME), host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not server.started:
         assert time.monotonic() < deadline, "server did not start"
         time.sleep(0.02)
-    yield model, tokenizer, f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_run):
+    """(model, tokenizer, base url) of a live server."""
+    model, tokenizer = load_run(tiny_run)
+    prepare_for_decode(model)
+    engine = Engine(model, tokenizer, EngineConfig(block_size=8, max_waiting=64))
+    with live_server(build_app(engine, NAME)) as url:
+        yield model, tokenizer, url
 
 
 @pytest.fixture
@@ -118,7 +131,7 @@ def test_seeded_sampling_is_reproducible(client):
         (lambda c: c.completions.create(model=NAME, prompt="hi", temperature=-1), openai.BadRequestError, "temp"),
         (lambda c: c.completions.create(model=NAME, prompt="hi", top_p=1.5), openai.BadRequestError, "top_p"),
         (lambda c: c.completions.create(model=NAME, prompt="hi", max_tokens=0), openai.BadRequestError, "max_tokens"),
-        (lambda c: c.completions.create(model=NAME, prompt="hi", n=2), openai.BadRequestError, "n: "),
+        (lambda c: c.completions.create(model=NAME, prompt="hi", n=17), openai.BadRequestError, "n: "),
         (
             lambda c: c.chat.completions.create(model=NAME, messages=[{"role": "robot", "content": "hi"}]),
             openai.BadRequestError,
@@ -150,8 +163,11 @@ def test_health_and_metrics_count_requests(served, client):
     assert value(after, key) == value(before, key) + 1
     tokens = "lmforge_generated_tokens_total"
     assert value(after, tokens) == value(before, tokens) + out.usage.completion_tokens
-    count = "lmforge_request_latency_seconds_count"
+    count = "lmforge_time_to_first_token_seconds_count"
     assert value(after, count) == value(before, count) + 1
+    gap = "lmforge_inter_token_latency_seconds_count"
+    assert value(after, gap) == value(before, gap) + out.usage.completion_tokens - 1
+    assert value(after, "lmforge_running_sequences") == 0 and value(after, "lmforge_kv_blocks_used") == 0
 
 
 def test_command_serves_a_run(tiny_run):
@@ -175,6 +191,164 @@ def test_command_serves_a_run(tiny_run):
                     assert time.monotonic() < deadline, "server did not start"
                     time.sleep(0.1)
             assert [m["id"] for m in models["data"]] == ["cli-model"]
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+def metric(base: str, name: str) -> float:
+    lines = [line for line in httpx.get(base + "/metrics").text.splitlines() if line.startswith(name + " ")]
+    return float(lines[0].split()[-1])
+
+
+def test_concurrent_requests_equal_one_by_one(served, client):
+    model, tokenizer, _ = served
+    prompts = ["import os", "def f(x):", "class A:", "The", "for i in range(10):", "x = [", "# a comment", "if a:"]
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        outs = list(
+            pool.map(lambda p: client.completions.create(model=NAME, prompt=p, max_tokens=10, temperature=0), prompts)
+        )
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.choices[0].text == "".join(generate(model, tokenizer, prompt, 10, temperature=0))
+
+
+def test_n_choices_and_batched_prompts(served, client):
+    model, tokenizer, _ = served
+    greedy = client.completions.create(model=NAME, prompt="def", max_tokens=6, temperature=0, n=3)
+    assert [c.index for c in greedy.choices] == [0, 1, 2]
+    assert len({c.text for c in greedy.choices}) == 1
+    assert greedy.usage.prompt_tokens == len(tokenizer.encode("def", bos=True))  # the prompt counts once
+    sampled = client.completions.create(model=NAME, prompt="def", max_tokens=12, temperature=1.0, n=3, seed=1)
+    assert len({c.text for c in sampled.choices}) > 1  # each choice draws its own tokens
+    two = client.completions.create(model=NAME, prompt=["import", "class"], max_tokens=5, temperature=0)
+    assert [c.text for c in two.choices] == [
+        "".join(generate(model, tokenizer, p, 5, temperature=0)) for p in ("import", "class")
+    ]
+    ids = tokenizer.encode("import")
+    by_ids = client.completions.create(model=NAME, prompt=ids, max_tokens=5, temperature=0)
+    assert by_ids.choices[0].text == two.choices[0].text
+
+
+def test_echo_logprobs_equal_a_forward_pass(served, client):
+    model, tokenizer, _ = served
+    context, continuation = "def parse(", "args):"
+    out = client.completions.create(
+        model=NAME, prompt=context + continuation, max_tokens=0, echo=True, logprobs=2, temperature=0
+    )
+    ids = tokenizer.encode(context + continuation, bos=True)
+    with torch.no_grad():
+        full = torch.log_softmax(model(torch.tensor([ids]))[0].float(), dim=-1)
+    lp = out.choices[0].logprobs
+    assert out.choices[0].text == context + continuation
+    assert "".join(lp.tokens) == context + continuation
+    expected = [float(full[i, ids[i + 1]]) for i in range(len(ids) - 1)]
+    assert lp.token_logprobs == pytest.approx(expected, abs=1e-4)
+    assert all(len(top) <= 2 for top in lp.top_logprobs)
+    gen = client.completions.create(model=NAME, prompt=context, max_tokens=4, logprobs=3, temperature=0)
+    glp = gen.choices[0].logprobs
+    assert len(glp.token_logprobs) == gen.usage.completion_tokens and all(lp <= 0 for lp in glp.token_logprobs)
+    assert all(
+        max(top.values()) == pytest.approx(lp) for top, lp in zip(glp.top_logprobs, glp.token_logprobs, strict=True)
+    )
+    chat = client.chat.completions.create(
+        model=NAME, messages=MESSAGES, max_tokens=3, temperature=0, logprobs=True, top_logprobs=2
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(c.logprob == pytest.approx(c.top_logprobs[0].logprob) for c in content)  # greedy picks the top one
+
+
+def test_disconnect_mid_stream_frees_the_sequence(served):
+    base = served[2]
+    body = {"model": NAME, "prompt": "def", "max_tokens": 100, "temperature": 0, "stream": True}
+    finished_before = metric(base, "lmforge_finished_requests_total")
+    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=30) as response:
+        next(response.iter_lines())  # the first event arrived: the sequence is running
+    deadline = time.monotonic() + 10
+    while metric(base, "lmforge_running_sequences") or metric(base, "lmforge_kv_blocks_used"):
+        assert time.monotonic() < deadline, "the aborted sequence still holds blocks"
+        time.sleep(0.05)
+    assert metric(base, "lmforge_finished_requests_total") == finished_before  # aborted, not run to the end
+
+
+def test_full_engine_answers_429_and_api_key_is_required(tiny_run):
+    model, tokenizer = load_run(tiny_run)
+    engine = Engine(model, tokenizer, EngineConfig(max_num_seqs=1, max_waiting=1))
+    with live_server(build_app(engine, NAME, api_key="secret")) as url:
+        anonymous = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            anonymous.models.list()
+        assert httpx.get(url + "/health").status_code == 200  # only /v1 needs the key
+        client = openai.OpenAI(base_url=url + "/v1", api_key="secret", max_retries=0, timeout=60)
+
+        def call(_):
+            try:
+                return client.completions.create(model=NAME, prompt="x", max_tokens=60, temperature=0).usage
+            except openai.RateLimitError as e:
+                return e
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(call, range(8)))
+        refused = [r for r in results if isinstance(r, openai.RateLimitError)]
+        assert refused and len(refused) < 8
+        assert refused[0].body["code"] == "engine_full"
+        assert client.completions.create(model=NAME, prompt="x", max_tokens=2).choices  # still serving
+
+
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        (b"{not json", 400, ""),
+        (b'{"model": "tiny", "prompt": "\xff\xfe"}', 400, ""),
+        (b'{"model": "tiny", "prompt": "hi", "max_tokens": "many"}', 400, "max_tokens"),
+        (b'{"model": "tiny", "prompt": "hi", "max_tokens": -1}', 400, "max_tokens"),
+        (b'{"model": "tiny", "prompt": ""}', 400, "empty"),
+        (b'{"model": "tiny", "prompt": [99999]}', 400, "token ids"),
+        (b'{"model": "tiny", "prompt": "' + b"a" * (5 << 20) + b'"}', 413, "body"),
+    ],
+)
+def test_malformed_bodies_get_4xx(served, body, status, words):
+    response = httpx.post(
+        served[2] + "/v1/completions", content=body, headers={"content-type": "application/json"}, timeout=30
+    )
+    assert response.status_code == status
+    assert words in response.json()["error"]["message"]
+
+
+def test_chat_page_is_served(served):
+    page = httpx.get(served[2] + "/").text
+    assert "/v1/chat/completions" in page and f'"{NAME}"' in page
+
+
+def test_command_serves_with_a_draft_and_rejects_bad_flags(tiny_run, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = (
+        "import argparse, sys; from lmforge.serve import server; p = argparse.ArgumentParser(); "
+        "server.add_arguments(p); server.command(p.parse_args(sys.argv[1:]))"
+    )
+    bad = subprocess.run(
+        [sys.executable, "-m", "lmforge", "serve", str(tiny_run), "--max-num-seqs", "0"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "--max-num-seqs 0 must be >= 1" in bad.stderr
+    args = [str(tiny_run), "--port", str(port), "--draft", str(tiny_run), "--spec-tokens", "3"]
+    with subprocess.Popen([sys.executable, "-c", code, *args], stderr=subprocess.PIPE) as proc:
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                assert proc.poll() is None, proc.stderr.read().decode()
+                try:
+                    httpx.get(f"http://127.0.0.1:{port}/health")
+                    break
+                except httpx.ConnectError:
+                    assert time.monotonic() < deadline, "server did not start"
+                    time.sleep(0.1)
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+            out = client.completions.create(model=tiny_run.name, prompt="def", max_tokens=12, temperature=0)
+            model, tokenizer = load_run(tiny_run)
+            assert out.choices[0].text == "".join(generate(model, tokenizer, "def", 12, temperature=0))
+            assert metric(f"http://127.0.0.1:{port}", "lmforge_spec_acceptance_ratio") == 1.0  # draft == target
         finally:
             proc.terminate()
             proc.wait(timeout=10)

@@ -1,0 +1,397 @@
+"""The serving engine: continuous batching (Yu et al., 2022, Orca) over a paged KV cache, with chunked prefill,
+prefix caching, preemption by recomputation and per-request sampling.
+
+Each `step()` schedules one iteration: running sequences first, in arrival order (one token each, or the next chunk
+of a prompt), then waiting ones while free blocks and the token budget allow. All chosen tokens of all sequences
+go through the model as one packed batch, so prefill and decode of different requests share a step. When a
+running sequence needs a block and none is free, the newest running sequence is preempted: its blocks are freed
+and it waits at the front of the queue to be recomputed.
+
+    engine = Engine(model, tokenizer, EngineConfig())
+    outputs = engine.generate([ids_a, ids_b], SamplingParams(max_tokens=32, temperature=0))
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from lmforge.errors import LmforgeError
+from lmforge.models import Decoder
+from lmforge.serve.generate import TextStream, sample_next
+from lmforge.serve.paged import BlockManager, Chunk, PagedBatch, PagedKVStore, block_hashes
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 64
+    """Most sequences running at once."""
+    kv_blocks: int = 0
+    """KV-cache blocks in the pool (0: enough for max_num_seqs full-context sequences)."""
+    block_size: int = 16
+    """Tokens per KV block."""
+    max_batched_tokens: int = 256
+    """Token budget of one step; longer prompts are prefilled in chunks of what is left of it."""
+    max_waiting: int = 256
+    """Most requests queued; beyond it, add() refuses (the server answers 429)."""
+    prefix_caching: bool = True
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    """CTRL's penalty (Keskar et al., 2019): logits of tokens already in the prompt or output divided by it
+    (multiplied when negative)."""
+    presence_penalty: float = 0.0
+    """Subtracted once from the logit of every token already generated (OpenAI's definition)."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit per time it was generated."""
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    logprobs: int | None = None
+    """Return the sampled token's log-probability and this many top alternatives (None: off)."""
+    prompt_logprobs: bool = False
+    """Return every prompt token's log-probability (turns prefix caching off for the request)."""
+
+    def check(self) -> None:
+        if self.max_tokens < 0:
+            raise LmforgeError(f"max_tokens={self.max_tokens} must be >= 0")
+        if self.temperature < 0:
+            raise LmforgeError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise LmforgeError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            raise LmforgeError(f"top_k={self.top_k} must be >= 0 (0 switches it off)")
+        if self.repetition_penalty <= 0:
+            raise LmforgeError(f"repetition_penalty={self.repetition_penalty} must be > 0 (1 switches it off)")
+
+
+@dataclass
+class Output:
+    """What one step did for one request; the last one has `finished` set."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[dict] = field(default_factory=list)
+    """Per new token: {"token": id, "logprob": float, "top": {id: logprob}}."""
+    prompt_logprobs: list[dict | None] | None = None
+    """With SamplingParams.prompt_logprobs: None for the first prompt token, then an entry like those of logprobs."""
+    finished: bool = False
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Sequence:
+    def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, tokenizer, order: int):
+        self.id, self.params, self.order = request_id, params, order
+        self.tokens = list(prompt)
+        self.prompt_len = len(prompt)
+        self.computed = 0  # tokens whose keys and values are in the cache
+        self.draft_computed = 0  # the same for a speculative draft model's cache
+        self.table: list[int] = []  # block table
+        self.hashes: list[int] = []  # prefix hashes of the full blocks registered so far
+        self.text = TextStream(tokenizer, params.stop)
+        self.generator = None
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed)
+        self.prompt_logprobs: list[dict | None] | None = [None] if params.prompt_logprobs else None
+        self.arrival = time.perf_counter()
+        self.first_token_at: float | None = None
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.tokens[self.prompt_len :]
+
+
+class Engine:
+    def __init__(self, model: Decoder, tokenizer, cfg: EngineConfig | None = None):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.cfg = cfg = cfg or EngineConfig()
+        self.context = model.cfg.max_seq_len
+        weight = model.lm_head.weight
+        self.device, dtype = weight.device, weight.dtype
+        num_blocks = cfg.kv_blocks or cfg.max_num_seqs * math.ceil(self.context / cfg.block_size)
+        self.blocks = BlockManager(num_blocks, cfg.block_size)
+        self.store = PagedKVStore(model.cfg, num_blocks, cfg.block_size, self.device, dtype)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.eos_ids = {tokenizer.eos_id}
+        self.preemptions = 0
+        self.steps = 0
+        self._order = itertools.count()
+
+    # requests
+
+    def add(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        """Queue a request; LmforgeError if it cannot be served (the message says why)."""
+        params.check()
+        if not prompt:
+            raise LmforgeError("the prompt is empty; send at least one token of text")
+        if len(prompt) >= self.context:
+            raise LmforgeError(
+                f"the prompt has {len(prompt)} tokens and the context is {self.context}, which leaves no room to "
+                "generate; shorten the prompt"
+            )
+        longest = min(len(prompt) + params.max_tokens, self.context)
+        if math.ceil(longest / self.cfg.block_size) > self.blocks.num_blocks:
+            # alone in the pool it must fit, or preempting it for itself would never end
+            raise LmforgeError(
+                f"prompt plus max_tokens ({longest} tokens) needs more KV blocks than the pool's "
+                f"{self.blocks.num_blocks} of {self.cfg.block_size} tokens; lower max_tokens or raise --kv-blocks"
+            )
+        if len(self.waiting) >= self.cfg.max_waiting:
+            raise EngineFull(f"{len(self.waiting)} requests are already waiting; retry later")
+        self.waiting.append(Sequence(request_id, prompt, params, self.tokenizer, next(self._order)))
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request wherever it is and free its blocks; False if it is not here (already finished)."""
+        for seq in self.waiting:
+            if seq.id == request_id:
+                self.waiting.remove(seq)
+                self.blocks.release(seq.table)
+                return True
+        for seq in self.running:
+            if seq.id == request_id:
+                self._finish(seq)
+                return True
+        return False
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Output]:
+        """Run prompts to completion (offline batch use); one merged Output per prompt, in order."""
+        return self.generate_each(prompts, [params] * len(prompts))
+
+    def generate_each(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Output]:
+        """Like generate, with sampling parameters per prompt."""
+        ids = [f"offline-{next(self._order)}" for _ in prompts]
+        for request_id, prompt, p in zip(ids, prompts, params, strict=True):
+            self.add(request_id, prompt, p)
+        merged = {i: Output(i, [], "") for i in ids}
+        while self.has_work():
+            for out in self.step():
+                m = merged[out.request_id]
+                m.token_ids += out.token_ids
+                m.text += out.text
+                m.logprobs += out.logprobs
+                m.prompt_logprobs = out.prompt_logprobs or m.prompt_logprobs
+                m.finished, m.finish_reason = out.finished, out.finish_reason
+                m.prompt_tokens, m.completion_tokens = out.prompt_tokens, out.completion_tokens
+        return [merged[i] for i in ids]
+
+    # scheduling
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """(sequence, tokens to compute) for this step."""
+        budget, plan = self.cfg.max_batched_tokens, []
+        self.running.sort(key=lambda s: s.order)  # oldest first: a readmitted sequence keeps its place
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq not in self.running:  # preempted below for an older sequence
+                continue
+            n = min(len(seq.tokens) - seq.computed, budget)
+            ahead = self._lookahead(seq) if n == len(seq.tokens) - seq.computed == 1 else 0
+            if not self._reserve(seq, n + ahead):
+                break  # seq itself was the newest left: every older one is planned
+            plan.append((seq, n))
+            budget = max(0, budget - n - ahead)
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+            seq = self.waiting[0]
+            if self.cfg.prefix_caching and seq.prompt_logprobs is None:
+                self._reuse_prefix(seq)
+            n = min(len(seq.tokens) - seq.computed, budget)
+            if self._blocks_needed(seq, n) > self.blocks.num_free:
+                # no blocks held while waiting, or the queue could deadlock on them
+                self.blocks.release(seq.table)
+                seq.table, seq.hashes, seq.computed = [], [], 0
+                break  # wait for running sequences to finish; the queue stays in arrival order
+            self.waiting.popleft()
+            self._reserve(seq, n)
+            self.running.append(seq)
+            plan.append((seq, n))
+            budget -= n
+        return plan
+
+    def _lookahead(self, seq: Sequence) -> int:
+        """Positions a decoding sequence needs beyond its next token (speculative drafts); none here."""
+        return 0
+
+    def _blocks_needed(self, seq: Sequence, n: int) -> int:
+        return max(0, math.ceil((seq.computed + n) / self.cfg.block_size) - len(seq.table))
+
+    def _reserve(self, seq: Sequence, n: int) -> bool:
+        """Give `seq` blocks for n more tokens, preempting newer sequences if needed; False if seq itself went."""
+        while self._blocks_needed(seq, n) > self.blocks.num_free:
+            victim = self.running[-1]  # the newest; sorted, and every planned sequence is older than seq
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        for _ in range(self._blocks_needed(seq, n)):
+            seq.table.append(self.blocks.allocate())
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks; it waits at the front and recomputes its tokens when readmitted."""
+        self.running.remove(seq)
+        self.blocks.release(seq.table)
+        seq.table, seq.hashes, seq.computed, seq.draft_computed = [], [], 0, 0
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        # at least the last token is computed anew: its logits give the next token
+        for h in block_hashes(seq.tokens[: len(seq.tokens) - 1], self.cfg.block_size):
+            block = self.blocks.lookup(h)
+            if block is None:
+                break
+            seq.table.append(block)
+            seq.hashes.append(h)
+        seq.computed = len(seq.table) * self.cfg.block_size
+
+    # one iteration
+
+    @torch.inference_mode()
+    def step(self) -> list[Output]:
+        plan = self.schedule()
+        if not plan:
+            return []
+        self.steps += 1
+        chunks = [Chunk(seq.tokens[seq.computed : seq.computed + n], seq.computed, seq.table) for seq, n in plan]
+        logits = self._run(self.model, self.store, chunks, [self._wants_prompt(seq) for seq, _ in plan])
+        outputs = []
+        for (seq, n), seq_logits in zip(plan, logits, strict=True):
+            self._advance(seq, n, seq_logits)
+            if seq.computed == len(seq.tokens):  # else a prompt chunk short of the end: nothing to sample yet
+                outputs.append(self._emit(seq, [self._pick(seq, seq_logits[-1])], seq_logits[-1:]))
+        return outputs
+
+    def _run(self, model: Decoder, store: PagedKVStore, chunks: list[Chunk], all_rows: list[bool]) -> list[Tensor]:
+        """One packed forward pass; per chunk the float logits of every row (all_rows) or of its last row, (R, V)."""
+        batch = PagedBatch(store, chunks, self.device)
+        hidden = model.hidden_states(batch.ids, batch)[0]  # (N, C)
+        rows, row = [], 0
+        for chunk, every in zip(chunks, all_rows, strict=True):
+            n = len(chunk.tokens)
+            rows.append(range(row, row + n) if every else range(row + n - 1, row + n))
+            row += n
+        picked = torch.tensor([r for rs in rows for r in rs], device=self.device)
+        logits = model.lm_head(model.norm(hidden[picked])).float()  # (R, V)
+        return list(logits.split([len(rs) for rs in rows]))
+
+    def _wants_prompt(self, seq: Sequence) -> bool:
+        return seq.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.prompt_len
+
+    def _advance(self, seq: Sequence, n: int, logits: Tensor) -> None:
+        """n more tokens of seq are computed: index their full blocks, score prompt tokens if asked."""
+        start = seq.computed
+        seq.computed += n
+        self._register_full_blocks(seq)
+        if self._wants_prompt(seq):
+            targets = seq.tokens[start + 1 : start + n + 1][: seq.prompt_len - len(seq.prompt_logprobs)]
+            lp = torch.log_softmax(logits[: len(targets)], dim=-1)
+            seq.prompt_logprobs += [logprob_entry(r, t, seq.params.logprobs) for r, t in zip(lp, targets, strict=True)]
+
+    def _register_full_blocks(self, seq: Sequence) -> None:
+        bs = self.cfg.block_size
+        for i in range(len(seq.hashes), seq.computed // bs):
+            parent = seq.hashes[-1] if seq.hashes else 0
+            seq.hashes.append(hash((parent, tuple(seq.tokens[i * bs : (i + 1) * bs]))))
+            self.blocks.register(seq.table[i], seq.hashes[-1])
+
+    def _pick(self, seq: Sequence, logits: Tensor) -> int:
+        p = seq.params
+        return int(sample_next(penalized(logits, seq, p)[None], p.temperature, p.top_k, p.top_p, seq.generator))
+
+    def _emit(self, seq: Sequence, tokens: list[int], logits: Tensor) -> Output:
+        """Append chosen tokens (logits: their rows, (len(tokens), V)) until one of them finishes the request."""
+        p = seq.params
+        out = Output(seq.id, [], "", prompt_tokens=seq.prompt_len)
+        if seq.prompt_logprobs is not None and not seq.output_ids:
+            out.prompt_logprobs = seq.prompt_logprobs
+        if p.max_tokens == 0:
+            return self._finish(seq, out, "length")
+        if seq.first_token_at is None:
+            seq.first_token_at = time.perf_counter()
+        for token, row in zip(tokens, logits, strict=True):
+            if token in self.eos_ids or token in p.stop_token_ids:
+                return self._finish(seq, out, "stop")
+            seq.tokens.append(token)
+            out.token_ids.append(token)
+            if p.logprobs is not None:
+                out.logprobs.append(logprob_entry(torch.log_softmax(row, dim=-1), token, p.logprobs))
+            out.text += seq.text.push(token)
+            out.completion_tokens = len(seq.output_ids)
+            if seq.text.stopped:
+                return self._finish(seq, out, "stop")
+            if len(seq.output_ids) >= p.max_tokens or len(seq.tokens) >= self.context:
+                out.text += seq.text.flush()
+                return self._finish(seq, out, "length")
+        return out
+
+    def _finish(self, seq: Sequence, out: Output | None = None, reason: str = "abort") -> Output | None:
+        if seq in self.running:
+            self.running.remove(seq)
+        self.blocks.release(seq.table)
+        seq.table = []
+        if out is not None:
+            if reason == "stop" and not seq.text.stopped:
+                out.text += seq.text.flush()
+            out.finished, out.finish_reason = True, reason
+            out.completion_tokens = len(seq.output_ids)
+        return out
+
+    # reporting
+
+    def kv_usage(self) -> dict[str, float]:
+        """Blocks used and free, and the internal waste: reserved token slots that hold no token."""
+        used = self.blocks.num_blocks - self.blocks.num_free
+        reserved = sum(len(s.table) for s in self.running) * self.cfg.block_size
+        filled = sum(min(s.computed, len(s.table) * self.cfg.block_size) for s in self.running)
+        return {
+            "blocks_total": self.blocks.num_blocks,
+            "blocks_used": used,
+            "blocks_free": self.blocks.num_free,
+            "usage": used / self.blocks.num_blocks,
+            "waste": (reserved - filled) / reserved if reserved else 0.0,
+            "prefix_hit_rate": self.blocks.prefix_hits / max(1, self.blocks.prefix_queries),
+        }
+
+
+class EngineFull(LmforgeError):
+    """The queue is full: the caller should retry later (HTTP 429)."""
+
+
+def logprob_entry(logprobs: Tensor, token: int, top: int | None) -> dict:
+    """{"token", "logprob", "top": {id: logprob} of the `top` likeliest} from one row of log-probabilities (V,)."""
+    best = torch.topk(logprobs, top) if top else None
+    alternatives = {} if best is None else dict(zip(best.indices.tolist(), best.values.tolist(), strict=True))
+    return {"token": token, "logprob": float(logprobs[token]), "top": alternatives}
+
+
+def penalized(logits: Tensor, seq: Sequence, p: SamplingParams) -> Tensor:
+    """Apply repetition, presence and frequency penalties to one row of logits (V,)."""
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(seq.tokens)), device=logits.device)
+        scores = logits[seen]
+        logits = logits.clone()
+        logits[seen] = torch.where(scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and seq.output_ids:
+        ids, counts = torch.tensor(seq.output_ids, device=logits.device).unique(return_counts=True)
+        logits = logits.clone()
+        logits[ids] -= p.presence_penalty + p.frequency_penalty * counts.to(logits.dtype)
+    return logits
