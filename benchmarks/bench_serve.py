@@ -88,6 +88,7 @@ def main() -> None:
     p.add_argument("--n-layers", type=int, default=6)
     p.add_argument("--max-seq-len", type=int, default=256)
     p.add_argument("--threads", type=int, default=1, help="intra-op threads; 0 = all cores (default 1)")
+    p.add_argument("--rounds", type=int, default=2, help="timed rounds of each (best counts)")
     args = p.parse_args()
     set_threads(args.threads)
     cfg = ModelConfig(
@@ -111,14 +112,21 @@ def main() -> None:
     requests = workload(args.requests, args.vocab_size)
     useful = sum(n for _, n in requests)
 
-    engine = Engine(model, tokenizer, EngineConfig(max_num_seqs=args.requests, block_size=16, max_batched_tokens=512))
-    run_engine(engine, requests[:4])  # warm-up
-    ours_s, outputs, ttft, waste = run_engine(engine, requests)
+    def fresh_engine(block_size: int = 16) -> Engine:  # a new one per round: no prefix-cache hits from the last
+        cfg = EngineConfig(max_num_seqs=args.requests, block_size=block_size, max_batched_tokens=512)
+        return Engine(model, tokenizer, cfg)
+
+    run_engine(fresh_engine(), requests[:4])  # warm-up
+    run_static(hf, requests[:4])
+    ours_s = static_s = float("inf")
+    for _ in range(args.rounds):  # alternating rounds, best of each: load from other processes hits both
+        seconds, outputs, ttft, waste = run_engine(fresh_engine(), requests)
+        ours_s = min(ours_s, seconds)
+        static_s = min(static_s, run_static(hf, requests))
     for i in (0, len(requests) - 1):  # the batched engine gives each request what it gives alone
         prompt, new = requests[i]
         assert outputs[str(i)] == list(generate_tokens(model, prompt, new)), f"request {i} differs"
-    run_static(hf, requests[:4])
-    static_s = run_static(hf, requests)
+    waste_8 = run_engine(fresh_engine(block_size=8), requests)[3]
     print(f"throughput, {args.requests} concurrent requests, {useful} output tokens:")
     print(f"  lmforge engine   {useful / ours_s:8.1f} tok/s  ({ours_s:.2f} s)")
     print(f"  HF static batch  {useful / static_s:8.1f} tok/s  ({static_s:.2f} s)")
@@ -132,14 +140,20 @@ def main() -> None:
     t0 = time.perf_counter()
     hf_generate(hf, prompt, new)
     hf_1 = time.perf_counter() - t0
-    print(f"single stream, {new} tokens: lmforge engine {new / ours_1:.1f} tok/s, HF {new / hf_1:.1f} tok/s, "
-          f"ratio {hf_1 / ours_1:.2f}x (target >= 3x)")
-    print(f"time to first token, all {args.requests} arriving at once: p50 {percentile(ttft, 0.5) * 1e3:.0f} ms, "
-          f"p99 {percentile(ttft, 0.99) * 1e3:.0f} ms")
+    print(
+        f"single stream, {new} tokens: lmforge engine {new / ours_1:.1f} tok/s, HF {new / hf_1:.1f} tok/s, "
+        f"ratio {hf_1 / ours_1:.2f}x (target >= 3x)"
+    )
+    print(
+        f"time to first token, all {args.requests} arriving at once: p50 {percentile(ttft, 0.5) * 1e3:.0f} ms, "
+        f"p99 {percentile(ttft, 0.99) * 1e3:.0f} ms"
+    )
     lengths = [len(p) + n for p, n in requests]
     contiguous = 1 - sum(lengths) / (len(lengths) * args.max_seq_len)
-    print(f"KV-cache waste over the run: paged blocks of 16 {100 * sum(waste) / len(waste):.1f}% "
-          f"(target < 4%), contiguous max-length {100 * contiguous:.1f}%")
+    print(
+        f"KV-cache waste over the run: paged blocks of 16 {100 * sum(waste) / len(waste):.1f}%, of 8 "
+        f"{100 * sum(waste_8) / len(waste_8):.1f}% (target < 4%), contiguous max-length {100 * contiguous:.1f}%"
+    )
 
 
 if __name__ == "__main__":

@@ -82,10 +82,13 @@ def block_hashes(tokens: list[int], block_size: int) -> list[int]:
 
 
 class PagedKVStore:
-    """The block pool of one model: keys and values of every layer, (n_layers, num_blocks * block_size, Hkv, D)."""
+    """The block pool of one model: keys and values of every layer, (n_layers, Hkv, num_blocks, block_size, D).
+
+    Heads first: gathering a sequence's blocks copies whole (block_size, D) tiles, and the gathered keys of a head
+    are one contiguous (S, D) matrix that attention reads without another copy."""
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, device=None, dtype=torch.float32):
-        shape = (cfg.n_layers, num_blocks * block_size, cfg.n_kv_heads, cfg.head_dim)
+        shape = (cfg.n_layers, cfg.n_kv_heads, num_blocks, block_size, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.block_size = block_size
@@ -115,21 +118,24 @@ class PagedBatch:
         self.store = store
         self.ids = torch.tensor([[t for c in chunks for t in c.tokens]], device=device)  # (1, N)
         pos, slots, row = [], [], 0
-        decode_rows, decode_keys, self.groups = [], [], []
+        decode_rows, decode_tables, decode_lengths, self.groups = [], [], [], []
         for c in chunks:
             span = range(c.start, c.start + len(c.tokens))
             pos += span
             slots += [c.block_table[p // bs] * bs + p % bs for p in span]
-            keys = [c.block_table[p // bs] * bs + p % bs for p in range(c.start + len(c.tokens))]
+            length = c.start + len(c.tokens)
+            table = c.block_table[: -(-length // bs)]  # the blocks holding positions [0, length)
             if len(c.tokens) == 1:
-                decode_rows.append(row)
-                decode_keys.append(keys)
+                decode_rows.append([row])
+                decode_tables.append(table)
+                decode_lengths.append(length)
             else:
-                self.groups.append(_Group([list(span)], [list(range(row, row + len(c.tokens)))], [keys], device))
+                rows = [list(range(row, row + len(c.tokens)))]
+                self.groups.append(_Group([list(span)], rows, [table], [length], bs, device))
             row += len(c.tokens)
         if decode_rows:
-            q_pos = [[len(k) - 1] for k in decode_keys]
-            self.groups.append(_Group(q_pos, [[r] for r in decode_rows], decode_keys, device))
+            q_pos = [[n - 1] for n in decode_lengths]
+            self.groups.append(_Group(q_pos, decode_rows, decode_tables, decode_lengths, bs, device))
         self.pos = torch.tensor(pos, device=device)  # (N,)
         self.slots = torch.tensor(slots, device=device)  # (N,)
 
@@ -138,16 +144,18 @@ class PagedBatch:
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Positions) -> Tensor:
         """q: (1, H, N, D), k and v: (1, Hkv, N, D) of the new tokens -> (1, H, N, D)."""
-        k_pool, v_pool = self.store.k[layer], self.store.v[layer]  # (slots, Hkv, D)
-        k_pool.index_copy_(0, self.slots, k[0].transpose(0, 1).to(k_pool.dtype))
-        v_pool.index_copy_(0, self.slots, v[0].transpose(0, 1).to(v_pool.dtype))
+        k_pool, v_pool = self.store.k[layer], self.store.v[layer]  # (Hkv, blocks, block_size, D)
+        Hkv, _, _, D = k_pool.shape
+        k_pool.view(Hkv, -1, D).index_copy_(1, self.slots, k[0].to(k_pool.dtype))
+        v_pool.view(Hkv, -1, D).index_copy_(1, self.slots, v[0].to(v_pool.dtype))
         out = torch.empty_like(q)
         for g in self.groups:
+            B, S = g.tables.shape[0], g.tables.shape[1] * self.store.block_size
             qg = q[0][:, g.rows].transpose(0, 1)  # (B, H, Tq, D)
-            kg = k_pool[g.keys].transpose(1, 2).to(q.dtype)  # (B, Hkv, S, D)
-            vg = v_pool[g.keys].transpose(1, 2).to(q.dtype)
+            kg = k_pool.index_select(1, g.tables.flatten()).view(Hkv, B, S, D).transpose(0, 1).to(q.dtype)
+            vg = v_pool.index_select(1, g.tables.flatten()).view(Hkv, B, S, D).transpose(0, 1).to(q.dtype)
             y = F.scaled_dot_product_attention(
-                qg, kg, vg, attn_mask=g.bias(positions, q.dtype), enable_gqa=q.shape[1] != k.shape[1]
+                qg, kg, vg, attn_mask=g.bias(positions, q.dtype), enable_gqa=Hkv != q.shape[1]
             )
             out[0][:, g.rows] = y.transpose(0, 1)
         return out
@@ -157,21 +165,20 @@ class PagedBatch:
 
 
 class _Group:
-    """Sequences attended in one SDPA call: query rows (B, Tq) into the packed batch, key slots (B, S) padded."""
+    """Sequences attended in one SDPA call: query rows (B, Tq) into the packed batch, block tables (B, blocks)."""
 
-    def __init__(self, q_pos: list[list[int]], rows: list[list[int]], keys: list[list[int]], device):
-        S = max(len(k) for k in keys)
+    def __init__(self, q_pos: list[list[int]], rows: list[list[int]], tables: list[list[int]], lengths, bs, device):
+        width = max(len(t) for t in tables)
         self.rows = torch.tensor(rows, device=device)  # (B, Tq)
-        self.keys = torch.tensor([k + [0] * (S - len(k)) for k in keys], device=device)  # (B, S)
-        self.q_pos = q_pos
-        self.lengths = [len(k) for k in keys]
+        self.tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)  # (B, blocks)
+        self.q_pos, self.lengths, self.block_size = q_pos, lengths, bs
         self._bias: Tensor | None = None
 
     def bias(self, positions: Positions, dtype: torch.dtype) -> Tensor:
-        """(B, 1|H, Tq, S) additive mask: causal within each sequence, -inf on padding, plus ALiBi if used."""
+        """(B, 1|H, Tq, S) additive mask: causal within each sequence, -inf past its end, plus ALiBi if used."""
         if self._bias is None:
-            B, S = self.keys.shape
-            device = self.keys.device
+            S = self.tables.shape[1] * self.block_size
+            device = self.tables.device
             parts = []
             for q_pos, length in zip(self.q_pos, self.lengths, strict=True):
                 qp = torch.tensor(q_pos, device=device)
