@@ -25,7 +25,9 @@ from lmforge.errors import LmforgeError
 from lmforge.serve.chat_page import CHAT_PAGE
 from lmforge.serve.engine import Engine, EngineConfig, EngineFull, Output, SamplingParams
 from lmforge.serve.engine_thread import EngineThread
+from lmforge.serve.generate import prepare_for_decode
 from lmforge.serve.metrics import ServerMetrics
+from lmforge.serve.offload import stream_layers
 from lmforge.serve.speculative import SpeculativeEngine
 
 MAX_BODY_BYTES = 4 << 20
@@ -426,6 +428,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-waiting", type=int, default=defaults.max_waiting, help="queued requests before 429")
     parser.add_argument("--draft", default=None, help="run folder of a smaller model for speculative decoding")
     parser.add_argument("--spec-tokens", type=int, default=4, help="tokens the draft proposes per step (default 4)")
+    parser.add_argument(
+        "--resident-layers",
+        type=int,
+        default=-1,
+        help="keep this many blocks in device memory and stream the rest from host memory per step (default: all)",
+    )
 
 
 def command(args: argparse.Namespace) -> None:
@@ -447,6 +455,9 @@ def command(args: argparse.Namespace) -> None:
         block_size=args.block_size,
         max_waiting=args.max_waiting,
     )
+    prepare_for_decode(model)
+    if args.resident_layers >= 0:
+        stream_layers(model, args.resident_layers)
     if args.draft:
         draft, draft_tokenizer = load_run(resolve_run(args.draft))
         if draft_tokenizer.sha256 != tokenizer.sha256:

@@ -12,6 +12,7 @@ from lmforge.errors import LmforgeError
 from lmforge.models import ModelConfig, build_model
 from lmforge.serve.engine import Engine, EngineConfig, EngineFull, SamplingParams
 from lmforge.serve.generate import generate_tokens
+from lmforge.serve.offload import stream_layers
 from lmforge.serve.speculative import SpeculativeEngine
 from lmforge.tokenizer import Tokenizer, TokenizerConfig
 
@@ -230,3 +231,18 @@ def test_speculative_sampling_keeps_the_target_distribution(tokenizer):
     tv = float((empirical - target).abs().sum() / 2)
     assert tv < 0.04, f"total variation {tv:.3f} from the target's distribution"
     assert engine.accepted < engine.proposed  # rejections happened and were corrected
+
+
+def test_streamed_layers_give_the_same_tokens(tokenizer):
+    model = tiny_model()
+    batch = prompts(3, seed=9)
+    expected = [alone(model, p, GREEDY, tokenizer.eos_id) for p in batch]
+    streamer = stream_layers(model, resident_layers=1)
+    block = model.layers[1]
+    assert all(p.numel() == 0 for p in block.parameters())  # only the host copy holds layer 1 between passes
+    engine = Engine(model, tokenizer, EngineConfig(block_size=4))
+    assert [o.token_ids for o in engine.generate(batch, GREEDY)] == expected
+    assert all(p.numel() == 0 for p in block.parameters())
+    assert streamer.streamed_bytes == streamer.bytes_per_pass * engine.steps  # one copy per forward pass
+    with pytest.raises(LmforgeError, match="resident layers 3"):
+        stream_layers(tiny_model(), resident_layers=3)
