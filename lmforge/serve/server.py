@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -414,7 +416,7 @@ def _sse(data: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", help="run folder, or a run name under runs/")
+    parser.add_argument("run", help="run folder, a run name under runs/, or a transformers model folder")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     parser.add_argument("--name", default=None, help="model name clients ask for (default: the run folder's name)")
@@ -440,6 +442,7 @@ def command(args: argparse.Namespace) -> None:
     import uvicorn
 
     from lmforge.checkpoint import load_run
+    from lmforge.interop.hf import import_hf
     from lmforge.run import resolve_run
 
     for flag in ("max_num_seqs", "block_size", "max_waiting"):
@@ -448,7 +451,11 @@ def command(args: argparse.Namespace) -> None:
     if args.kv_blocks < 0:
         raise LmforgeError(f"--kv-blocks {args.kv_blocks} must be >= 0 (0: the default size)")
     run_dir = resolve_run(args.run)
-    model, tokenizer = load_run(run_dir)
+    if (run_dir / "config.json").is_file() and not (run_dir / "checkpoints").is_dir():  # a transformers folder
+        with tempfile.TemporaryDirectory(prefix="lmforge-serve-") as tmp:
+            model, tokenizer = load_run(import_hf(run_dir, Path(tmp) / "run"))
+    else:
+        model, tokenizer = load_run(run_dir)
     cfg = EngineConfig(
         max_num_seqs=args.max_num_seqs,
         kv_blocks=args.kv_blocks,

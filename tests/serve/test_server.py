@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 
 from lmforge.checkpoint import load_run
+from lmforge.interop.hf import export_hf
 from lmforge.serve.engine import Engine, EngineConfig
 from lmforge.serve.generate import generate, generate_tokens, prepare_for_decode, stream_text
 from lmforge.serve.server import build_app
@@ -24,28 +22,8 @@ from lmforge.serve.server import build_app
 NAME = "tiny"
 
 
-@contextlib.contextmanager
-def live_server(app):
-    """The app served by uvicorn on a free loopback port, in a thread; yields the base URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
-def served(tiny_run):
+def served(tiny_run, live_server):
     """(model, tokenizer, base url) of a live server."""
     model, tokenizer = load_run(tiny_run)
     prepare_for_decode(model)
@@ -271,7 +249,7 @@ def test_disconnect_mid_stream_frees_the_sequence(served):
     assert metric(base, "lmforge_finished_requests_total") == finished_before  # aborted, not run to the end
 
 
-def test_full_engine_answers_429_and_api_key_is_required(tiny_run):
+def test_full_engine_answers_429_and_api_key_is_required(tiny_run, live_server):
     model, tokenizer = load_run(tiny_run)
     engine = Engine(model, tokenizer, EngineConfig(max_num_seqs=1, max_waiting=1))
     with live_server(build_app(engine, NAME, api_key="secret")) as url:
@@ -320,7 +298,7 @@ def test_chat_page_is_served(served):
     assert "/v1/chat/completions" in page and f'"{NAME}"' in page
 
 
-def test_command_serves_with_a_draft_and_rejects_bad_flags(tiny_run, tmp_path):
+def test_command_serves_a_transformers_folder_with_a_draft_and_rejects_bad_flags(tiny_run, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -332,7 +310,8 @@ def test_command_serves_with_a_draft_and_rejects_bad_flags(tiny_run, tmp_path):
         [sys.executable, "-m", "lmforge", "serve", str(tiny_run), "--max-num-seqs", "0"], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "--max-num-seqs 0 must be >= 1" in bad.stderr
-    args = [str(tiny_run), "--port", str(port), "--draft", str(tiny_run), "--spec-tokens", "3"]
+    hf_dir = export_hf(tiny_run, tmp_path / "hf")  # served straight from a transformers folder
+    args = [str(hf_dir), "--port", str(port), "--draft", str(tiny_run), "--spec-tokens", "3", "--name", NAME]
     with subprocess.Popen([sys.executable, "-c", code, *args], stderr=subprocess.PIPE) as proc:
         try:
             deadline = time.monotonic() + 30
@@ -345,7 +324,7 @@ def test_command_serves_with_a_draft_and_rejects_bad_flags(tiny_run, tmp_path):
                     assert time.monotonic() < deadline, "server did not start"
                     time.sleep(0.1)
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
-            out = client.completions.create(model=tiny_run.name, prompt="def", max_tokens=12, temperature=0)
+            out = client.completions.create(model=NAME, prompt="def", max_tokens=12, temperature=0)
             model, tokenizer = load_run(tiny_run)
             assert out.choices[0].text == "".join(generate(model, tokenizer, "def", 12, temperature=0))
             assert metric(f"http://127.0.0.1:{port}", "lmforge_spec_acceptance_ratio") == 1.0  # draft == target
