@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: install dev run test lint bench clean
+.PHONY: install dev run test lint bench clean chromium
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,7 +28,12 @@ lint: dev
 	$(VENV)/bin/ruff check lmforge tests benchmarks
 	$(VENV)/bin/ruff format --check lmforge tests benchmarks
 
-test: lint
+# the chat-page test drives Debian's chromium through Playwright (`playwright install` downloads nothing here);
+# installing it needs root, or run the apt-get line with sudo once
+chromium:
+	test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium)
+
+test: lint chromium
 	$(VENV)/bin/pytest
 
 bench: dev
@@ -36,6 +41,11 @@ bench: dev
 	$(PY) benchmarks/bench_decode.py
 	$(PY) benchmarks/bench_time_to_quality.py
 	$(PY) benchmarks/bench_dedup.py
+	$(PY) benchmarks/bench_prepare.py
+	$(PY) benchmarks/bench_serve.py
+	$(PY) benchmarks/parallel.py
+	$(PIP) install -q 'llama-cpp-python>=0.3.36'  # compiles llama.cpp: ~15 min on 2 cores the first time
+	$(PY) benchmarks/bench_llamacpp.py
 
 clean:
 	rm -rf $(VENV) runs

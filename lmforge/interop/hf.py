@@ -1,6 +1,6 @@
 """Hugging Face transformers folders: export a run as LlamaForCausalLM or GPT2LMHeadModel, and import one as a run.
 
-Run: lmforge export hf RUN DIR  /  lmforge import hf DIR --name NAME
+Run: lmforge export hf RUN DIR  /  lmforge import hf DIR --name NAME  (lmforge export gguf RUN FILE: interop/gguf.py)
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import argparse
 import json
 import shutil
 import tempfile
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,8 @@ def hf_family(cfg: ModelConfig) -> str:
     wrong = {f: {k: v for k, v in want.items() if getattr(cfg, k) != v} for f, want in FAMILIES.items()}
     if cfg.n_kv_heads != cfg.n_heads:  # GPT-2 attention has no grouped keys and values
         wrong["gpt2"]["n_kv_heads"] = cfg.n_heads
+    if cfg.mlp == "gelu_tanh":  # GPT-2's own activation, "gelu_new" in its config
+        wrong["gpt2"].pop("mlp")
     family = min(wrong, key=lambda f: len(wrong[f]))
     if wrong[family]:
         have = ", ".join(f"model.{k}={getattr(cfg, k)!r}" for k in wrong[family])
@@ -190,7 +191,7 @@ def _hf_config(cfg: ModelConfig, family: str, tokenizer: Tokenizer | None, dtype
         n_head=cfg.n_heads,
         n_inner=cfg.hidden_dim,
         n_positions=cfg.max_seq_len,
-        activation_function="gelu",  # exact erf GELU, as F.gelu; GPT-2's own default "gelu_new" is the tanh fit
+        activation_function="gelu_new" if cfg.mlp == "gelu_tanh" else "gelu",  # the tanh fit, or exact erf GELU
         layer_norm_epsilon=cfg.norm_eps,
         resid_pdrop=cfg.dropout,
         embd_pdrop=cfg.dropout,
@@ -250,19 +251,16 @@ def _gpt2_model_config(c: dict[str, Any], where: Path) -> dict[str, Any]:
     if c.get("add_cross_attention"):
         raise LmforgeError(f"{where}: add_cross_attention is set; lmforge imports decoder-only GPT-2 models")
     act = c.get("activation_function", "gelu_new")
-    if act in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-        # OpenAI's GPT-2 uses the tanh fit of GELU; ours is exact. They differ by at most 5e-4 per activation.
-        warnings.warn(
-            f"{where}: activation_function={act!r} (tanh-approximate GELU) is imported as exact GELU; "
-            "logits will differ slightly from transformers'",
-            stacklevel=3,
+    mlp = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(act)
+    if mlp is None:
+        raise LmforgeError(
+            f"{where}: activation_function={act!r} has no lmforge counterpart; GPT-2 needs 'gelu' or 'gelu_new'"
         )
-    elif act != "gelu":
-        raise LmforgeError(f"{where}: activation_function={act!r} has no lmforge counterpart; GPT-2 needs 'gelu'")
     dim = _need(c, "n_embd", where)
     heads = _need(c, "n_head", where)
     return dict(
         FAMILIES["gpt2"],
+        mlp=mlp,
         vocab_size=_need(c, "vocab_size", where),
         dim=dim,
         n_layers=_need(c, "n_layer", where),
@@ -445,12 +443,20 @@ def _read_weights(src: Path) -> dict[str, Tensor]:
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("format", choices=["hf"], help="hf: a Hugging Face transformers folder")
+    parser.add_argument(
+        "format", choices=["hf", "gguf"], help="hf: a Hugging Face transformers folder; gguf: a llama.cpp file"
+    )
     parser.add_argument("run", help="run folder, or its name under runs/")
-    parser.add_argument("dir", help="folder to create (must not exist or be empty)")
+    parser.add_argument("dir", metavar="out", help="hf: folder to create (absent or empty); gguf: file to create")
 
 
 def export_command(args: argparse.Namespace) -> Path:
+    if args.format == "gguf":
+        from lmforge.interop.gguf import export_gguf  # imports this module
+
+        out = export_gguf(args.run, args.dir)
+        print(f"wrote {out}: load it with llama.cpp, e.g. llama_cpp.Llama(model_path={str(out)!r})")
+        return out
     out = export_hf(args.run, args.dir)
     print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return out

@@ -60,7 +60,7 @@ class ModelConfig:
     """Context length (training window and the largest KV cache)."""
     pos: Literal["learned", "sinusoidal", "rope", "alibi"] = "rope"
     norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
-    mlp: Literal["gelu", "swiglu"] = "swiglu"
+    mlp: Literal["gelu", "gelu_tanh", "swiglu"] = "swiglu"
     bias: bool = False
     """Biases in linear layers and LayerNorm."""
     tie_embeddings: bool = False

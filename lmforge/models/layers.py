@@ -6,6 +6,7 @@ what to add to the token embeddings, how to rotate queries and keys, and what bi
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -28,15 +29,17 @@ NORMS = {"layernorm": layernorm, "rmsnorm": rmsnorm}
 
 
 class GeluMLP(nn.Module):
-    """GPT-2 feed-forward: up, GELU, down (Hendrycks & Gimpel, 2016)."""
+    """GPT-2 feed-forward: up, GELU, down (Hendrycks & Gimpel, 2016); approximate="tanh" is the fit OpenAI's GPT-2
+    was trained with (transformers' "gelu_new")."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, approximate: str = "none"):
         super().__init__()
         self.up = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.bias)
         self.down = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.bias)
+        self.approximate = approximate
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(F.gelu(self.up(x)))
+        return self.down(F.gelu(self.up(x), approximate=self.approximate))
 
 
 class SwiGLU(nn.Module):
@@ -53,7 +56,7 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
-MLPS = {"gelu": GeluMLP, "swiglu": SwiGLU}
+MLPS = {"gelu": GeluMLP, "gelu_tanh": functools.partial(GeluMLP, approximate="tanh"), "swiglu": SwiGLU}
 
 
 class Positions(nn.Module):

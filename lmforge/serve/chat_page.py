@@ -1,4 +1,5 @@
-"""The small chat page served at `/`: it streams answers from /v1/chat/completions with fetch and SSE parsing."""
+"""The small chat page served at `/`: it streams answers from /v1/chat/completions with fetch and SSE parsing, at the
+temperature and max tokens set on the page."""
 
 CHAT_PAGE = """<!doctype html>
 <html lang="en">
@@ -10,12 +11,17 @@ CHAT_PAGE = """<!doctype html>
   #log div { white-space: pre-wrap; margin: .4rem 0; padding: .4rem .6rem; border-radius: .4rem; }
   .user { background: #e8f0fe; } .assistant { background: #f1f3f4; } .error { background: #fde8e8; }
   form { display: flex; gap: .5rem; } #prompt { flex: 1; padding: .4rem; }
+  #settings { margin: .5rem 0; color: #555; font-size: 13px; } #settings input { width: 4.5rem; }
 </style>
 </head>
 <body>
 <h1>lmforge chat</h1>
 <div id="log"></div>
 <form id="form"><input id="prompt" autocomplete="off" placeholder="Type a message"><button>Send</button></form>
+<div id="settings">
+  <label>temperature <input id="temperature" type="number" min="0" max="2" step="0.1" value="0.8"></label>
+  <label>max tokens <input id="max-tokens" type="number" min="1" step="1" value="128"></label>
+</div>
 <script>
 const model = MODEL_NAME;
 const messages = [];
@@ -39,7 +45,11 @@ document.getElementById("form").addEventListener("submit", async (event) => {
   const response = await fetch("/v1/chat/completions", {
     method: "POST",
     headers: {"Content-Type": "application/json"},
-    body: JSON.stringify({model, messages, stream: true, max_tokens: 128, temperature: 0.8}),
+    body: JSON.stringify({
+      model, messages, stream: true,
+      temperature: Number(document.getElementById("temperature").value),
+      max_tokens: Number(document.getElementById("max-tokens").value),
+    }),
   });
   if (!response.ok) {
     answer.className = "error";

@@ -328,12 +328,12 @@ class Engine:
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
         for token, row in zip(tokens, logits, strict=True):
+            if p.logprobs is not None:  # a stop token's too: scoring clients read the last entry as the generated one
+                out.logprobs.append(logprob_entry(torch.log_softmax(row, dim=-1), token, p.logprobs))
             if token in self.eos_ids or token in p.stop_token_ids:
                 return self._finish(seq, out, "stop")
             seq.tokens.append(token)
             out.token_ids.append(token)
-            if p.logprobs is not None:
-                out.logprobs.append(logprob_entry(torch.log_softmax(row, dim=-1), token, p.logprobs))
             out.text += seq.text.push(token)
             out.completion_tokens = len(seq.output_ids)
             if seq.text.stopped:

@@ -170,17 +170,27 @@ def test_import_rejects_llama_variants_it_cannot_express(tmp_path_factory, tiny_
             import_hf(folder, tmp_path / "run")
 
 
-def test_import_of_tanh_gelu_gpt2_warns(tmp_path_factory, tiny_tokenizer, tmp_path):
-    family, run, out, _ = export_family("gpt2", tmp_path_factory, tiny_tokenizer)
-    folder = tmp_path / "gpt2"
+def test_tanh_gelu_gpt2_round_trips_and_matches_transformers(tmp_path_factory, tiny_tokenizer, tmp_path):
+    root = tmp_path_factory.mktemp("hf_gpt2_tanh")
+    run = make_run(root / "run", tiny_tokenizer, **{**CONFIGS["gpt2"], "mlp": "gelu_tanh"})
+    out = export_hf(run, root / "hf")
+    assert json.loads((out / "config.json").read_text())["activation_function"] == "gelu_new"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    back = load_model(import_hf(out, tmp_path / "run")).eval()
+    assert back.cfg.mlp == "gelu_tanh"
+    ids = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (hf(ids).logits - back(ids)).abs().max().item() <= 1e-4
+        exact = load_model(run).eval()
+        exact.layers[0].mlp.approximate = "none"  # the variant matters: the erf GELU gives other logits
+        assert (hf(ids).logits - exact(ids)).abs().max().item() > 1e-5
+    folder = tmp_path / "relu"
     folder.mkdir()
-    for name in ("model.safetensors", "tokenizer.json"):
-        (folder / name).write_bytes((out / name).read_bytes())
-    config = json.loads((out / "config.json").read_text()) | {"activation_function": "gelu_new"}
-    (folder / "config.json").write_text(json.dumps(config))
-    with pytest.warns(UserWarning, match="tanh-approximate GELU"):
-        back = import_hf(folder, tmp_path / "run")
-    assert_same_state(load_model(back), load_model(run))
+    (folder / "config.json").write_text(
+        json.dumps(json.loads((out / "config.json").read_text()) | {"activation_function": "relu"})
+    )
+    with pytest.raises(LmforgeError, match="activation_function='relu'"):
+        import_hf(folder, tmp_path / "relu-run")
 
 
 def test_cli(exported, tmp_path):
@@ -189,7 +199,7 @@ def test_cli(exported, tmp_path):
     add_export_arguments(export_parser)
     add_import_arguments(import_parser)
     with pytest.raises(SystemExit):
-        export_parser.parse_args(["gguf", str(run), str(tmp_path / "x")])
+        export_parser.parse_args(["onnx", str(run), str(tmp_path / "x")])
     out = export_command(export_parser.parse_args(["hf", str(run), str(tmp_path / "mymodel")]))
     back = import_command(import_parser.parse_args(["hf", str(out), "--root", str(tmp_path / "runs")]))
     assert back == tmp_path / "runs" / "mymodel"
