@@ -165,6 +165,12 @@ def test_stop_strings_and_stop_tokens(tokenizer):
         [prompt], SamplingParams(max_tokens=30, temperature=0.0, stop_token_ids=[full.token_ids[3]])
     )
     assert by_token[0].token_ids == full.token_ids[: full.token_ids.index(full.token_ids[3])]
+    stop_id = full.token_ids[3]
+    scored = engine.generate(
+        [prompt], SamplingParams(max_tokens=30, temperature=0.0, stop_token_ids=[stop_id], logprobs=0)
+    )
+    # the stop token is not emitted but keeps its logprob entry: scoring clients read it as the generated token
+    assert [e["token"] for e in scored[0].logprobs] == [*scored[0].token_ids, stop_id]
     assert_no_leak(engine)
 
 
