@@ -56,9 +56,14 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
+    prune_checkpoints(run_dir, keep_last)
+    return final
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints."""
     for old in checkpoint_dirs(run_dir)[:-keep_last]:
         shutil.rmtree(old)
-    return final
 
 
 def _find(run_or_ckpt: str | Path) -> Path:

@@ -33,12 +33,16 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 turns clipping off)."""
-    dtype: Literal["fp32", "bf16"] = "fp32"
-    """bf16: autocast matmuls to bfloat16 (weights and optimizer stay fp32), on CPU and GPU."""
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """bf16/fp16: autocast matmuls to bfloat16/float16, on CPU and GPU; weights and optimizer stay fp32 (master
+    weights). fp16 adds dynamic loss scaling (torch.amp.GradScaler), skipping steps whose gradients overflow."""
     compile: bool = False
     """torch.compile the model."""
-    activation_checkpointing: bool = False
-    """Recompute each block's activations in backward instead of storing them."""
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    """Recompute blocks' activations in backward instead of storing them: full, every block; selective, every
+    ac_every-th block (the others keep theirs). The bytes saved land in the run's summary (activation_bytes_*)."""
+    ac_every: int = 2
+    """With activation_checkpointing=selective: checkpoint blocks 0, k, 2k, ..."""
     eval_every: int = 50
     """Validation loss every this many steps (0: only at the end)."""
     eval_batches: int = 8
@@ -51,7 +55,7 @@ class TrainConfig:
     """auto (cuda if present, else cpu), cpu, cuda or cuda:N."""
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "eval_batches", "log_every", "keep_last"):
+        for name in ("steps", "batch_size", "grad_accum", "eval_batches", "log_every", "keep_last", "ac_every"):
             check(getattr(self, name) > 0, f"train.{name}={getattr(self, name)} must be positive")
         for name in ("warmup_steps", "eval_every", "ckpt_every"):
             check(getattr(self, name) >= 0, f"train.{name}={getattr(self, name)} must be >= 0")

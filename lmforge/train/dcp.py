@@ -5,15 +5,19 @@ load); plus export to the single-file model.safetensors + model.json that the re
 Layout: runs/<name>/dcp/step_000100/{__0_0.distcp, __1_0.distcp, .metadata, model.json, state.json, trainer.pt}
 `trainer.pt` holds the schedulers and rank 0's RNG (loaded with weights_only=True), `state.json` the step, the world
 size and whatever the loop adds. A save goes to `.step_N.tmp` and is renamed by rank 0 after every rank finished, so
-an interrupted save leaves the previous checkpoint the newest complete one.
+an interrupted save leaves the previous checkpoint the newest complete one. Tensor parallelism trains fused q|k|v and
+gate|up rows interleaved by rank (train/tensor_parallel.py); `rows` puts them back in the model's own order on save
+(and interleaves them again on load), so a checkpoint reads the same at any tp.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 import shutil
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +27,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
     set_state_dict,
 )
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim.lr_scheduler import LRScheduler
 
 from lmforge.checkpoint import read_state
@@ -35,6 +41,10 @@ from lmforge.config import from_dict, to_dict
 from lmforge.errors import LmforgeError
 from lmforge.models import Decoder, ModelConfig, build_model
 from lmforge.run import atomic_write
+from lmforge.train.tensor_parallel import deinterleave, interleave
+
+Rows = tuple[dict[str, list[int]], int]
+"""Tensor parallelism's fused row blocks by parameter-name suffix (tensor_parallel.fused_rows) and its tp."""
 
 
 def dcp_dirs(run_dir: str | Path) -> list[Path]:
@@ -58,8 +68,10 @@ def save_dcp(
     schedulers: Sequence[LRScheduler] = (),
     state: dict[str, Any] | None = None,
     keep_last: int = 2,
+    rows: Rows | None = None,
 ) -> Path:
-    """Write checkpoint `step` of `model` (plain, DDP or FSDP2) and its optimizers; every rank calls this.
+    """Write checkpoint `step` of `model` (plain, DDP, FSDP2, tensor parallel or a pipeline stage) and its
+    optimizers; every rank calls this.
 
     `state` (JSON-serialisable, e.g. the loader position) lands in state.json beside the step and world size."""
     root = Path(run_dir) / "dcp"
@@ -70,7 +82,9 @@ def save_dcp(
         tmp.mkdir(parents=True)
     _barrier()
     # returns once every rank's shards and the .metadata index are written
-    dcp.save(_state_dict(model, optimizers), checkpoint_id=tmp, no_dist=world_size == 1)
+    state_dict = _reorder(_state_dict(model, optimizers), rows, deinterleave)
+    with _one_process_quiet():
+        dcp.save(state_dict, checkpoint_id=tmp, no_dist=world_size == 1)
     if rank == 0:
         atomic_write(tmp / "model.json", json.dumps(to_dict(_decoder(model).cfg), indent=2) + "\n")
         atomic_write(tmp / "state.json", json.dumps({"step": step, "world_size": world_size, **(state or {})}) + "\n")
@@ -94,18 +108,24 @@ def load_dcp(
     model: nn.Module,
     optimizers: Sequence[torch.optim.Optimizer] = (),
     schedulers: Sequence[LRScheduler] = (),
+    rows: Rows | None = None,
 ) -> dict[str, Any]:
     """Load a DCP checkpoint into `model` and `optimizers` however they are sharded now, restore the schedulers and
     RNG, and return state.json; every rank calls this."""
     ckpt = Path(ckpt)
     _check_shapes(ckpt, model, with_optimizer=bool(optimizers))
-    state_dict = _state_dict(model, optimizers)
+    state_dict = _reorder(_state_dict(model, optimizers), rows, deinterleave)
     # each rank reads the slices of the saved tensors that its own shards cover, into state_dict's tensors in place
-    dcp.load(state_dict, checkpoint_id=ckpt, no_dist=not dist.is_initialized())
+    with _one_process_quiet():
+        dcp.load(state_dict, checkpoint_id=ckpt, no_dist=not dist.is_initialized())
+    state_dict = _reorder(state_dict, rows, interleave)
+    # a pipeline stage loads its own slice of the model
+    options = StateDictOptions(strict=not hasattr(model, "own_state_dict"))
     if optimizers:
-        set_state_dict(model, optimizers, model_state_dict=state_dict["model"], optim_state_dict=state_dict["optim"])
+        model_sd, optim_sd = state_dict["model"], state_dict["optim"]
+        set_state_dict(model, optimizers, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
     else:
-        set_model_state_dict(model, state_dict["model"])
+        set_model_state_dict(model, state_dict["model"], options=options)
     trainer = _read_trainer(ckpt)
     if schedulers and len(trainer["schedulers"]) != len(schedulers):
         raise LmforgeError(
@@ -126,7 +146,8 @@ def export_safetensors(ckpt: str | Path, out_dir: str | Path) -> Path:
     model = build_model(read_dcp_config(ckpt))
     _check_shapes(ckpt, model, with_optimizer=False)
     state_dict = {"model": model.state_dict()}
-    dcp.load(state_dict, checkpoint_id=ckpt, no_dist=True)  # no collectives: only this process reads
+    with _one_process_quiet():
+        dcp.load(state_dict, checkpoint_id=ckpt, no_dist=True)  # no collectives: only this process reads
     model.load_state_dict(state_dict["model"])
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -150,9 +171,39 @@ def _state_dict(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -
     """Keys are parameter names (no DDP `module.` prefix) and tensors stay sharded as the model is, which is what lets
     DCP reshard: each rank reads the slices its own shards cover."""
     if not optimizers:
-        return {"model": get_model_state_dict(model)}
+        return {"model": _own(model, get_model_state_dict(model))}
     model_sd, optim_sd = get_state_dict(model, list(optimizers))
-    return {"model": model_sd, "optim": optim_sd}
+    return {"model": _own(model, model_sd), "optim": optim_sd}
+
+
+def _own(model: nn.Module, sd: dict[str, Any]) -> dict[str, Any]:
+    """A pipeline stage's state dict without the frozen copies it holds of other stages' parameters (which DCP would
+    otherwise dedupe against the trained originals)."""
+    return model.own_state_dict(sd) if hasattr(model, "own_state_dict") else sd
+
+
+def _reorder(sd: dict[str, Any], rows: Rows | None, fn: Callable) -> dict[str, Any]:
+    """`sd` with the fused rows of parameters and of their optimizer states (same shape) passed through `fn`
+    (interleave or deinterleave). A DTensor is gathered, reordered and re-split with its own placements: one fused
+    matrix at a time, so the transient is one layer's projection."""
+    if rows is None or rows[1] == 1:
+        return sd
+    blocks, tp = rows
+
+    def apply(name: str, t: Any) -> Any:
+        sizes = next((s for suffix, s in blocks.items() if name.endswith(suffix)), None)
+        if sizes is None or not isinstance(t, torch.Tensor) or t.ndim == 0 or t.shape[0] != sum(sizes):
+            return t
+        if isinstance(t, DTensor):
+            # src_data_rank=None: every rank holds the whole tensor, so each slices its own shard without sending
+            return distribute_tensor(fn(t.full_tensor(), sizes, tp), t.device_mesh, t.placements, src_data_rank=None)
+        return fn(t, sizes, tp)
+
+    out = {**sd, "model": {k: apply(k, v) for k, v in sd["model"].items()}}
+    if "optim" in sd:
+        state = {k: {n: apply(k, v) for n, v in s.items()} for k, s in sd["optim"]["state"].items()}
+        out["optim"] = {**sd["optim"], "state": state}
+    return out
 
 
 def _check_shapes(ckpt: Path, model: nn.Module, with_optimizer: bool) -> None:
@@ -161,9 +212,11 @@ def _check_shapes(ckpt: Path, model: nn.Module, with_optimizer: bool) -> None:
         saved = dcp.FileSystemReader(ckpt).read_metadata().state_dict_metadata
     except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
         raise LmforgeError(f"{ckpt} is not a complete DCP checkpoint ({e}); load an earlier one") from None
-    wanted = {f"model.{k}": tuple(v.shape) for k, v in get_model_state_dict(model).items()}
+    wanted = {f"model.{k}": tuple(v.shape) for k, v in _own(model, get_model_state_dict(model)).items()}
     have = {k: tuple(v.size) for k, v in saved.items() if k.startswith("model.") and hasattr(v, "size")}
-    wrong = [k for k in wanted if have.get(k) != wanted[k]] + [k for k in have if k not in wanted]
+    wrong = [k for k in wanted if have.get(k) != wanted[k]]
+    if not hasattr(model, "own_state_dict"):  # a pipeline stage holds only some of the model
+        wrong += [k for k in have if k not in wanted]
     if wrong:
         key = wrong[0]
         there = f"{list(have[key])} there" if key in have else "missing there"
@@ -187,6 +240,14 @@ def _read_trainer(ckpt: Path) -> dict[str, Any]:
 
 def _decoder(model: nn.Module) -> Decoder:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@contextlib.contextmanager
+def _one_process_quiet() -> Iterator[None]:
+    """DCP warns on every save and load without a process group that it assumes one process, which is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _rank_and_world() -> tuple[int, int]:

@@ -12,6 +12,9 @@ import torch
 def matmul_peak_flops(device_type: str, dtype: torch.dtype) -> float:
     """Best FLOP/s of a few square matmuls on this device: the denominator of MFU (measured, not a spec sheet)."""
     sizes = (1024, 2048) if device_type == "cpu" else (8192,)
+    if device_type == "cpu" and dtype == torch.float16:
+        # most CPUs have no fp16 matmul units: a 2048^3 fp16 matmul took ~20 s here (measured), so a small one
+        sizes = (256,)
     # a private generator: measuring must not move the global RNG that dropout and resume depend on
     gen = torch.Generator(device=device_type).manual_seed(0)
     best = 0.0

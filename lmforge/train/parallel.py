@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
@@ -50,6 +50,10 @@ class ParallelConfig:
     """Pipeline micro-batches per step (0: train.grad_accum); they split the step's batch_size * grad_accum rows."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """Process-group backend; auto: nccl on CUDA, gloo on CPU."""
+    cpu_offload: bool = False
+    """With parallel.zero=2/3 on GPUs: keep FSDP's parameter shards, gradients and AdamW state in CPU memory (copied
+    to the GPU per block for forward and backward; the optimizer steps on the CPU), so a model larger than the GPUs'
+    memory trains. Rejected on CPU devices, where everything already lives in CPU memory."""
 
     def validate(self) -> None:
         for name in ("dp", "microbatches"):
@@ -58,6 +62,11 @@ class ParallelConfig:
         for name in ("tp", "pp"):
             if getattr(self, name) < 1:
                 raise LmforgeError(f"parallel.{name}={getattr(self, name)} must be >= 1")
+        if self.cpu_offload and self.zero < 2:
+            raise LmforgeError(
+                f"parallel.cpu_offload=true offloads FSDP's shards, but parallel.zero={self.zero} does not use FSDP; "
+                "set parallel.zero=2 or 3"
+            )
         if self.microbatches and self.pp == 1:
             raise LmforgeError(
                 f"parallel.microbatches={self.microbatches} splits a pipeline's step, but parallel.pp=1; set "
@@ -107,12 +116,22 @@ class ParallelConfig:
                 f"over the dp ranks); DDP (zero 0 and 1) takes neither DTensor parameters nor a pipeline's "
                 f"per-micro-batch backwards"
             )
+        if self.cpu_offload and dp == 1:
+            raise LmforgeError(
+                "parallel.cpu_offload=true offloads FSDP's shards, but this layout has 1 data-parallel rank (no "
+                f"FSDP); launch more processes than tp x pp = {self.tp * self.pp}"
+            )
         return self.pp, dp, self.tp
 
 
 def init_distributed(cfg: ParallelConfig, device: torch.device) -> tuple[int, int, torch.device]:
     """(rank, world_size, device) from torchrun's RANK, WORLD_SIZE and LOCAL_RANK; (0, 1, device) without them."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.cpu_offload and device.type != "cuda":
+        raise LmforgeError(
+            f"parallel.cpu_offload=true moves FSDP's shards from GPU to CPU memory, but train.device is {device.type}, "
+            "where they are in CPU memory already; drop parallel.cpu_offload or train on CUDA devices"
+        )
     if world_size == 1:
         cfg.mesh_shape(1)
         return 0, 1, device
@@ -153,13 +172,14 @@ def barrier() -> None:
         dist.barrier()
 
 
-def parallelize(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh | None, mc: ModelConfig, ac: bool) -> nn.Module:
-    """Tensor parallelism, then activation checkpointing (`ac`), then data parallelism; returns the module to run
-    (DDP's wrapper, or `model` itself changed in place)."""
+def parallelize(
+    model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh | None, mc: ModelConfig, ac: str = "none", ac_every: int = 1
+) -> nn.Module:
+    """Tensor parallelism, then activation checkpointing (`ac`: none, full or selective every `ac_every`-th block),
+    then data parallelism; returns the module to run (DDP's wrapper, or `model` itself changed in place)."""
     if mesh is not None and cfg.tp > 1:
         apply_tensor_parallel(model, mesh["tp"], mc)
-    if ac:
-        apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
+    checkpoint_blocks(model, ac, ac_every)
     if mesh is None or mesh["dp"].size() == 1:
         return model
     dp = mesh["dp"]
@@ -172,10 +192,39 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh | None, 
     # one FSDP unit per block, so only one block's full parameters live at a time; the root takes embed/norm/head.
     # ZeRO-2 keeps each unit's gathered parameters from forward to backward (no second all-gather), ZeRO-3 frees them
     reshard = cfg.zero == 3
+    offload = CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy()
     for block in model.layers.children():
-        fully_shard(block, mesh=dp, reshard_after_forward=reshard)
-    fully_shard(model, mesh=dp, reshard_after_forward=reshard)
+        fully_shard(block, mesh=dp, reshard_after_forward=reshard, offload_policy=offload)
+    fully_shard(model, mesh=dp, reshard_after_forward=reshard, offload_policy=offload)
     return model
+
+
+def checkpoint_blocks(model: nn.Module, policy: str, every: int) -> None:
+    """Wrap blocks so backward recomputes their activations: every block (full) or blocks 0, k, 2k, ... (selective,
+    k = `every`), by the block's index in the whole model (a pipeline stage keeps the global indices)."""
+    if policy == "none":
+        return
+    step = 1 if policy == "full" else every
+    chosen = {id(b) for name, b in model.layers.named_children() if int(name) % step == 0}
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block) and id(m) in chosen)
+
+
+def saved_activation_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Bytes autograd keeps for backward in one forward of `model` on (x, y), parameters aside, each storage once.
+    Checkpointed blocks keep theirs out of sight (their own saved-tensor hooks stash nothing), so this is what
+    checkpointing saves."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x, y)
+    return sum(kept.values())
 
 
 def shard_optimizers(optimizers: list[torch.optim.Optimizer], cfg: ParallelConfig, mesh: DeviceMesh | None) -> list:
@@ -262,11 +311,6 @@ def rank_bytes(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> dic
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's whole value (a collective: every rank calls it); a plain tensor as it is."""
     return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def gathers_weights(model: nn.Module, cfg: ParallelConfig) -> bool:
-    """Whether the trained module holds only part of the model (FSDP, TP or a pipeline stage)."""
-    return isinstance(model, FSDPModule) or cfg.tp > 1 or cfg.pp > 1
 
 
 def full_state_dict(model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh, mc: ModelConfig) -> dict:

@@ -24,6 +24,7 @@ class Stage(nn.Module):
     def __init__(self, model: Decoder, lo: int, hi: int):
         super().__init__()
         first, last = lo == 0, hi == len(model.layers)
+        self.cfg = model.cfg  # the whole model's, for checkpoints
         self.embed = model.embed if first else None
         self.positions, self.drop = model.positions, model.drop
         self.layers = nn.ModuleDict({str(i): model.layers[i] for i in range(lo, hi)})

@@ -2,7 +2,8 @@
 
 Run: `lmforge pretrain --config configs/pretrain/tiny.yaml [--resume] [key.sub=value ...]`
 (or `torchrun --nproc-per-node N -m lmforge pretrain ... [parallel.tp=2 parallel.pp=2 parallel.zero=3]`: data, tensor
-and pipeline parallelism, see train/parallel.py)
+and pipeline parallelism, see train/parallel.py). Checkpoints are DCP shards (runs/<name>/dcp/, resumable on another
+world size) plus a single-file export (runs/<name>/checkpoints/) for generate, export and serve.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lmforge.checkpoint import latest_checkpoint, load_trainer_state, load_weights, read_state, save_checkpoint
+from lmforge.checkpoint import latest_checkpoint, load_weights
 from lmforge.config import check, to_dict
 from lmforge.data.corpus import DataConfig, load_corpus
 from lmforge.data.shards import ShardLoader, eval_batches, read_manifest, shards_ready, write_shards
@@ -25,6 +26,7 @@ from lmforge.models import Decoder, ModelConfig, build_model
 from lmforge.run import Run, RunConfig
 from lmforge.tokenizer import Tokenizer, TokenizerConfig
 from lmforge.train import parallel, pipeline
+from lmforge.train.checkpointer import Checkpointer
 from lmforge.train.config import TrainConfig
 from lmforge.train.flops import matmul_peak_flops
 from lmforge.train.optim import build_optimizers
@@ -75,6 +77,12 @@ class PretrainConfig:
             f"{self.train.batch_size * self.train.grad_accum} (the rows of one pipeline step)",
         )
         check(
+            self.train.dtype != "fp16" or (pc.zero == 0 and pc.tp == 1 and pc.pp == 1),
+            "train.dtype=fp16 skips a step when any gradient overflows, which needs every rank to see whole, equal "
+            "gradients (one process or DDP); parallel.zero>=1, tp>1 and pp>1 shard them or their optimizer: use "
+            "train.dtype=bf16 (no loss scaling needed) there",
+        )
+        check(
             pc.pp == 1 or not self.train.compile,
             "parallel.pp>1 runs stages eagerly; set train.compile=false",
         )
@@ -82,6 +90,23 @@ class PretrainConfig:
             self.parallel.backend != "nccl" or self.train.device != "cpu",
             "parallel.backend=nccl needs CUDA devices; use parallel.backend=gloo (or auto) with train.device=cpu",
         )
+
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def optimizer_step(model, optimizers, schedulers, scaler: torch.amp.GradScaler, clip: float, pc, mesh) -> torch.Tensor:
+    """Unscale the gradients (fp16), clip their global norm, step every optimizer (the scaler skips the step when a
+    gradient is inf or NaN) and schedule; return the norm before clipping."""
+    for opt in optimizers:
+        scaler.unscale_(opt)
+    grad_norm = parallel.clip_grad_norm(model, clip if clip > 0 else 1e30, pc, mesh)
+    for opt in optimizers:
+        scaler.step(opt)
+    scaler.update()
+    for sched in schedulers:
+        sched.step()
+    return grad_norm
 
 
 def pick_device(name: str) -> torch.device:
@@ -136,13 +161,13 @@ def main(cfg: PretrainConfig, run: Run) -> dict[str, float]:
     rank, world_size, device = parallel.init_distributed(pc, pick_device(tc.device))
     mesh = parallel.build_mesh(pc, world_size, device)
     dp_rank, dp_size = parallel.dp_rank_and_size(mesh)
-    # every rank holds only part of the model: checkpoints hold the gathered weights but no optimizer state
+    # every rank holds only part of the model (rank 0 keeps a whole CPU copy for samples and pipeline validation)
     sharded = world_size > 1 and (pc.zero >= 2 or pc.tp > 1 or pc.pp > 1)
-    if cfg.resume and sharded:
-        raise LmforgeError(
-            f"--resume under parallel.zero={pc.zero} tp={pc.tp} pp={pc.pp} is not supported yet (its checkpoints hold "
-            f"no optimizer state); resume with parallel.zero<=1, tp=1, pp=1 or on one process"
-        )
+    # fp16: scale the loss so that small gradients survive fp16's range; steps with inf/NaN gradients are skipped and
+    # the scale halved (Micikevicius et al., 2018). Disabled, it passes everything through
+    scaler = torch.amp.GradScaler(device.type, enabled=tc.dtype == "fp16")
+    # ZeroRedundancyOptimizer has no sharded state dict for DCP: ZeRO-1 consolidates on rank 0 into one file instead
+    ckpt = Checkpointer(run, cfg, dp_size, scaler, zero1=world_size > 1 and pc.zero == 1 and dp_size > 1)
     t_data = time.perf_counter()
     if rank == 0:
         run.write_json("pretrain_config.json", to_dict(cfg))
@@ -159,13 +184,16 @@ def main(cfg: PretrainConfig, run: Run) -> dict[str, float]:
 
     tokens_per_step = tc.batch_size * tc.grad_accum * dp_size * mc.max_seq_len
     model = build_model(mc, device=device, seed=cfg.run.seed)
-    # the header before sharding, and when sharded a whole CPU copy on rank 0 for checkpoints and samples
+    # the header before sharding, and when sharded a whole CPU copy on rank 0 for samples and pipeline validation
     plain = build_model(mc, device="cpu") if sharded and rank == 0 else model
     if rank == 0:
         _log_header(run, cfg, model, manifests, tokens_per_step)
     if pc.pp > 1:
         model = pipeline.build_stage(model, mesh["pp"])  # this rank's layers; `model` is what it trains from here
-    dist_model = parallel.parallelize(model, pc, mesh, mc, tc.activation_checkpointing)
+    memory: dict[str, int] = {}
+    if tc.activation_checkpointing != "none" and rank == 0:
+        memory = _activation_memory(cfg, run, device)
+    dist_model = parallel.parallelize(model, pc, mesh, mc, tc.activation_checkpointing, tc.ac_every)
     pipe = None
     if pc.pp > 1:
         pipe = pipeline.Pipeline(dist_model, mesh["pp"], device, pc.schedule, pc.microbatches or tc.grad_accum)
@@ -175,24 +203,23 @@ def main(cfg: PretrainConfig, run: Run) -> dict[str, float]:
     loader = ShardLoader(run.file("data/train"), mc.max_seq_len, tc.batch_size, cfg.run.seed, dp_rank, dp_size)
     step = 0
     if cfg.resume:
-        step = _resume(run, model, optimizers, schedulers, loader, world_size)
+        step = ckpt.resume(model, optimizers, schedulers, loader, world_size)
     else:
         torch.manual_seed(cfg.run.seed)
 
     train_model = torch.compile(dist_model) if tc.compile else dist_model
-    bf16 = tc.dtype == "bf16"
+    amp = AUTOCAST[tc.dtype]
 
     def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
 
     flops_per_step = mc.flops_per_token() * tokens_per_step
-    peak = world_size * matmul_peak_flops(device.type, torch.bfloat16 if bf16 else torch.float32)
+    peak = world_size * matmul_peak_flops(device.type, amp or torch.float32)
     val_dir = run.file("data/val")
     losses: list[float] = []
     val_loss = math.nan
     train_seconds = 0.0
     start_step = step
-    memory: dict[str, int] = {}
     with TrainProgress(tc.steps, step, show=rank == 0) as progress:
         while step < tc.steps:
             t0 = time.perf_counter()
@@ -208,15 +235,11 @@ def main(cfg: PretrainConfig, run: Run) -> dict[str, float]:
                     with parallel.grad_sync(dist_model, sync=micro == tc.grad_accum - 1):
                         with autocast():
                             loss = train_model(x.to(device), y.to(device)) / tc.grad_accum
-                        loss.backward()
+                        scaler.scale(loss).backward()
                     loss_sum += loss.detach()
-            grad_norm = parallel.clip_grad_norm(model, tc.grad_clip if tc.grad_clip > 0 else 1e30, pc, mesh)
-            for opt in optimizers:
-                opt.step()
-            for sched in schedulers:
-                sched.step()
+            grad_norm = optimizer_step(model, optimizers, schedulers, scaler, tc.grad_clip, pc, mesh)
             if step + 1 == tc.steps:  # with the gradients still held: what ZeRO's stages shard
-                memory = parallel.rank_bytes(model, optimizers)
+                memory.update(parallel.rank_bytes(model, optimizers))
             model.zero_grad(set_to_none=True)
             step += 1
             dt = time.perf_counter() - t0
@@ -228,9 +251,8 @@ def main(cfg: PretrainConfig, run: Run) -> dict[str, float]:
                 lr = optimizers[0].param_groups[0]["lr"]
                 mfu = flops_per_step / dt / peak
                 eta = (tc.steps - step) * train_seconds / (step - start_step)
-                run.log_metrics(
-                    dict(step=step, loss=losses[-1], lr=lr, tokens_per_s=tok_s, grad_norm=grad_norm.item(), mfu=mfu)
-                )
+                row = dict(step=step, loss=losses[-1], lr=lr, tokens_per_s=tok_s, grad_norm=grad_norm.item(), mfu=mfu)
+                run.log_metrics({**row, "loss_scale": scaler.get_scale()} if scaler.is_enabled() else row)
                 progress.line(
                     f"step {step:>6}/{tc.steps} | loss {losses[-1]:.4f} | lr {lr:.2e} | dt {dt * 1000:.0f} ms | "
                     f"{tok_s:,.0f} tok/s | MFU {mfu:.1%} | ETA {eta:.0f}s"
@@ -244,7 +266,7 @@ def main(cfg: PretrainConfig, run: Run) -> dict[str, float]:
                     run.log_metrics(dict(step=step, val_loss=val_loss, val_ppl=math.exp(val_loss)))
                     progress.line(f"step {step:>6} | val loss {val_loss:.4f} | val ppl {math.exp(val_loss):.2f}")
             if (tc.ckpt_every and step % tc.ckpt_every == 0) or step == tc.steps:
-                _save(run, step, model, plain, rank, optimizers, schedulers, loader, world_size, cfg, mesh)
+                ckpt.save(step, model, optimizers, schedulers, loader)
 
     summary = {
         "steps": step,
@@ -256,9 +278,11 @@ def main(cfg: PretrainConfig, run: Run) -> dict[str, float]:
         "train_seconds": train_seconds,
         "tokens_per_s": (step - start_step) * tokens_per_step / train_seconds if train_seconds else math.nan,
         "mfu": (step - start_step) * flops_per_step / train_seconds / peak if train_seconds else math.nan,
-        **memory,  # rank 0's bytes of parameters, gradients and optimizer state
+        **memory,  # rank 0's bytes of parameters, gradients and optimizer state (and of activations, with AC)
     }
     if rank == 0:
+        if sharded:  # the final weights, from the export of the final checkpoint
+            load_weights(plain, latest_checkpoint(run.path) / "model.safetensors")
         samples = _samples(plain, tokenizer, cfg.sample)
         _write_summary(run, cfg, plain, manifests, tokenizer, summary, samples)
     run.close()
@@ -275,28 +299,18 @@ def _log_header(run: Run, cfg: PretrainConfig, model: Decoder, manifests, tokens
     )
 
 
-def _save(run: Run, step: int, model, plain, rank, optimizers, schedulers, loader, world_size, cfg, mesh) -> None:
-    """Every rank calls this (FSDP, TP and pipeline stages gather the weights, ZeRO-1 the optimizer state); rank 0
-    writes. Checkpoints of sharded models hold weights only."""
-    keep_last = cfg.train.keep_last
-    if parallel.gathers_weights(model, cfg.parallel):
-        weights = parallel.full_state_dict(model, cfg.parallel, mesh, cfg.model)
-        if rank == 0:
-            plain.load_state_dict(weights)
-            state = {"loader": loader.state_dict(), "world_size": world_size}
-            save_checkpoint(run.path, step, plain, state=state, keep_last=keep_last)
-        return
-    optimizer_states = parallel.optimizer_state_dicts(optimizers, rank)
-    if rank != 0:
-        return
-    trainer = {
-        "optimizers": optimizer_states,
-        "schedulers": [sched.state_dict() for sched in schedulers],
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    state = {"loader": loader.state_dict(), "world_size": world_size}
-    save_checkpoint(run.path, step, model, state=state, trainer=trainer, keep_last=keep_last)
+def _activation_memory(cfg: PretrainConfig, run: Run, device: torch.device) -> dict[str, int]:
+    """Bytes one micro-batch's forward keeps for backward on a whole-model copy, without and with the run's
+    activation checkpointing; the RNG is put back so that training is unchanged."""
+    rng = torch.get_rng_state()
+    x, y = next(eval_batches(run.file("data/val"), cfg.model.max_seq_len, cfg.train.batch_size, 1))
+    x, y = x.to(device), y.to(device)
+    copy = build_model(cfg.model, device=device)
+    without = parallel.saved_activation_bytes(copy, x, y)
+    parallel.checkpoint_blocks(copy, cfg.train.activation_checkpointing, cfg.train.ac_every)
+    with_ac = parallel.saved_activation_bytes(copy, x, y)
+    torch.set_rng_state(rng)
+    return {"activation_bytes_without_ac": without, "activation_bytes": with_ac}
 
 
 def _evaluate_gathered(model, plain, rank: int, val_dir, cfg: PretrainConfig, mesh, autocast) -> float:
@@ -309,34 +323,6 @@ def _evaluate_gathered(model, plain, rank: int, val_dir, cfg: PretrainConfig, me
         out[0] = evaluate(plain, val_dir, cfg, autocast)
     dist.broadcast_object_list(out, src=0)
     return out[0]
-
-
-def _resume(run: Run, model, optimizers, schedulers, loader, world_size: int) -> int:
-    ckpt = latest_checkpoint(run.path)
-    if ckpt is None:
-        raise LmforgeError(f"--resume given but {run.path}/checkpoints holds no checkpoint; drop --resume to start")
-    load_weights(model, ckpt / "model.safetensors")
-    state = read_state(ckpt)
-    # each rank's loader position counts its own windows, so it means the same data only at the same world size
-    if state.get("world_size", 1) != world_size:
-        raise LmforgeError(
-            f"{ckpt} was written by {state.get('world_size', 1)} processes, not {world_size}; resume with "
-            f"--nproc-per-node {state.get('world_size', 1)}"
-        )
-    trainer = load_trainer_state(ckpt)
-    if len(trainer["optimizers"]) != len(optimizers):
-        raise LmforgeError(f"{ckpt} was written with another train.optimizer; resume with the same config")
-    for opt, sd in zip(optimizers, trainer["optimizers"], strict=True):
-        opt.load_state_dict(sd)
-    for sched, sd in zip(schedulers, trainer["schedulers"], strict=True):
-        sched.load_state_dict(sd)
-    torch.set_rng_state(trainer["torch_rng"])
-    if trainer["cuda_rng"]:
-        torch.cuda.set_rng_state_all(trainer["cuda_rng"])
-    loader.load_state_dict(state["loader"])
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"resumed from {ckpt} at step {state['step']}", flush=True)
-    return int(state["step"])
 
 
 def _samples(model: Decoder, tokenizer: Tokenizer, cfg: SampleConfig) -> list[dict[str, str]]:

@@ -2,6 +2,7 @@
 several under torchrun (gloo on CPU), compared through their checkpoints and metrics."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +72,23 @@ class Runs:
         assert out.returncode == rc, text
         return text
 
+    def crashed_copy(self, name: str, copy: str, step: int = 4) -> str:
+        """A copy of run `name` without its checkpoint of `step` (DCP shards and export), as after a crash."""
+        shutil.copytree(self.root / name, self.root / copy)
+        shutil.rmtree(self.root / copy / f"checkpoints/step_{step:06d}")
+        shutil.rmtree(self.root / copy / f"dcp/step_{step:06d}", ignore_errors=True)  # ZeRO-1 writes no DCP
+        return copy
+
+    def assert_same_weights(self, name: str, reference: str, rel: float | None = None, step: int = 4) -> None:
+        """The exports of `step` equal bit for bit, or within `rel` as in assert_same_training."""
+        a, b = self.weights(name, step), self.weights(reference, step)
+        assert a.keys() == b.keys()
+        for key in a:
+            if rel is None:
+                assert torch.equal(a[key], b[key]), key
+            else:
+                torch.testing.assert_close(a[key], b[key], atol=rel, rtol=10 * rel, msg=key)
+
     def weights(self, name: str, step: int = 4) -> dict[str, torch.Tensor]:
         return load_file(self.root / name / f"checkpoints/step_{step:06d}/model.safetensors")
 
@@ -84,10 +102,7 @@ class Runs:
         assert self.metrics(name, "loss") == pytest.approx(self.metrics(reference, "loss"), rel=rel)
         assert self.metrics(name, "grad_norm") == pytest.approx(self.metrics(reference, "grad_norm"), rel=rel)
         for step in steps:
-            a, b = self.weights(name, step), self.weights(reference, step)
-            assert a.keys() == b.keys()
-            for key in a:
-                torch.testing.assert_close(a[key], b[key], atol=rel, rtol=10 * rel, msg=f"step {step} {key}")
+            self.assert_same_weights(name, reference, rel, step)
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,16 @@
 layouts are rejected before anything runs."""
 
 import os
-import shutil
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 from lmforge.config import load_config
 from lmforge.errors import LmforgeError
+from lmforge.run import Run
 from lmforge.train import pretrain
 from lmforge.train.parallel import ParallelConfig
 
@@ -27,22 +29,37 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(trained):
     assert all(norm > 0.3 for norm in trained.metrics("ddp", "grad_norm"))  # so clipping changed the update
 
 
-def test_ddp_resume_continues_exactly(trained, tmp_path):
-    shutil.copytree(trained.root / "ddp", tmp_path / "ddp")
-    shutil.rmtree(tmp_path / "ddp/checkpoints/step_000004")
-    trained.root, root = tmp_path, trained.root
-    try:
-        trained.torchrun("ddp", "train.batch_size=4", resume=True)
-        resumed = trained.weights("ddp")
-    finally:
-        trained.root = root
-    for key, value in trained.weights("single").items():
-        assert resumed[key].allclose(value, atol=1e-5, rtol=1e-4), key
+def test_ddp_resume_continues_exactly(trained):
+    trained.torchrun(trained.crashed_copy("ddp", "ddp_resumed"), "train.batch_size=4", resume=True)
+    trained.assert_same_weights("ddp_resumed", "ddp")
 
 
-def test_ddp_checkpoint_resumes_only_at_its_world_size(trained):
-    with pytest.raises(LmforgeError, match="written by 2 processes"):
-        trained.single("ddp", "train.batch_size=4", resume=True)
+def test_ddp_checkpoint_resumes_on_one_process_with_the_same_global_batch(trained):
+    trained.single(trained.crashed_copy("ddp", "ddp_to_1"), "train.batch_size=8", resume=True)
+    trained.assert_same_weights("ddp_to_1", "single", rel=1e-5)
+
+
+def test_two_nodes_on_loopback_match_one_process(trained):
+    """torchrun --nnodes 2 (one process each) meeting at a c10d rendezvous on 127.0.0.1, as two machines would."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
+    node += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes"]
+    node += ["-m", "lmforge", "pretrain", *trained._args("two_nodes", ["train.batch_size=4"])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(node, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)]
+    time.sleep(1)  # the first agent hosts the rendezvous store on the port; the second joins it
+    nodes.append(subprocess.Popen(node, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+    for proc in nodes:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-5000:]
+    trained.assert_same_training("two_nodes", "single")
+
+
+def test_resume_with_another_global_batch_is_refused(trained):
+    with pytest.raises(LmforgeError, match="trained on 8 sequences per micro-batch, this run on 4"):
+        trained.single(trained.crashed_copy("ddp", "ddp_other_batch"), "train.batch_size=4", resume=True)
 
 
 @pytest.mark.parametrize(
@@ -59,6 +76,11 @@ def test_ddp_checkpoint_resumes_only_at_its_world_size(trained):
         (["parallel.pp=2", "model.tie_embeddings=true"], "set model.tie_embeddings=false"),
         (["parallel.pp=2", "train.batch_size=3", "train.grad_accum=1", "parallel.microbatches=2"], "must divide"),
         (["parallel.microbatches=4"], "but parallel.pp=1; set parallel.pp>1 or use train.grad_accum"),
+        (["parallel.cpu_offload=true", "parallel.zero=1"], "parallel.zero=1 does not use FSDP; set parallel.zero=2"),
+        (["train.dtype=fp16", "parallel.zero=3"], "train.dtype=fp16 skips a step .* use train.dtype=bf16"),
+        (["train.dtype=fp16", "parallel.tp=2"], "train.dtype=fp16 skips a step"),
+        (["train.activation_checkpointing=true"], "choose one of none, full, selective"),
+        (["train.activation_checkpointing=selective", "train.ac_every=0"], "train.ac_every=0 must be positive"),
     ],
 )
 def test_invalid_parallel_config_is_rejected(overrides, match):
@@ -74,11 +96,20 @@ def test_invalid_parallel_config_is_rejected(overrides, match):
         (1, dict(tp=2), r"does not divide the 1 processes.*torchrun --nproc-per-node"),
         (4, dict(tp=2), r"parallel.dp=2 with parallel.tp=2 .* needs parallel.zero=2 or 3"),
         (4, dict(pp=2, zero=1), r"needs parallel.zero=2 or 3"),
+        (2, dict(tp=2, zero=3, cpu_offload=True), r"but this layout has 1 data-parallel rank"),
     ],
 )
 def test_a_mesh_that_does_not_fit_the_world_is_rejected(world, values, match):
     with pytest.raises(LmforgeError, match=match):
         ParallelConfig(**values).mesh_shape(world)
+
+
+def test_cpu_offload_is_refused_on_cpu_devices(corpus, tmp_path):
+    args = ["parallel.zero=3", "parallel.cpu_offload=true", "train.device=cpu", f"run.root={tmp_path}"]
+    cfg = load_config(pretrain.PretrainConfig, None, [*args, f"data.path={corpus}"])
+    with pytest.raises(LmforgeError, match="but train.device is cpu, where they are in CPU memory already"):
+        pretrain.main(cfg, Run.from_config(cfg.run))
+    assert not list(tmp_path.rglob("pretrain_config.json"))
 
 
 def test_mesh_shape_derives_dp():

@@ -30,6 +30,12 @@ def test_pipeline_matches_one_process(trained, name):
     assert len(trained.metrics(name, "val_loss")) == 2
 
 
+def test_pipeline_checkpoint_resumes_on_one_process(trained):
+    # each stage wrote its own layers' shards; one process reads the whole model and its optimizer state
+    trained.single(trained.crashed_copy("gpipe", "gpipe_to_1"), *PIPE, resume=True)
+    trained.assert_same_weights("gpipe_to_1", "single", rel=1e-5)
+
+
 def test_pipeline_of_fsdp_and_tensor_parallel_matches_one_process(trained):
     trained.assert_same_training("3d", "single")
 

@@ -11,7 +11,7 @@ from lmforge.train.tensor_parallel import deinterleave, fused_rows, interleave
 GPT2 = ["model.pos=learned", "model.norm=layernorm", "model.mlp=gelu", "model.bias=true", "model.tie_embeddings=true"]
 # ALiBi's per-head slopes follow each rank's heads; activation checkpointing wraps the tensor-parallel blocks; GQA
 # leaves each rank 2 query heads and 1 kv head
-ALIBI_2D = ["model.pos=alibi", "train.activation_checkpointing=true"]
+ALIBI_2D = ["model.pos=alibi", "train.activation_checkpointing=full"]
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,18 @@ def trained(runs):
 @pytest.mark.parametrize(("name", "reference"), [("gpt2_tp2", "gpt2"), ("alibi_dp2_tp2", "alibi")])
 def test_tensor_parallel_matches_one_process(trained, name, reference):
     trained.assert_same_training(name, reference)
+
+
+def test_tensor_parallel_resume_continues_exactly(trained):
+    copy = trained.crashed_copy("gpt2_tp2", "gpt2_tp2_resumed")
+    trained.torchrun(copy, "train.batch_size=8", *GPT2, "parallel.tp=2", resume=True)
+    trained.assert_same_weights("gpt2_tp2_resumed", "gpt2_tp2")
+
+
+def test_tensor_parallel_checkpoint_holds_the_model_row_order_and_resumes_on_one_process(trained):
+    """The DCP shards hold q|k|v and gate|up in the model's order (not tp's interleaving): one process reads them."""
+    trained.single(trained.crashed_copy("gpt2_tp2", "gpt2_tp2_to_1"), "train.batch_size=8", *GPT2, resume=True)
+    trained.assert_same_weights("gpt2_tp2_to_1", "gpt2", rel=1e-5)
 
 
 def test_tensor_parallel_muon_follows_one_process(trained):
