@@ -65,15 +65,25 @@ def weight_bytes_per_token(model: Decoder) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in embedding)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_model_arguments(p: argparse.ArgumentParser, max_seq_len: int = 512) -> None:
+    """The benchmark model's shape (a Llama: RoPE, RMSNorm, SwiGLU), shared by the decode and serving benchmarks."""
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--n-layers", type=int, default=6)
     p.add_argument("--n-heads", type=int, default=6)
     p.add_argument("--n-kv-heads", type=int, default=6)
     p.add_argument("--hidden-dim", type=int, default=1024)
-    p.add_argument("--max-seq-len", type=int, default=512)
+    p.add_argument("--max-seq-len", type=int, default=max_seq_len)
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    names = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len")
+    return ModelConfig(**{name: getattr(args, name) for name in names})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_arguments(p)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up (best counts)")
@@ -82,15 +92,7 @@ def main() -> None:
 
     threads = set_threads(args.threads or None)
     torch.manual_seed(0)
-    cfg = ModelConfig(
-        vocab_size=args.vocab_size,
-        dim=args.dim,
-        n_layers=args.n_layers,
-        n_heads=args.n_heads,
-        n_kv_heads=args.n_kv_heads,
-        hidden_dim=args.hidden_dim,
-        max_seq_len=args.max_seq_len,
-    )
+    cfg = model_config(args)
     model = build_model(cfg, seed=0).eval()
     hf = to_hf_llama(model)
     prompt = torch.randint(0, cfg.vocab_size, (args.prompt_len,)).tolist()

@@ -22,9 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without installing
 
+from benchmarks.bench_decode import add_model_arguments, model_config  # noqa: E402
 from benchmarks.machine import set_threads  # noqa: E402
 from lmforge.interop.gguf import write_gguf  # noqa: E402
-from lmforge.models import ModelConfig, build_model  # noqa: E402
+from lmforge.models import build_model  # noqa: E402
 from lmforge.serve.generate import generate_tokens, prepare_for_decode  # noqa: E402
 from lmforge.tokenizer import Tokenizer  # noqa: E402
 
@@ -51,13 +52,7 @@ def llama_greedy(llm, prompt: list[int], n: int) -> list[int]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--dim", type=int, default=384)
-    p.add_argument("--n-layers", type=int, default=6)
-    p.add_argument("--n-heads", type=int, default=6)
-    p.add_argument("--n-kv-heads", type=int, default=6)
-    p.add_argument("--hidden-dim", type=int, default=1024)
-    p.add_argument("--max-seq-len", type=int, default=512)
+    add_model_arguments(p)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--check-tokens", type=int, default=32, help="leading greedy tokens that must be identical")
@@ -71,15 +66,7 @@ def main() -> None:
 
     threads = set_threads(args.threads or None)
     torch.manual_seed(0)
-    cfg = ModelConfig(
-        vocab_size=args.vocab_size,
-        dim=args.dim,
-        n_layers=args.n_layers,
-        n_heads=args.n_heads,
-        n_kv_heads=args.n_kv_heads,
-        hidden_dim=args.hidden_dim,
-        max_seq_len=args.max_seq_len,
-    )
+    cfg = model_config(args)
     model = build_model(cfg, seed=0).eval()
     prompt = torch.randint(0, cfg.vocab_size, (args.prompt_len,)).tolist()
     n = args.new_tokens

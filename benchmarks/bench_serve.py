@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without installing
 
-from benchmarks.bench_decode import hf_generate, to_hf_llama  # noqa: E402
+from benchmarks.bench_decode import add_model_arguments, hf_generate, model_config, to_hf_llama  # noqa: E402
 from benchmarks.machine import set_threads  # noqa: E402
-from lmforge.models import ModelConfig, build_model  # noqa: E402
+from lmforge.models import build_model  # noqa: E402
 from lmforge.serve.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
 from lmforge.serve.generate import generate_tokens, prepare_for_decode  # noqa: E402
 from lmforge.serve.offload import stream_layers  # noqa: E402
@@ -84,28 +84,12 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--requests", type=int, default=32)
-    p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--dim", type=int, default=384)
-    p.add_argument("--n-layers", type=int, default=6)
-    p.add_argument("--max-seq-len", type=int, default=256)
+    add_model_arguments(p, max_seq_len=256)
     p.add_argument("--threads", type=int, default=1, help="intra-op threads; 0 = all cores (default 1)")
     p.add_argument("--rounds", type=int, default=2, help="timed rounds of each (best counts)")
     args = p.parse_args()
     set_threads(args.threads)
-    cfg = ModelConfig(
-        vocab_size=args.vocab_size,
-        dim=args.dim,
-        n_layers=args.n_layers,
-        n_heads=6,
-        n_kv_heads=6,
-        hidden_dim=1024,
-        max_seq_len=args.max_seq_len,
-        pos="rope",
-        norm="rmsnorm",
-        mlp="swiglu",
-        bias=False,
-        tie_embeddings=False,
-    )
+    cfg = model_config(args)
     model = build_model(cfg, seed=0).eval()
     hf = to_hf_llama(model)
     prepare_for_decode(model)

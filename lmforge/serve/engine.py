@@ -273,12 +273,15 @@ class Engine:
         self.steps += 1
         chunks = [Chunk(seq.tokens[seq.computed : seq.computed + n], seq.computed, seq.table) for seq, n in plan]
         logits = self._run(self.model, self.store, chunks, [self._wants_prompt(seq) for seq, _ in plan])
-        outputs = []
-        for (seq, n), seq_logits in zip(plan, logits, strict=True):
-            self._advance(seq, n, seq_logits)
-            if seq.computed == len(seq.tokens):  # else a prompt chunk short of the end: nothing to sample yet
-                outputs.append(self._emit(seq, [self._pick(seq, seq_logits[-1])], seq_logits[-1:]))
-        return outputs
+        outputs = [self._computed(seq, n, seq_logits) for (seq, n), seq_logits in zip(plan, logits, strict=True)]
+        return [out for out in outputs if out is not None]
+
+    def _computed(self, seq: Sequence, n: int, logits: Tensor) -> Output | None:
+        """n tokens of seq went through the model: sample the next one if they were the last."""
+        self._advance(seq, n, logits)
+        if seq.computed < len(seq.tokens):
+            return None  # a prompt chunk short of the end: nothing to sample yet
+        return self._emit(seq, [self._pick(seq, logits[-1])], logits[-1:])
 
     def _run(self, model: Decoder, store: PagedKVStore, chunks: list[Chunk], all_rows: list[bool]) -> list[Tensor]:
         """One packed forward pass; per chunk the float logits of every row (all_rows) or of its last row, (R, V)."""

@@ -69,9 +69,8 @@ class SpeculativeEngine(Engine):
         outputs = []
         for (seq, n), seq_logits in zip(plan, logits, strict=True):
             if seq not in spec:
-                self._advance(seq, n, seq_logits)
-                if seq.computed == len(seq.tokens):
-                    outputs.append(self._emit(seq, [self._pick(seq, seq_logits[-1])], seq_logits[-1:]))
+                if (out := self._computed(seq, n, seq_logits)) is not None:
+                    outputs.append(out)
                 continue
             tokens = self._verify(seq, drafts[seq], draft_probs[seq], seq_logits)
             self.proposed += len(drafts[seq])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import socket
 import subprocess
 import sys
@@ -148,7 +149,9 @@ def test_health_and_metrics_count_requests(served, client):
     assert value(after, "lmforge_running_sequences") == 0 and value(after, "lmforge_kv_blocks_used") == 0
 
 
-def test_command_serves_a_run(tiny_run):
+@contextlib.contextmanager
+def serve_command(*args: str):
+    """`lmforge serve ARGS` in a subprocess on a free loopback port; yields the base URL once it answers."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -156,22 +159,27 @@ def test_command_serves_a_run(tiny_run):
         "import argparse, sys; from lmforge.serve import server; p = argparse.ArgumentParser(); "
         "server.add_arguments(p); server.command(p.parse_args(sys.argv[1:]))"
     )
-    args = [str(tiny_run), "--port", str(port), "--name", "cli-model"]
-    with subprocess.Popen([sys.executable, "-c", code, *args], stderr=subprocess.PIPE) as proc:
+    with subprocess.Popen([sys.executable, "-c", code, *args, "--port", str(port)], stderr=subprocess.PIPE) as proc:
         try:
-            deadline = time.monotonic() + 20
+            deadline = time.monotonic() + 30
             while True:
                 assert proc.poll() is None, proc.stderr.read().decode()
                 try:
-                    models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()
+                    httpx.get(f"http://127.0.0.1:{port}/health")
                     break
                 except httpx.ConnectError:
                     assert time.monotonic() < deadline, "server did not start"
                     time.sleep(0.1)
-            assert [m["id"] for m in models["data"]] == ["cli-model"]
+            yield f"http://127.0.0.1:{port}"
         finally:
             proc.terminate()
             proc.wait(timeout=10)
+
+
+def test_command_serves_a_run(tiny_run):
+    with serve_command(str(tiny_run), "--name", "cli-model") as url:
+        models = httpx.get(f"{url}/v1/models").json()
+        assert [m["id"] for m in models["data"]] == ["cli-model"]
 
 
 def metric(base: str, name: str) -> float:
@@ -299,35 +307,15 @@ def test_chat_page_is_served(served):
 
 
 def test_command_serves_a_transformers_folder_with_a_draft_and_rejects_bad_flags(tiny_run, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    code = (
-        "import argparse, sys; from lmforge.serve import server; p = argparse.ArgumentParser(); "
-        "server.add_arguments(p); server.command(p.parse_args(sys.argv[1:]))"
-    )
     bad = subprocess.run(
         [sys.executable, "-m", "lmforge", "serve", str(tiny_run), "--max-num-seqs", "0"], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "--max-num-seqs 0 must be >= 1" in bad.stderr
     hf_dir = export_hf(tiny_run, tmp_path / "hf")  # served straight from a transformers folder
-    args = [str(hf_dir), "--port", str(port), "--draft", str(tiny_run), "--spec-tokens", "3", "--name", NAME]
-    with subprocess.Popen([sys.executable, "-c", code, *args], stderr=subprocess.PIPE) as proc:
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                assert proc.poll() is None, proc.stderr.read().decode()
-                try:
-                    httpx.get(f"http://127.0.0.1:{port}/health")
-                    break
-                except httpx.ConnectError:
-                    assert time.monotonic() < deadline, "server did not start"
-                    time.sleep(0.1)
-            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
-            out = client.completions.create(model=NAME, prompt="def", max_tokens=12, temperature=0)
-            model, tokenizer = load_run(tiny_run)
-            assert out.choices[0].text == "".join(generate(model, tokenizer, "def", 12, temperature=0))
-            assert metric(f"http://127.0.0.1:{port}", "lmforge_spec_acceptance_ratio") == 1.0  # draft == target
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+    args = [str(hf_dir), "--draft", str(tiny_run), "--spec-tokens", "3", "--name", NAME]
+    with serve_command(*args) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        out = client.completions.create(model=NAME, prompt="def", max_tokens=12, temperature=0)
+        model, tokenizer = load_run(tiny_run)
+        assert out.choices[0].text == "".join(generate(model, tokenizer, "def", 12, temperature=0))
+        assert metric(url, "lmforge_spec_acceptance_ratio") == 1.0  # the draft is the target itself
