@@ -265,12 +265,15 @@ class Engine:
 
     # one iteration
 
+    def _next_plan(self) -> list[tuple[Sequence, int]]:
+        plan = self.schedule()
+        self.steps += bool(plan)
+        return plan
+
     @torch.inference_mode()
     def step(self) -> list[Output]:
-        plan = self.schedule()
-        if not plan:
+        if not (plan := self._next_plan()):
             return []
-        self.steps += 1
         chunks = [Chunk(seq.tokens[seq.computed : seq.computed + n], seq.computed, seq.table) for seq, n in plan]
         logits = self._run(self.model, self.store, chunks, [self._wants_prompt(seq) for seq, _ in plan])
         outputs = [self._computed(seq, n, seq_logits) for (seq, n), seq_logits in zip(plan, logits, strict=True)]

@@ -54,10 +54,8 @@ class SpeculativeEngine(Engine):
 
     @torch.inference_mode()
     def step(self) -> list[Output]:
-        plan = self.schedule()
-        if not plan:
+        if not (plan := self._next_plan()):
             return []
-        self.steps += 1
         spec = {seq: self._lookahead(seq) for seq, n in plan if n == len(seq.tokens) - seq.computed == 1}
         spec = {seq: k for seq, k in spec.items() if k}
         drafts, draft_probs = self._propose(plan, spec)
