@@ -15,14 +15,13 @@ import argparse
 import copy
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without installing
 
-from benchmarks.bench_decode import add_model_arguments, model_config  # noqa: E402
+from benchmarks.bench_decode import add_model_arguments, best_seconds, model_config  # noqa: E402
 from benchmarks.machine import set_threads  # noqa: E402
 from lmforge.interop.gguf import write_gguf  # noqa: E402
 from lmforge.models import build_model  # noqa: E402
@@ -91,12 +90,7 @@ def main() -> None:
         same = next((i for i, (a, b) in enumerate(zip(*tokens.values(), strict=True)) if a != b), n)
         print(f"greedy tokens identical for the first {same} of {n} (required: {args.check_tokens})")
 
-        best = dict.fromkeys(runs, float("inf"))
-        for _ in range(args.rounds):
-            for name, run in runs.items():
-                t0 = time.perf_counter()
-                run()
-                best[name] = min(best[name], time.perf_counter() - t0)
+        best = best_seconds(runs, args.rounds)
     tok_s = {name: n / seconds for name, seconds in best.items()}
     print(f"threads {threads}, {model.num_params() / 1e6:.1f}M params, fp32, batch 1, prompt {len(prompt)}, new {n}")
     print(f"llama-cpp-python {llama_cpp.__version__}, KV cache f32")
