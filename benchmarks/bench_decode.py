@@ -4,11 +4,14 @@ and both against the memory-bandwidth roofline (every weight read once per token
     .venv/bin/python benchmarks/bench_decode.py              # Llama 8192/384/6 layers, 16 + 256 tokens, ~40 s
     .venv/bin/python benchmarks/bench_decode.py --threads 0  # all cores
 
-One thread by default: on the 2-core dev box a second thread gained ~10% decode speed when idle (183 vs 168 tok/s) and
-lost 2-5x whenever another process held a core, as the threads then wait on each other at every op.
+One thread by default: on the 2-core dev box a second thread gained ~10% decode speed for the torch path when idle
+(183 vs 168 tok/s) and lost 2-5x whenever another process held a core, as the threads then wait on each other at every
+op. The numpy steps use torch.get_num_threads() BLAS threads, so --threads sets both paths.
 
 The weights are exported into a LlamaForCausalLM and both must produce the same greedy tokens before timing. Ours and
 the peer run in alternating rounds so that load from other processes hits both; each reports its best round.
+"lmforge" is the default decode path (numpy steps after a torch prefill, serve/cpu_decode.py), "lmforge, torch ops"
+the same model with backend="torch"; both use the same number of threads as transformers.
 """
 
 from __future__ import annotations
@@ -112,7 +115,7 @@ def main() -> None:
     prepared = prepare_for_decode(copy.deepcopy(model))
     runs = {
         "lmforge": lambda: list(generate_tokens(prepared, prompt, n)),
-        "lmforge, row-major weights": lambda: list(generate_tokens(model, prompt, n)),
+        "lmforge, torch ops": lambda: list(generate_tokens(prepared, prompt, n, backend="torch")),
         "transformers": lambda: hf_generate(hf, prompt, n),
     }
     tokens = {name: run() for name, run in runs.items()}

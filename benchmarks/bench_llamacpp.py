@@ -6,7 +6,8 @@ weights, both fp32 (weights and KV cache) on the same number of threads.
 
 Needs llama-cpp-python (`pip install llama-cpp-python` builds llama.cpp from source). The GGUF file is written by
 `lmforge export gguf`'s writer, so equal greedy tokens also check that export end to end. Ours and the peer run in
-alternating rounds so that load from other processes hits both; each reports its best round.
+alternating rounds so that load from other processes hits both; each reports its best round. lmforge runs its default
+decode path: a torch prefill, then numpy steps (serve/cpu_decode.py) on as many BLAS threads as torch's.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -15,6 +16,7 @@ from torch import Tensor
 
 from lmforge.errors import LmforgeError
 from lmforge.models import Decoder, KVCache
+from lmforge.serve.cpu_decode import NumpyDecoder, unsupported_reason
 
 
 def prepare_for_decode(model: Decoder) -> Decoder:
@@ -70,8 +72,12 @@ def generate_tokens(
     top_p: float = 1.0,
     stop_ids: Iterable[int] = (),
     seed: int | None = None,
+    backend: Literal["auto", "numpy", "torch"] = "auto",
 ) -> Iterator[int]:
-    """Stream up to max_new_tokens ids after the prompt (batch 1), stopping before a stop id or at the context end."""
+    """Stream up to max_new_tokens ids after the prompt (batch 1), stopping before a stop id or at the context end.
+
+    backend picks what runs the one-token steps after the prompt: "numpy" (serve/cpu_decode.py, a CPU fp32 Decoder
+    only), "torch" (the model's own forward), or "auto": numpy where it can run, else torch."""
     context = model.cfg.max_seq_len
     if not prompt_ids or len(prompt_ids) >= context:
         raise LmforgeError(
@@ -81,11 +87,26 @@ def generate_tokens(
     if max_new_tokens < 0:
         raise LmforgeError(f"max_new_tokens={max_new_tokens} must be zero or positive")
     budget = min(max_new_tokens, context - len(prompt_ids))
-    return _decode(model, prompt_ids, budget, temperature, top_k, top_p, frozenset(stop_ids), seed)
+    use_numpy = _use_numpy(model, backend)
+    return _decode(model, prompt_ids, budget, temperature, top_k, top_p, frozenset(stop_ids), seed, use_numpy)
+
+
+def _use_numpy(model: Decoder, backend: str) -> bool:
+    if backend not in ("auto", "numpy", "torch"):
+        raise LmforgeError(f"backend={backend!r} is not one of auto, numpy, torch")
+    if backend == "torch":
+        return False
+    reason = unsupported_reason(model)
+    if reason and backend == "numpy":
+        raise LmforgeError(
+            f"backend='numpy' cannot decode this model: {reason}; use backend='auto' or 'torch', "
+            "or for a plain Decoder move it to the CPU in fp32 (model.float().cpu())"
+        )
+    return reason is None
 
 
 @torch.inference_mode()
-def _decode(model, prompt_ids, budget, temperature, top_k, top_p, stop_ids, seed) -> Iterator[int]:
+def _decode(model, prompt_ids, budget, temperature, top_k, top_p, stop_ids, seed, use_numpy) -> Iterator[int]:
     if budget == 0:
         return
     weight = model.lm_head.weight
@@ -95,14 +116,24 @@ def _decode(model, prompt_ids, budget, temperature, top_k, top_p, stop_ids, seed
     # one cache for the whole stream, sized to what it will hold: no growth or copies per step
     cache = KVCache(model.cfg, 1, len(prompt_ids) + budget - 1, device=weight.device, dtype=weight.dtype)
     logits = model(torch.tensor([prompt_ids], device=weight.device), cache=cache, last_only=True)[:, -1]  # (1, V)
+    decode_step = _numpy_step(model, cache) if use_numpy else _torch_step(model, cache)
     for step in range(budget):
-        next_id = sample_next(logits, temperature, top_k, top_p, generator)  # (1,)
-        token = int(next_id)
+        token = int(sample_next(logits, temperature, top_k, top_p, generator))
         if token in stop_ids:
             return
         yield token
         if step + 1 < budget:
-            logits = model(next_id.view(1, 1), cache=cache)[:, -1]
+            logits = decode_step(token)  # (1, V)
+
+
+def _torch_step(model: Decoder, cache: KVCache) -> Callable[[int], Tensor]:
+    device = model.lm_head.weight.device
+    return lambda token: model(torch.tensor([[token]], device=device), cache=cache)[:, -1]  # (1, V)
+
+
+def _numpy_step(model: Decoder, cache: KVCache) -> Callable[[int], Tensor]:
+    step = NumpyDecoder(model, cache).step  # reads and extends the cache the torch prefill filled
+    return lambda token: torch.from_numpy(step(token))[None]  # (V,) -> (1, V)
 
 
 def generate(

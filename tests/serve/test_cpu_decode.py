@@ -1,0 +1,86 @@
+"""The numpy decode steps: the same logits as the torch model's cached decode for every variant, over one shared KV
+cache, the same greedy tokens through generate_tokens, and the torch path wherever numpy cannot run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.models import KVCache, ModelConfig, build_model
+from lmforge.serve.cpu_decode import NumpyDecoder
+from lmforge.serve.generate import generate_tokens, prepare_for_decode
+from lmforge.serve.offload import stream_layers
+
+TINY = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=48)
+VARIANTS = {
+    "llama-gqa": dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False),
+    "llama-mqa": dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False, n_kv_heads=1),
+    "gpt2": dict(pos="learned", norm="layernorm", mlp="gelu_tanh", bias=True, tie_embeddings=True, n_kv_heads=4),
+    "sinusoidal-gelu": dict(pos="sinusoidal", norm="rmsnorm", mlp="gelu", bias=True, tie_embeddings=False),
+    # 6 heads: ALiBi's interleaved slopes for a head count that is not a power of two, 3 query heads per kv head
+    "alibi": dict(pos="alibi", norm="layernorm", mlp="gelu", bias=False, dim=48, n_heads=6, n_kv_heads=2),
+}
+PROMPT = [3, 14, 15, 92, 65]
+
+
+def tiny_model(variant: str, prepared: bool = False):
+    # a larger init spreads the logits so greedy picks are not near-ties that rounding could flip
+    model = build_model(ModelConfig(**{**TINY, **VARIANTS[variant]}, init_std=0.5), seed=0).eval()
+    return prepare_for_decode(model) if prepared else model
+
+
+@pytest.mark.parametrize("prepared", [True, False], ids=["column-major", "row-major"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@torch.inference_mode()
+def test_numpy_steps_equal_torch_cached_decode(variant, prepared):
+    model = tiny_model(variant, prepared)
+    reference, shared = KVCache(model.cfg, 1, 16), KVCache(model.cfg, 1, 16)
+    for cache in (reference, shared):
+        model(torch.tensor([PROMPT]), cache=cache)  # the torch prefill fills both caches
+    numpy_step = NumpyDecoder(model, shared).step
+    token = 7
+    for step in range(8):
+        expected = model(torch.tensor([[token]]), cache=reference)[0, -1]  # (V,)
+        # numpy and torch take turns on one cache: each must read the keys and values the other wrote
+        got = numpy_step(token) if step % 3 != 2 else model(torch.tensor([[token]]), cache=shared)[0, -1].numpy()
+        assert got.dtype == np.float32 and got.shape == (model.cfg.vocab_size,)
+        np.testing.assert_allclose(got, expected.numpy(), rtol=0, atol=1e-4)
+        assert shared.pos == reference.pos
+        token = int(expected.argmax())
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_generate_tokens_same_with_both_backends(variant):
+    model = tiny_model(variant, prepared=True)
+    numpy_ids = list(generate_tokens(model, PROMPT, 30, backend="numpy"))
+    assert numpy_ids == list(generate_tokens(model, PROMPT, 30, backend="torch"))
+    assert numpy_ids == list(generate_tokens(model, PROMPT, 30))  # auto picks numpy here
+    assert len(numpy_ids) == 30
+
+
+def test_sampling_is_seeded_on_both_backends():
+    model = tiny_model("llama-gqa")
+    kw = dict(temperature=1.0, top_p=0.9, seed=3)
+    sampled = list(generate_tokens(model, PROMPT, 20, backend="numpy", **kw))
+    assert sampled == list(generate_tokens(model, PROMPT, 20, backend="numpy", **kw))
+    assert sampled == list(generate_tokens(model, PROMPT, 20, backend="torch", **kw))
+
+
+def test_bf16_model_falls_back_to_torch_and_numpy_says_why():
+    model = tiny_model("llama-gqa").to(torch.bfloat16)
+    assert len(list(generate_tokens(model, PROMPT, 4))) == 4  # auto: the torch path
+    with pytest.raises(LmforgeError, match="not all fp32 on the CPU.*model.float"):
+        generate_tokens(model, PROMPT, 4, backend="numpy")
+    with pytest.raises(LmforgeError, match="backend='jax' is not one of auto, numpy, torch"):
+        generate_tokens(model, PROMPT, 4, backend="jax")
+
+
+def test_streamed_model_keeps_the_torch_path():
+    model = tiny_model("llama-gqa")
+    expected = list(generate_tokens(model, PROMPT, 12, backend="torch"))
+    stream_layers(model, resident_layers=1)  # layer 1's weights now live outside the module between passes
+    assert list(generate_tokens(model, PROMPT, 12)) == expected
+    with pytest.raises(LmforgeError, match="forward hooks"):
+        generate_tokens(model, PROMPT, 12, backend="numpy")
