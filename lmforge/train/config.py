@@ -36,6 +36,8 @@ class TrainConfig:
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """bf16/fp16: autocast matmuls to bfloat16/float16, on CPU and GPU; weights and optimizer stay fp32 (master
     weights). fp16 adds dynamic loss scaling (torch.amp.GradScaler), skipping steps whose gradients overflow."""
+    loss_scale: float = 2.0**16
+    """fp16: the initial loss scale; halved at every overflow, doubled after 2,000 clean steps."""
     compile: bool = False
     """torch.compile the model."""
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
@@ -63,3 +65,4 @@ class TrainConfig:
         check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         check(0 < self.decay_fraction <= 1, f"train.decay_fraction={self.decay_fraction} must be in (0, 1]")
         check(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip} must be >= 0")
+        check(self.loss_scale > 0, f"train.loss_scale={self.loss_scale} must be positive (fp16 starts from it)")

@@ -70,21 +70,37 @@ def next_token_loss(logits: Tensor, targets: Tensor) -> Tensor:
 class Pipeline:
     """One training step of a stage: forward and backward of every micro-batch in the schedule's order."""
 
-    def __init__(self, module: nn.Module, mesh: DeviceMesh, device: torch.device, schedule: str, microbatches: int):
+    def __init__(
+        self,
+        module: nn.Module,
+        mesh: DeviceMesh,
+        device: torch.device,
+        schedule: str,
+        microbatches: int,
+        scaler: torch.amp.GradScaler,
+    ):
         stage, pp = mesh.get_local_rank(), mesh.size()
         self.first, self.last = stage == 0, stage == pp - 1
         self.stage = PipelineStage(module, stage, pp, device, group=mesh.get_group())
         # the loss is a mean per micro-batch and the schedule divides gradients by `microbatches` (scale_grads), so
         # a step equals one process accumulating micro-batch losses / grad_accum
-        self.schedule = SCHEDULES[schedule](self.stage, microbatches, loss_fn=next_token_loss)
+        self.scaler = scaler  # fp16: the schedule runs backward itself, so the loss it backpropagates is scaled
+        self.schedule = SCHEDULES[schedule](self.stage, microbatches, loss_fn=self._scaled_loss)
+
+    def _scaled_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return self.scaler.scale(next_token_loss(logits, targets))
 
     def step(self, x: Tensor, y: Tensor) -> Tensor:
         """x, y: (B, T), the whole step's batch. The mean micro-batch loss on the last stage, 0 elsewhere."""
         losses: list[Tensor] = []
+        if not self.last:  # the scale is created where a loss is scaled; unscaling on every rank needs one
+            self.scaler.scale(torch.zeros((), device=x.device))
         if self.first:
             self.schedule.step(x)
         elif self.last:
             self.schedule.step(target=y, losses=losses, return_outputs=False)
         else:
             self.schedule.step()
-        return torch.stack(losses).mean().detach() if losses else torch.zeros((), device=x.device)
+        if not losses:
+            return torch.zeros((), device=x.device)
+        return torch.stack(losses).mean().detach() / (self.scaler.get_scale() if self.scaler.is_enabled() else 1.0)

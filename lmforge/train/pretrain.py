@@ -31,6 +31,7 @@ from lmforge.train.config import TrainConfig
 from lmforge.train.flops import matmul_peak_flops
 from lmforge.train.optim import build_optimizers
 from lmforge.train.parallel import ParallelConfig
+from lmforge.train.precision import loss_scaler
 from lmforge.train.progress import TrainProgress
 from lmforge.train.schedule import build_schedulers
 
@@ -75,12 +76,6 @@ class PretrainConfig:
             pc.pp == 1 or (self.train.batch_size * self.train.grad_accum) % microbatches == 0,
             f"parallel.microbatches={microbatches} must divide train.batch_size * train.grad_accum = "
             f"{self.train.batch_size * self.train.grad_accum} (the rows of one pipeline step)",
-        )
-        check(
-            self.train.dtype != "fp16" or (pc.zero == 0 and pc.tp == 1 and pc.pp == 1),
-            "train.dtype=fp16 skips a step when any gradient overflows, which needs every rank to see whole, equal "
-            "gradients (one process or DDP); parallel.zero>=1, tp>1 and pp>1 shard them or their optimizer: use "
-            "train.dtype=bf16 (no loss scaling needed) there",
         )
         check(
             pc.pp == 1 or not self.train.compile,
@@ -163,9 +158,7 @@ def main(cfg: PretrainConfig, run: Run) -> dict[str, float]:
     dp_rank, dp_size = parallel.dp_rank_and_size(mesh)
     # every rank holds only part of the model (rank 0 keeps a whole CPU copy for samples and pipeline validation)
     sharded = world_size > 1 and (pc.zero >= 2 or pc.tp > 1 or pc.pp > 1)
-    # fp16: scale the loss so that small gradients survive fp16's range; steps with inf/NaN gradients are skipped and
-    # the scale halved (Micikevicius et al., 2018). Disabled, it passes everything through
-    scaler = torch.amp.GradScaler(device.type, enabled=tc.dtype == "fp16")
+    scaler = loss_scaler(tc, device, world_size)
     # ZeroRedundancyOptimizer has no sharded state dict for DCP: ZeRO-1 consolidates on rank 0 into one file instead
     ckpt = Checkpointer(run, cfg, dp_size, scaler, zero1=world_size > 1 and pc.zero == 1 and dp_size > 1)
     t_data = time.perf_counter()
@@ -196,7 +189,7 @@ def main(cfg: PretrainConfig, run: Run) -> dict[str, float]:
     dist_model = parallel.parallelize(model, pc, mesh, mc, tc.activation_checkpointing, tc.ac_every)
     pipe = None
     if pc.pp > 1:
-        pipe = pipeline.Pipeline(dist_model, mesh["pp"], device, pc.schedule, pc.microbatches or tc.grad_accum)
+        pipe = pipeline.Pipeline(dist_model, mesh["pp"], device, pc.schedule, pc.microbatches or tc.grad_accum, scaler)
     # after sharding: FSDP and TP replace the parameters with DTensors
     optimizers = parallel.shard_optimizers(build_optimizers(model, tc), pc, mesh)
     schedulers = build_schedulers(optimizers, tc)

@@ -100,7 +100,8 @@ class Runs:
         differ by ~1e-7), and weights at each checkpoint within atol 1e-5 (10 * rel), equal the reference run's."""
         assert self.metrics(name, "step") == self.metrics(reference, "step")  # rank 0 writes each row once
         assert self.metrics(name, "loss") == pytest.approx(self.metrics(reference, "loss"), rel=rel)
-        assert self.metrics(name, "grad_norm") == pytest.approx(self.metrics(reference, "grad_norm"), rel=rel)
+        expected = pytest.approx(self.metrics(reference, "grad_norm"), rel=rel, nan_ok=True)  # fp16 skips: inf, nan
+        assert self.metrics(name, "grad_norm") == expected
         for step in steps:
             self.assert_same_weights(name, reference, rel, step)
 
