@@ -54,18 +54,18 @@ class Runs:
     def __init__(self, root: Path, corpus: Path):
         self.root, self.corpus = root, corpus
 
-    def _args(self, name: str, overrides) -> list[str]:
+    def args(self, name: str, overrides) -> list[str]:
         return [*COMMON, *overrides, f"data.path={self.corpus}", f"run.root={self.root}", f"run.name={name}"]
 
     def single(self, name: str, *overrides: str, resume: bool = False) -> None:
-        cfg = load_config(pretrain.PretrainConfig, None, self._args(name, overrides))
+        cfg = load_config(pretrain.PretrainConfig, None, self.args(name, overrides))
         cfg.resume = resume
         pretrain.main(cfg, Run.from_config(cfg.run))
 
     def torchrun(self, name: str, *overrides: str, nproc: int = 2, resume: bool = False, rc: int = 0) -> str:
         """Run `lmforge pretrain` under torchrun; assert its exit status and return its output."""
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
-        cmd += ["-m", "lmforge", "pretrain", *self._args(name, overrides), *(["--resume"] if resume else [])]
+        cmd += ["-m", "lmforge", "pretrain", *self.args(name, overrides), *(["--resume"] if resume else [])]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         text = out.stdout[-3000:] + out.stderr[-12000:]

@@ -46,7 +46,7 @@ def test_two_nodes_on_loopback_match_one_process(trained):
         port = s.getsockname()[1]
     node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
     node += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes"]
-    node += ["-m", "lmforge", "pretrain", *trained._args("two_nodes", ["train.batch_size=4"])]
+    node += ["-m", "lmforge", "pretrain", *trained.args("two_nodes", ["train.batch_size=4"])]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     nodes = [subprocess.Popen(node, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)]
     time.sleep(1)  # the first agent hosts the rendezvous store on the port; the second joins it
