@@ -43,6 +43,9 @@ from lmforge.models import Decoder, ModelConfig, build_model
 from lmforge.run import atomic_write
 from lmforge.train.tensor_parallel import deinterleave, interleave
 
+# optimizer state and hyperparameters keyed per parameter ("state.<name>.exp_avg", "param_groups.<name>.lr"): each rank
+# writes only the parameters it steps (ZeRO-1's share, a pipeline stage's layers), and any layout reads its own
+FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 Rows = tuple[dict[str, list[int]], int]
 """Tensor parallelism's fused row blocks by parameter-name suffix (tensor_parallel.fused_rows) and its tp."""
 
@@ -120,7 +123,7 @@ def load_dcp(
         dcp.load(state_dict, checkpoint_id=ckpt, no_dist=not dist.is_initialized())
     state_dict = _reorder(state_dict, rows, interleave)
     # a pipeline stage loads its own slice of the model
-    options = StateDictOptions(strict=not hasattr(model, "own_state_dict"))
+    options = StateDictOptions(strict=not hasattr(model, "own_state_dict"), flatten_optimizer_state_dict=True)
     if optimizers:
         model_sd, optim_sd = state_dict["model"], state_dict["optim"]
         set_state_dict(model, optimizers, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
@@ -172,7 +175,7 @@ def _state_dict(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -
     DCP reshard: each rank reads the slices its own shards cover."""
     if not optimizers:
         return {"model": _own(model, get_model_state_dict(model))}
-    model_sd, optim_sd = get_state_dict(model, list(optimizers))
+    model_sd, optim_sd = get_state_dict(model, list(optimizers), options=FLAT)
     return {"model": _own(model, model_sd), "optim": optim_sd}
 
 
@@ -200,9 +203,8 @@ def _reorder(sd: dict[str, Any], rows: Rows | None, fn: Callable) -> dict[str, A
         return fn(t, sizes, tp)
 
     out = {**sd, "model": {k: apply(k, v) for k, v in sd["model"].items()}}
-    if "optim" in sd:
-        state = {k: {n: apply(k, v) for n, v in s.items()} for k, s in sd["optim"]["state"].items()}
-        out["optim"] = {**sd["optim"], "state": state}
+    if "optim" in sd:  # "state.<parameter name>.<moment>": the moments have the parameter's shape
+        out["optim"] = {k: apply(k.rsplit(".", 1)[0], v) for k, v in sd["optim"].items()}
     return out
 
 

@@ -243,12 +243,18 @@ def shard_optimizers(optimizers: list[torch.optim.Optimizer], cfg: ParallelConfi
     return out
 
 
-def optimizer_state_dicts(optimizers: list[torch.optim.Optimizer], rank: int) -> list[dict]:
-    """Each optimizer's whole state on rank 0 (every rank calls it: ZeRO-1 gathers its shards)."""
+def local_optimizers(optimizers: list[torch.optim.Optimizer]) -> list[torch.optim.Optimizer]:
+    """What each rank steps: under ZeRO-1 the optimizer of its own share of the parameters, else the optimizer."""
+    return [opt.optim if isinstance(opt, ZeroRedundancyOptimizer) else opt for opt in optimizers]
+
+
+def pull_hyperparameters(optimizers: list[torch.optim.Optimizer]) -> None:
+    """After a checkpoint was loaded into ZeRO-1's local optimizers: the wrapper's groups take the loaded learning
+    rates (ZeroRedundancyOptimizer copies its own groups' onto the local optimizer before every step)."""
     for opt in optimizers:
         if isinstance(opt, ZeroRedundancyOptimizer):
-            opt.consolidate_state_dict(to=0)
-    return [opt.state_dict() for opt in optimizers] if rank == 0 else []
+            for outer, inner in zip(opt.param_groups, opt.optim.param_groups, strict=True):
+                outer.update({k: v for k, v in inner.items() if k != "params"})
 
 
 def grad_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:

@@ -159,8 +159,7 @@ def main(cfg: PretrainConfig, run: Run) -> dict[str, float]:
     # every rank holds only part of the model (rank 0 keeps a whole CPU copy for samples and pipeline validation)
     sharded = world_size > 1 and (pc.zero >= 2 or pc.tp > 1 or pc.pp > 1)
     scaler = loss_scaler(tc, device, world_size)
-    # ZeroRedundancyOptimizer has no sharded state dict for DCP: ZeRO-1 consolidates on rank 0 into one file instead
-    ckpt = Checkpointer(run, cfg, dp_size, scaler, zero1=world_size > 1 and pc.zero == 1 and dp_size > 1)
+    ckpt = Checkpointer(run, cfg, dp_size, scaler)
     t_data = time.perf_counter()
     if rank == 0:
         run.write_json("pretrain_config.json", to_dict(cfg))
@@ -196,7 +195,7 @@ def main(cfg: PretrainConfig, run: Run) -> dict[str, float]:
     loader = ShardLoader(run.file("data/train"), mc.max_seq_len, tc.batch_size, cfg.run.seed, dp_rank, dp_size)
     step = 0
     if cfg.resume:
-        step = ckpt.resume(model, optimizers, schedulers, loader, world_size)
+        step = ckpt.resume(model, optimizers, schedulers, loader)
     else:
         torch.manual_seed(cfg.run.seed)
 

@@ -76,7 +76,7 @@ class Runs:
         """A copy of run `name` without its checkpoint of `step` (DCP shards and export), as after a crash."""
         shutil.copytree(self.root / name, self.root / copy)
         shutil.rmtree(self.root / copy / f"checkpoints/step_{step:06d}")
-        shutil.rmtree(self.root / copy / f"dcp/step_{step:06d}", ignore_errors=True)  # ZeRO-1 writes no DCP
+        shutil.rmtree(self.root / copy / f"dcp/step_{step:06d}")
         return copy
 
     def assert_same_weights(self, name: str, reference: str, rel: float | None = None, step: int = 4) -> None:

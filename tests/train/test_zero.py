@@ -72,3 +72,15 @@ def test_one_process_checkpoint_resumes_on_two_zero2_ranks(trained):
     out = trained.torchrun(copy, "train.batch_size=4", "parallel.zero=2", resume=True)
     assert "resumed from" in out and "step_000002" in out
     trained.assert_same_weights("adamw_to_zero2", "adamw", rel=1e-5)
+
+
+def test_zero1_checkpoint_resumes_on_one_process(trained):
+    # each rank wrote the AdamW moments of its own share of the parameters; one process reads all of them
+    trained.single(trained.crashed_copy("zero1", "zero1_to_1"), "train.batch_size=8", resume=True)
+    trained.assert_same_weights("zero1_to_1", "adamw", rel=1e-5)
+
+
+def test_one_process_checkpoint_resumes_under_zero1_on_two_ranks(trained):
+    copy = trained.crashed_copy("adamw", "adamw_to_zero1")
+    trained.torchrun(copy, "train.batch_size=4", "parallel.zero=1", resume=True)
+    trained.assert_same_weights("adamw_to_zero1", "adamw", rel=1e-5)
