@@ -1,6 +1,6 @@
 """fp16 with dynamic loss scaling on 2 CPU processes (gloo). Under ZeRO, tensor and pipeline parallel each rank sees
 only part of the gradients or of the optimizer, so an overflow one rank sees must skip the step on every rank, and
-each layout trains what the layout with whole gradients trains."""
+each layout trains what one process trains."""
 
 import json
 import os
@@ -38,19 +38,14 @@ def test_a_per_rank_scaler_would_step_on_the_rank_that_saw_no_overflow(tmp_path)
 @pytest.fixture(scope="module")
 def trained(runs):
     runs.single("fp16", *FP16, "train.batch_size=8")
-    runs.torchrun("fp16_ddp", *FP16, "train.batch_size=4")  # whole gradients on each rank: the reference of ZeRO
-    runs.torchrun("fp16_zero1", *FP16, "train.batch_size=4", "parallel.zero=1")
     runs.torchrun("fp16_zero3", *FP16, "train.batch_size=4", "parallel.zero=3")
     runs.torchrun("fp16_tp2", *FP16, "train.batch_size=8", "parallel.tp=2")
     runs.torchrun("fp16_pp2", *FP16, "train.batch_size=8", "parallel.pp=2", "parallel.microbatches=2")
     return runs
 
 
-@pytest.mark.parametrize(
-    ("name", "reference"),
-    [("fp16_zero1", "fp16_ddp"), ("fp16_zero3", "fp16_ddp"), ("fp16_tp2", "fp16"), ("fp16_pp2", "fp16")],
-)
-def test_sharded_fp16_matches_whole_gradients(trained, name, reference):
-    assert trained.metrics(name, "loss_scale") == trained.metrics(reference, "loss_scale")
+@pytest.mark.parametrize("name", ["fp16_zero3", "fp16_tp2", "fp16_pp2"])
+def test_sharded_fp16_matches_one_process(trained, name):
+    assert trained.metrics(name, "loss_scale") == trained.metrics("fp16", "loss_scale")
     # fp16 products summed in another order differ by ~1e-4 relative, where fp32 ones differ by ~1e-7
-    trained.assert_same_training(name, reference, rel=1e-3)
+    trained.assert_same_training(name, "fp16", rel=1e-3)
