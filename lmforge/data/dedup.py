@@ -50,7 +50,13 @@ class DedupConfig:
         )
 
     def banding(self) -> tuple[int, int]:
-        return (self.bands, self.rows) if self.bands else optimal_banding(self.threshold, self.num_perm)
+        if self.bands:
+            return self.bands, self.rows
+        # verified, a false candidate costs one signature comparison, a missed pair a duplicate kept: weigh misses 19:1
+        # (at 0.8 and 128 permutations: 16 bands of 8 catch 99.7% of pairs at Jaccard 0.86, against 75% for the
+        # balanced 9 of 13 that unverified LSH needs, as datasketch uses)
+        fn_weight = 0.95 if self.verify else 0.5
+        return optimal_banding(self.threshold, self.num_perm, 1 - fn_weight, fn_weight)
 
 
 def optimal_banding(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weight: float = 0.5) -> tuple[int, int]:

@@ -129,7 +129,11 @@ def test_estimated_jaccard_close_to_true():
 def test_banding_matches_datasketch(threshold):
     bands, rows = optimal_banding(threshold, 128)
     assert (bands, rows) == _optimal_param(threshold, 128, 0.5, 0.5) and bands * rows <= 128
-    assert DedupConfig(threshold=threshold).banding() == (bands, rows)
+    assert DedupConfig(threshold=threshold, verify=False).banding() == (bands, rows)
+    # verified candidates: misses weigh 19:1 against false candidates, so more bands of fewer rows
+    recall_first = optimal_banding(threshold, 128, 0.05, 0.95)
+    assert recall_first == _optimal_param(threshold, 128, 0.05, 0.95) and recall_first[0] > bands
+    assert DedupConfig(threshold=threshold).banding() == recall_first
     assert DedupConfig(bands=16, rows=8).banding() == (16, 8)
 
 
