@@ -9,6 +9,7 @@ import functools
 import hashlib
 import io
 import json
+import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -148,42 +149,127 @@ def _bytes(docs: list[Document]) -> int:
     return sum(len(d.text.encode()) for d in docs)
 
 
-def process_shard(task: ShardTask) -> int:
-    """Run the per-document stages over one shard and spill the result; returns the shard's index."""
+class _StageCounts:
+    """Per-stage documents and bytes in and out and removals by reason, summed over a shard's batches, in stage
+    order; and the first few rejects per stage and reason."""
+
+    def __init__(self, rejects_sample: int):
+        self.stages: dict[str, dict[str, Any]] = {}
+        self.repaired = 0  # documents kept with invalid UTF-8 replaced
+        self.rejects: list[dict[str, str]] = []
+        self.samples: Counter = Counter()
+        self.rejects_sample = rejects_sample
+
+    def add(self, name: str, docs_in: int, docs_out: int, bytes_in: int, bytes_out: int, removed: Counter) -> None:
+        stage = self.stages.setdefault(
+            name, {"docs_in": 0, "docs_out": 0, "bytes_in": 0, "bytes_out": 0, "removed": Counter()}
+        )
+        stage["docs_in"] += docs_in
+        stage["docs_out"] += docs_out
+        stage["bytes_in"] += bytes_in
+        stage["bytes_out"] += bytes_out
+        stage["removed"].update(removed)
+
+    def reject(self, stage: str, reason: str, doc_id: str, text: str) -> None:
+        # The first few per stage and reason; prepare.py keeps the first few of all shards.
+        if self.samples[stage, reason] < self.rejects_sample:
+            self.samples[stage, reason] += 1
+            self.rejects.append({"stage": stage, "reason": reason, "id": doc_id, "text": text[:REJECT_CHARS]})
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        out = {name: {**stage, "removed": dict(stage["removed"])} for name, stage in self.stages.items()}
+        out["read"]["repaired"] = {"invalid_utf8": self.repaired}
+        return out
+
+
+def _items(task: ShardTask) -> Iterator[Document | Reject]:
     cfg = task.cfg
     if task.docs is not None:
-        items: Iterator[Document | Reject] = iter(task.docs)
-    elif task.piece:
-        root = Path(task.root)
-        items = read_piece(root / task.files[0], root, task.piece, cfg.text_field, cfg.max_doc_bytes)
-    else:
-        root = Path(task.root)
-        items = read_files([root / f for f in task.files], root, cfg.text_field, cfg.max_doc_bytes)
-    docs, read_rejects = [], []
+        return iter(task.docs)
+    root = Path(task.root)
+    if task.piece:
+        return read_piece(root / task.files[0], root, task.piece, cfg.text_field, cfg.max_doc_bytes)
+    return read_files([root / f for f in task.files], root, cfg.text_field, cfg.max_doc_bytes)
+
+
+def _batches(items: Iterator[Document | Reject], max_bytes: int) -> Iterator[list[Document | Reject]]:
+    """Consecutive items holding about max_bytes of text each: a compressed or Parquet file, which is one task
+    however large, is processed a shard's worth at a time."""
+    batch, size, yielded = [], 0, False
     for item in items:
+        batch.append(item)
+        size += len(item.text) if isinstance(item, Document) else 0
+        if size >= max_bytes:
+            yield batch
+            batch, size, yielded = [], 0, True
+    if batch or not yielded:  # an empty shard still reports its stages, with zeros
+        yield batch
+
+
+def process_shard(task: ShardTask) -> int:
+    """Run the per-document stages over one shard, a batch of about cfg.shard_bytes at a time, and spill the result;
+    returns the shard's index. Memory holds one batch plus ~600 bytes per surviving document."""
+    cfg = task.cfg
+    counts = _StageCounts(cfg.rejects_sample)
+    terms = load_terms(cfg.toxicity.wordlist) if cfg.toxicity.wordlist else frozenset()
+    kinds = [k for k in asdict(cfg.scrub) if getattr(cfg.scrub, k)]  # scrub() counts the enabled kinds, in order
+    ids, toxic, arrays = [], [], []
+    spill = task.path(".jsonl")
+    tmp = spill.with_name(f".{spill.name}.tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    with tmp.open("w", encoding="utf-8") as out:
+        for batch in _batches(_items(task), cfg.shard_bytes):
+            docs = _filter(batch, cfg, counts)
+            scrubbed, replaced = [], []
+            for doc in docs:
+                text, found = scrub(doc.text, cfg.scrub)
+                scrubbed.append(text)
+                replaced.append(list(found.values()))
+                toxic.append(toxicity_reason(text, cfg.toxicity, terms, task.scorer))
+            texts = [d.text for d in docs]
+            signatures = minhash_signatures(texts, cfg.dedup) if cfg.dedup.near else np.zeros((len(docs), 0), np.uint32)
+            arrays.append(
+                {
+                    "keys": np.frombuffer(b"".join(map(exact_key, texts)), np.uint8).reshape(len(docs), 16),
+                    "signatures": signatures,
+                    "nbytes": np.array([len(t.encode()) for t in texts], np.int64),
+                    "nbytes_scrubbed": np.array([len(t.encode()) for t in scrubbed], np.int64),
+                    "replaced": np.array(replaced, np.int64).reshape(len(docs), len(kinds)),
+                }
+            )
+            ids += [d.id for d in docs]
+            for d, t in zip(docs, scrubbed, strict=True):
+                out.write(json.dumps({"id": d.id, "text": t}, ensure_ascii=False) + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+    tmp.replace(spill)  # a whole spill or none, like atomic_write
+    buf = io.BytesIO()
+    np.savez(buf, **{name: np.concatenate([a[name] for a in arrays]) for name in arrays[0]})
+    atomic_write(task.path(".npz"), buf.getvalue())
+    marker = {"fingerprint": task.fingerprint, "stages": counts.as_dict(), "rejects": counts.rejects}
+    marker |= {"ids": ids, "toxic": toxic, "scrub_kinds": kinds}
+    # The marker goes last: its presence, with this fingerprint, is what says the shard is done.
+    atomic_write(task.path(".json"), json.dumps(marker, ensure_ascii=False))
+    return task.index
+
+
+def _filter(batch: list[Document | Reject], cfg: DataPrepConfig, counts: _StageCounts) -> list[Document]:
+    """One batch through read, normalize, language and quality; returns the survivors."""
+    docs, read_rejects = [], []
+    for item in batch:
         (read_rejects if isinstance(item, Reject) else docs).append(item)
     removed = [r for r in read_rejects if not r.kept]
-    stages: dict[str, dict[str, Any]] = {
-        "read": {
-            "docs_in": len(docs) + len(removed),
-            "docs_out": len(docs),
-            "bytes_in": _bytes(docs) + sum(r.nbytes for r in removed),
-            "bytes_out": _bytes(docs),
-            "removed": dict(Counter(r.reason for r in removed)),
-            "repaired": {"invalid_utf8": sum(r.kept for r in read_rejects)},
-        }
-    }
-    rejects: list[dict[str, str]] = []
-    samples: Counter = Counter()
-
-    def reject(stage: str, reason: str, doc_id: str, text: str) -> None:
-        # The first few per stage and reason; prepare.py keeps the first few of all shards.
-        if samples[stage, reason] < cfg.rejects_sample:
-            samples[stage, reason] += 1
-            rejects.append({"stage": stage, "reason": reason, "id": doc_id, "text": text[:REJECT_CHARS]})
-
+    counts.add(
+        "read",
+        len(docs) + len(removed),
+        len(docs),
+        _bytes(docs) + sum(r.nbytes for r in removed),
+        _bytes(docs),
+        Counter(r.reason for r in removed),
+    )
+    counts.repaired += sum(r.kept for r in read_rejects)
     for r in read_rejects:
-        reject("read", r.reason, r.id, r.text)
+        counts.reject("read", r.reason, r.id, r.text)
 
     def apply(name: str, step: Callable[[Document], tuple[Document, str | None]]) -> None:
         nonlocal docs
@@ -192,11 +278,10 @@ def process_shard(task: ShardTask) -> int:
             out, reason = step(doc)
             if reason:
                 reasons[reason] += 1
-                reject(name, reason, doc.id, doc.text)
+                counts.reject(name, reason, doc.id, doc.text)
             else:
                 kept.append(out)
-        stages[name] = {"docs_in": len(docs), "docs_out": len(kept), "bytes_in": _bytes(docs)}
-        stages[name] |= {"bytes_out": _bytes(kept), "removed": dict(reasons)}
+        counts.add(name, len(docs), len(kept), _bytes(docs), _bytes(kept), reasons)
         docs = kept
 
     def normalized(doc: Document) -> tuple[Document, str | None]:
@@ -207,36 +292,7 @@ def process_shard(task: ShardTask) -> int:
     if cfg.langid.enabled:
         apply("langid", lambda d: (d, language_reason(d.text, cfg.langid, _identifier())))
     apply("quality", lambda d: (d, quality_reason(d, cfg)))
-
-    terms = load_terms(cfg.toxicity.wordlist) if cfg.toxicity.wordlist else frozenset()
-    scrubbed, replaced, toxic = [], [], []
-    for doc in docs:
-        text, found = scrub(doc.text, cfg.scrub)
-        scrubbed.append(text)
-        replaced.append(list(found.values()))
-        toxic.append(toxicity_reason(text, cfg.toxicity, terms, task.scorer))
-    texts = [d.text for d in docs]
-    kinds = [k for k in asdict(cfg.scrub) if getattr(cfg.scrub, k)]  # scrub() counts the enabled kinds, in order
-    signatures = minhash_signatures(texts, cfg.dedup) if cfg.dedup.near else np.zeros((len(docs), 0), np.uint32)
-    arrays = {
-        "keys": np.frombuffer(b"".join(map(exact_key, texts)), np.uint8).reshape(len(docs), 16),
-        "signatures": signatures,
-        "nbytes": np.array([len(t.encode()) for t in texts], np.int64),
-        "nbytes_scrubbed": np.array([len(t.encode()) for t in scrubbed], np.int64),
-        "replaced": np.array(replaced, np.int64).reshape(len(docs), len(kinds)),
-    }
-    spill = "".join(
-        json.dumps({"id": d.id, "text": t}, ensure_ascii=False) + "\n" for d, t in zip(docs, scrubbed, strict=True)
-    )
-    atomic_write(task.path(".jsonl"), spill)
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write(task.path(".npz"), buf.getvalue())
-    marker = {"fingerprint": task.fingerprint, "stages": stages, "rejects": rejects}
-    marker |= {"ids": [d.id for d in docs], "toxic": toxic, "scrub_kinds": kinds}
-    # The marker goes last: its presence, with this fingerprint, is what says the shard is done.
-    atomic_write(task.path(".json"), json.dumps(marker, ensure_ascii=False))
-    return task.index
+    return docs
 
 
 def shard_done(task: ShardTask) -> bool:
