@@ -53,7 +53,7 @@ class ParallelConfig:
     cpu_offload: bool = False
     """With parallel.zero=2/3 on GPUs: keep FSDP's parameter shards, gradients and AdamW state in CPU memory (copied
     to the GPU per block for forward and backward; the optimizer steps on the CPU), so a model larger than the GPUs'
-    memory trains. Rejected on CPU devices, where everything already lives in CPU memory."""
+    memory trains. On CPU devices the same config runs unchanged and saves nothing: everything is in CPU memory."""
 
     def validate(self) -> None:
         for name in ("dp", "microbatches"):
@@ -127,11 +127,6 @@ class ParallelConfig:
 def init_distributed(cfg: ParallelConfig, device: torch.device) -> tuple[int, int, torch.device]:
     """(rank, world_size, device) from torchrun's RANK, WORLD_SIZE and LOCAL_RANK; (0, 1, device) without them."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.cpu_offload and device.type != "cuda":
-        raise LmforgeError(
-            f"parallel.cpu_offload=true moves FSDP's shards from GPU to CPU memory, but train.device is {device.type}, "
-            "where they are in CPU memory already; drop parallel.cpu_offload or train on CUDA devices"
-        )
     if world_size == 1:
         cfg.mesh_shape(1)
         return 0, 1, device
@@ -183,8 +178,8 @@ def parallelize(
     if mesh is None or mesh["dp"].size() == 1:
         return model
     dp = mesh["dp"]
+    device = next(model.parameters()).device
     if cfg.zero < 2:
-        device = next(model.parameters()).device
         # gradients go in 25 MB buckets (DDP's default), each all-reduced as soon as it fills, overlapping backward
         return DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, process_group=dp.get_group()
@@ -192,7 +187,8 @@ def parallelize(
     # one FSDP unit per block, so only one block's full parameters live at a time; the root takes embed/norm/head.
     # ZeRO-2 keeps each unit's gathered parameters from forward to backward (no second all-gather), ZeRO-3 frees them
     reshard = cfg.zero == 3
-    offload = CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy()
+    # pinned host memory speeds the copies to a GPU; on CPU devices the shards stay where they are
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cfg.cpu_offload else OffloadPolicy()
     for block in model.layers.children():
         fully_shard(block, mesh=dp, reshard_after_forward=reshard, offload_policy=offload)
     fully_shard(model, mesh=dp, reshard_after_forward=reshard, offload_policy=offload)

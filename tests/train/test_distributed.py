@@ -11,7 +11,6 @@ import pytest
 
 from lmforge.config import load_config
 from lmforge.errors import LmforgeError
-from lmforge.run import Run
 from lmforge.train import pretrain
 from lmforge.train.parallel import ParallelConfig
 
@@ -101,14 +100,6 @@ def test_invalid_parallel_config_is_rejected(overrides, match):
 def test_a_mesh_that_does_not_fit_the_world_is_rejected(world, values, match):
     with pytest.raises(LmforgeError, match=match):
         ParallelConfig(**values).mesh_shape(world)
-
-
-def test_cpu_offload_is_refused_on_cpu_devices(corpus, tmp_path):
-    args = ["parallel.zero=3", "parallel.cpu_offload=true", "train.device=cpu", f"run.root={tmp_path}"]
-    cfg = load_config(pretrain.PretrainConfig, None, [*args, f"data.path={corpus}"])
-    with pytest.raises(LmforgeError, match="but train.device is cpu, where they are in CPU memory already"):
-        pretrain.main(cfg, Run.from_config(cfg.run))
-    assert not list(tmp_path.rglob("pretrain_config.json"))
 
 
 def test_mesh_shape_derives_dp():
