@@ -7,8 +7,8 @@ Why numpy: a decode step is ~4 matrix-vector products per layer plus ~200 small 
 5-40 us for a torch op (nn.RMSNorm ~37 us). Best of runs: 285 tok/s against 167 for the torch path, same greedy
 tokens. The matrix-vector products, bound by memory bandwidth, are still ~80% of a step.
 
-    step = NumpyDecoder(model, cache).step   # after model(prompt, cache=cache)
-    logits = step(token)                     # (V,), and the cache advances one position
+    decoder, kv = NumpyDecoder(model), CacheKV(cache)   # after model(prompt, cache=cache)
+    logits = decoder.step(token, cache.pos, kv)         # (V,); then cache.advance(1)
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from threadpoolctl import ThreadpoolController
 
 from lmforge.models import Decoder, KVCache
 from lmforge.models.layers import Positions
+from lmforge.serve.paged import PagedKVStore
 
 Array = np.ndarray
 # Every scalar below is a Python float: a numpy float64 scalar would promote the activations to float64 and make
@@ -175,14 +176,44 @@ def _threadpools() -> ThreadpoolController:
     return ThreadpoolController()  # scans the loaded BLAS libraries once (~1 ms)
 
 
-class NumpyDecoder:
-    """One-token decode steps of `model` over `cache` (batch 1), with as many BLAS threads as torch uses."""
+class CacheKV:
+    """The numpy view of a batch-1 torch KVCache: the steps write and read the tensors the torch prefill filled."""
 
-    def __init__(self, model: Decoder, cache: KVCache):
+    def __init__(self, cache: KVCache):
         assert cache.k.shape[1] == 1 and cache.k.dtype == torch.float32, "a batch-1 fp32 cache"
-        cfg = model.cfg
-        self.cache = cache
         self.k, self.v = cache.k.numpy()[:, 0], cache.v.numpy()[:, 0]  # (layers, Hkv, max_len, D), shared with torch
+
+    def write(self, layer: int, pos: int, k: Array, v: Array) -> None:
+        self.k[layer, :, pos], self.v[layer, :, pos] = k, v
+
+    def read(self, layer: int, length: int) -> tuple[Array, Array]:
+        return self.k[layer, :, :length], self.v[layer, :, :length]  # (Hkv, S, D) views
+
+
+class PagedKV:
+    """One sequence's blocks of the serving engine's paged pool (serve/paged.py), in numpy."""
+
+    def __init__(self, store: PagedKVStore, block_table: list[int]):
+        self.k, self.v = store.k.numpy(), store.v.numpy()  # (layers, Hkv, blocks, block_size, D), shared with torch
+        self.table, self.block_size = block_table, store.block_size
+
+    def write(self, layer: int, pos: int, k: Array, v: Array) -> None:
+        block, offset = self.table[pos // self.block_size], pos % self.block_size
+        self.k[layer, :, block, offset], self.v[layer, :, block, offset] = k, v
+
+    def read(self, layer: int, length: int) -> tuple[Array, Array]:
+        blocks = self.table[: -(-length // self.block_size)]
+        Hkv, D = self.k.shape[1], self.k.shape[-1]
+        keys = self.k[layer][:, blocks].reshape(Hkv, -1, D)[:, :length]  # (Hkv, S, D), gathered block by block
+        return keys, self.v[layer][:, blocks].reshape(Hkv, -1, D)[:, :length]
+
+
+class NumpyDecoder:
+    """One-token decode steps of `model` (batch 1) over a KV store (CacheKV or PagedKV), with as many BLAS threads
+    as torch uses."""
+
+    def __init__(self, model: Decoder):
+        cfg = model.cfg
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self.embed = _view(model.embed.weight)  # (V, C)
@@ -202,26 +233,22 @@ class NumpyDecoder:
         self.lm_head = _linear(model.lm_head)
         self.threads = torch.get_num_threads()
 
-    def step(self, token: int) -> Array:
-        """Logits (V,) after `token` at the cache's position; the cache advances by one."""
+    def step(self, token: int, pos: int, kv: CacheKV | PagedKV) -> Array:
+        """Logits (V,) after `token` at position `pos`, whose keys and values are written to `kv`."""
         # the BLAS limit is set per step (~10 us), so it never outlives a step while the generator waits
         with _threadpools().limit(limits=self.threads, user_api="blas"), np.errstate(over="ignore"):
-            pos = self.cache.pos
             x = self.positions.embed(self.embed[token], pos)  # (C,), maybe a view of the table: never written in place
             for layer, (attn_norm, qkv, proj, mlp_norm, mlp) in enumerate(self.layers):
-                x = x + proj(self._attend(layer, qkv(attn_norm(x)), pos))
+                x = x + proj(self._attend(layer, qkv(attn_norm(x)), pos, kv))
                 x = x + mlp(mlp_norm(x))
-            self.cache.advance(1)
             return self.lm_head(self.norm(x))
 
-    def _attend(self, layer: int, qkv: Array, pos: int) -> Array:
+    def _attend(self, layer: int, qkv: Array, pos: int, kv: CacheKV | PagedKV) -> Array:
         """qkv: ((Hq + 2 Hkv) D,) of the newest token -> its attention output (Hq D,) over the cache."""
         Hq, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         qk = self.positions.rotate(qkv[: (Hq + Hkv) * D].reshape(Hq + Hkv, D), pos)  # (Hq + Hkv, D)
-        self.k[layer, :, pos] = qk[Hq:]
-        self.v[layer, :, pos] = qkv[(Hq + Hkv) * D :].reshape(Hkv, D)
-        S = pos + 1
-        keys, values = self.k[layer, :, :S], self.v[layer, :, :S]  # (Hkv, S, D)
+        kv.write(layer, pos, qk[Hq:], qkv[(Hq + Hkv) * D :].reshape(Hkv, D))
+        keys, values = kv.read(layer, pos + 1)  # (Hkv, S, D)
         q = (qk[:Hq] * self.scale).reshape(Hkv, Hq // Hkv, D)  # (Hkv, G, D): G query heads share a kv head
         scores = self.positions.bias(q @ keys.transpose(0, 2, 1))  # (Hkv, G, S)
         scores = np.exp(scores - scores.max(axis=-1, keepdims=True))

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from lmforge.errors import LmforgeError
 from lmforge.models import Decoder
+from lmforge.serve.cpu_decode import NumpyDecoder, PagedKV, unsupported_reason
 from lmforge.serve.generate import TextStream, sample_next
 from lmforge.serve.paged import BlockManager, Chunk, PagedBatch, PagedKVStore, block_hashes
 
@@ -126,6 +127,8 @@ class Engine:
         num_blocks = cfg.kv_blocks or cfg.max_num_seqs * math.ceil(self.context / cfg.block_size)
         self.blocks = BlockManager(num_blocks, cfg.block_size)
         self.store = PagedKVStore(model.cfg, num_blocks, cfg.block_size, self.device, dtype)
+        # a step that decodes one token of one sequence (a single user) runs in numpy where it can (cpu_decode.py)
+        self.single = NumpyDecoder(model) if unsupported_reason(model) is None else None
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.eos_ids = {tokenizer.eos_id}
@@ -288,6 +291,10 @@ class Engine:
 
     def _run(self, model: Decoder, store: PagedKVStore, chunks: list[Chunk], all_rows: list[bool]) -> list[Tensor]:
         """One packed forward pass; per chunk the float logits of every row (all_rows) or of its last row, (R, V)."""
+        if self.single and model is self.model and len(chunks) == 1 and len(chunks[0].tokens) == 1 and not all_rows[0]:
+            (chunk,) = chunks
+            logits = self.single.step(chunk.tokens[0], chunk.start, PagedKV(store, chunk.block_table))
+            return [torch.from_numpy(logits)[None]]  # (1, V)
         batch = PagedBatch(store, chunks, self.device)
         hidden = model.hidden_states(batch.ids, batch)[0]  # (N, C)
         rows, row = [], 0

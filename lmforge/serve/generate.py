@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lmforge.errors import LmforgeError
 from lmforge.models import Decoder, KVCache
-from lmforge.serve.cpu_decode import NumpyDecoder, unsupported_reason
+from lmforge.serve.cpu_decode import CacheKV, NumpyDecoder, unsupported_reason
 
 
 def prepare_for_decode(model: Decoder) -> Decoder:
@@ -132,8 +132,14 @@ def _torch_step(model: Decoder, cache: KVCache) -> Callable[[int], Tensor]:
 
 
 def _numpy_step(model: Decoder, cache: KVCache) -> Callable[[int], Tensor]:
-    step = NumpyDecoder(model, cache).step  # reads and extends the cache the torch prefill filled
-    return lambda token: torch.from_numpy(step(token))[None]  # (V,) -> (1, V)
+    decoder, kv = NumpyDecoder(model), CacheKV(cache)  # reads and extends the cache the torch prefill filled
+
+    def step(token: int) -> Tensor:
+        logits = decoder.step(token, cache.pos, kv)
+        cache.advance(1)
+        return torch.from_numpy(logits)[None]  # (V,) -> (1, V)
+
+    return step
 
 
 def generate(

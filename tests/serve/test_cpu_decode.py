@@ -9,7 +9,7 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.models import KVCache, ModelConfig, build_model
-from lmforge.serve.cpu_decode import NumpyDecoder
+from lmforge.serve.cpu_decode import CacheKV, NumpyDecoder
 from lmforge.serve.generate import generate_tokens, prepare_for_decode
 from lmforge.serve.offload import stream_layers
 
@@ -39,7 +39,13 @@ def test_numpy_steps_equal_torch_cached_decode(variant, prepared):
     reference, shared = KVCache(model.cfg, 1, 16), KVCache(model.cfg, 1, 16)
     for cache in (reference, shared):
         model(torch.tensor([PROMPT]), cache=cache)  # the torch prefill fills both caches
-    numpy_step = NumpyDecoder(model, shared).step
+    decoder, kv = NumpyDecoder(model), CacheKV(shared)
+
+    def numpy_step(token: int) -> np.ndarray:
+        logits = decoder.step(token, shared.pos, kv)
+        shared.advance(1)
+        return logits
+
     token = 7
     for step in range(8):
         expected = model(torch.tensor([[token]]), cache=reference)[0, -1]  # (V,)
