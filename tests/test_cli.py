@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.cli import TOOLS, VERBS, build_parser
+from lmforge.cli import TOOLS, VERBS, build_parser, main
 
 
 def lmforge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -34,17 +34,21 @@ def test_the_verbs_do_not_change_by_accident():
         (["pretrain", "data.path=/no/such/folder", "train.steps=1"], "/no/such/folder"),
     ],
 )
-def test_usage_errors_exit_2_with_one_line_and_write_nothing(tmp_path, args, message):
-    result = lmforge(*args, cwd=tmp_path)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.stderr
+def test_usage_errors_exit_2_with_one_line_and_write_nothing(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)  # in-process (a subprocess per case spends ~4 s importing): the same main()
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
     assert not any(p.suffix == ".safetensors" for p in tmp_path.rglob("*"))
 
 
-def test_argparse_usage_errors_exit_2(tmp_path):
+def test_usage_errors_exit_2_from_the_command(tmp_path):
     assert lmforge("no-such-verb", cwd=tmp_path).returncode == 2
-    assert lmforge("generate", cwd=tmp_path).returncode == 2
+    assert lmforge("generate", cwd=tmp_path).returncode == 2  # argparse: the run is missing
+    result = lmforge("speedrun", "depth=0", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip() == "lmforge speedrun: error: depth=0 must be in 1..48"
 
 
 def test_readme_commands_at_tiny_scale(tmp_path, tiny_text):

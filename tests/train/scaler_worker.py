@@ -1,6 +1,6 @@
 """Helper of test_fp16.py: under torchrun (2 ranks, gloo), each rank holds its own part of a model in plain tensors,
-as pipeline stages do, and rank 1 alone sees an inf gradient. `python scaler_worker.py {all_ranks,per_rank} OUT` steps
-with lmforge's scaler or torch's GradScaler and writes, per rank, whether its weights moved and the new loss scale."""
+as pipeline stages do, and rank 1 alone sees an inf gradient. `python scaler_worker.py OUT` steps once with lmforge's
+scaler and once with torch's GradScaler and writes, per rank and scaler, whether its weights moved and the new scale."""
 
 from __future__ import annotations
 
@@ -20,9 +20,7 @@ from lmforge.train.precision import AllRanksGradScaler
 CFG = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=16)
 
 
-def main(kind: str, out: Path) -> None:
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
+def step_once(kind: str, rank: int) -> dict:
     model = build_model(CFG, seed=rank)
     optimizer = build_optimizers(model, TrainConfig(optimizer="adamw", lr=1e-2))[0]
     scaler = (AllRanksGradScaler if kind == "all_ranks" else torch.amp.GradScaler)("cpu", init_scale=2.0**10)
@@ -37,9 +35,12 @@ def main(kind: str, out: Path) -> None:
     scaler.step(optimizer)
     scaler.update()
     moved = any(not p.equal(b) for p, b in zip(model.parameters(), before, strict=True))
-    (out / f"rank_{rank}.json").write_text(json.dumps({"moved": moved, "scale": scaler.get_scale()}))
-    dist.destroy_process_group()
+    return {"moved": moved, "scale": scaler.get_scale()}
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]))
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    results = {kind: step_once(kind, rank) for kind in ("all_ranks", "per_rank")}
+    (Path(sys.argv[1]) / f"rank_{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()

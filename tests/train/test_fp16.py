@@ -14,23 +14,27 @@ WORKER = Path(__file__).with_name("scaler_worker.py")
 FP16 = ["train.dtype=fp16", "train.log_every=1"]
 
 
-def scaler_run(kind: str, out: Path) -> list[dict]:
+@pytest.fixture(scope="module")
+def scaler_steps(tmp_path_factory) -> dict[str, list[dict]]:
+    """Per scaler kind, per rank: did the weights move, and the scale after the step."""
+    out = tmp_path_factory.mktemp("scaler")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([*cmd, kind, str(out)], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run([*cmd, str(out)], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return [json.loads((out / f"rank_{r}.json").read_text()) for r in range(2)]
+    ranks = [json.loads((out / f"rank_{r}.json").read_text()) for r in range(2)]
+    return {kind: [r[kind] for r in ranks] for kind in ranks[0]}
 
 
-def test_an_overflow_in_one_ranks_shard_skips_the_step_on_every_rank(tmp_path):
-    ranks = scaler_run("all_ranks", tmp_path)
+def test_an_overflow_in_one_ranks_shard_skips_the_step_on_every_rank(scaler_steps):
+    ranks = scaler_steps["all_ranks"]
     assert [r["moved"] for r in ranks] == [False, False]
     assert [r["scale"] for r in ranks] == [2.0**9, 2.0**9]  # both halved the scale
 
 
-def test_a_per_rank_scaler_would_step_on_the_rank_that_saw_no_overflow(tmp_path):
+def test_a_per_rank_scaler_would_step_on_the_rank_that_saw_no_overflow(scaler_steps):
     # what the all-reduce prevents: rank 0 steps and keeps its scale, rank 1 skips: the stages drift apart
-    ranks = scaler_run("per_rank", tmp_path)
+    ranks = scaler_steps["per_rank"]
     assert [r["moved"] for r in ranks] == [True, False]
     assert [r["scale"] for r in ranks] == [2.0**10, 2.0**9]
 
