@@ -1,10 +1,14 @@
 """Fixtures for the training tests: a small folder of text files, and tiny pre-training runs on one process or on
 several under torchrun (gloo on CPU), compared through their checkpoints and metrics."""
 
+import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -63,13 +67,10 @@ class Runs:
         pretrain.main(cfg, Run.from_config(cfg.run))
 
     def torchrun(self, name: str, *overrides: str, nproc: int = 2, resume: bool = False, rc: int = 0) -> str:
-        """Run `lmforge pretrain` under torchrun; assert its exit status and return its output."""
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
-        cmd += ["-m", "lmforge", "pretrain", *self.args(name, overrides), *(["--resume"] if resume else [])]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        text = out.stdout[-3000:] + out.stderr[-12000:]
-        assert out.returncode == rc, text
+        """Run `lmforge pretrain` on nproc ranks; assert its exit status and return its output."""
+        args = ["-m", "lmforge", "pretrain", *self.args(name, overrides), *(["--resume"] if resume else [])]
+        returncode, text = launch(args, nproc)
+        assert returncode == rc, text
         return text
 
     def crashed_copy(self, name: str, copy: str, step: int = 4) -> str:
@@ -109,3 +110,46 @@ class Runs:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, corpus) -> Runs:
     return Runs(tmp_path_factory.mktemp("runs"), corpus)
+
+
+def launch(args: list[str], nproc: int, timeout: float = 600) -> tuple[int, str]:
+    """`python ARGS` on nproc local ranks with the environment torchrun gives its workers (RANK, LOCAL_RANK,
+    WORLD_SIZE, a free MASTER_PORT on loopback), without torchrun's launcher: it costs ~3 s of a 5 s trivial job,
+    and these tests launch dozens of jobs (test_distributed.py and test_rank_failure.py run the real torchrun).
+    Returns the exit status of the first rank to fail (0 if none did) and each rank's output; a rank that fails
+    stops the others after a grace period (those waiting on it in a collective would wait forever)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    base |= {"WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc)}
+    with contextlib.ExitStack() as files:
+        logs = [files.enter_context(tempfile.TemporaryFile()) for _ in range(nproc)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            )
+            for rank, log in enumerate(logs)
+        ]
+        deadline, first_failure = time.monotonic() + timeout, 0
+        while any(p.poll() is None for p in procs):
+            failed = [p.returncode for p in procs if p.returncode]
+            if failed and not first_failure:
+                first_failure, deadline = failed[0], min(deadline, time.monotonic() + 10)
+            if time.monotonic() > deadline:
+                for p in procs:
+                    p.kill()
+            time.sleep(0.02)
+        text = ""
+        for rank, log in enumerate(logs):
+            log.seek(0)
+            text += f"[rank {rank}]\n" + log.read().decode(errors="replace")[-8000:]
+    return first_failure or next((p.returncode for p in procs if p.returncode), 0), text
+
+
+@pytest.fixture(scope="session")
+def launcher():
+    return launch

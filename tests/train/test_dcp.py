@@ -2,10 +2,7 @@
 state bit-identical, training continuing as if never stopped; DDP too; export to safetensors; bad checkpoints."""
 
 import importlib.util
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,14 +17,6 @@ WORKER = Path(__file__).with_name("dcp_worker.py")
 _spec = importlib.util.spec_from_file_location("dcp_worker", WORKER)
 worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(worker)
-
-
-def torchrun(mode: str, out: Path) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER)]
-    result = subprocess.run(
-        [*cmd, mode, str(out)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 def assert_same(a, b, exact: bool = True, where: str = "") -> None:
@@ -50,17 +39,22 @@ def assert_same(a, b, exact: bool = True, where: str = "") -> None:
 
 
 @pytest.fixture(scope="module")
-def out(tmp_path_factory) -> Path:
+def out(tmp_path_factory, launcher) -> Path:
     """2 FSDP ranks save step 2; one process trains to step 2 and saves; 2 FSDP ranks load that."""
     out = tmp_path_factory.mktemp("dcp")
-    torchrun("save", out)
+
+    def torchrun(mode: str) -> None:  # dcp_worker.py on 2 ranks
+        returncode, output = launcher([str(WORKER), mode, str(out)], 2)
+        assert returncode == 0, output[-6000:]
+
+    torchrun("save")
     module, optimizers, schedulers = worker.build()
     worker.train(module, optimizers, schedulers, 0, 2)
     save_dcp(out / "single", 2, module, optimizers, schedulers)
     torch.save(worker.full_state(module, optimizers), out / "single_step2.pt")
     worker.train(module, optimizers, schedulers, 2, 4)
     torch.save(worker.full_state(module, optimizers), out / "single_step4.pt")
-    torchrun("load", out)
+    torchrun("load")
     return out
 
 

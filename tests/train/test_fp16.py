@@ -3,9 +3,6 @@ only part of the gradients or of the optimizer, so an overflow one rank sees mus
 each layout trains what one process trains."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,13 +12,11 @@ FP16 = ["train.dtype=fp16", "train.log_every=1"]
 
 
 @pytest.fixture(scope="module")
-def scaler_steps(tmp_path_factory) -> dict[str, list[dict]]:
+def scaler_steps(tmp_path_factory, launcher) -> dict[str, list[dict]]:
     """Per scaler kind, per rank: did the weights move, and the scale after the step."""
     out = tmp_path_factory.mktemp("scaler")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([*cmd, str(out)], capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    returncode, output = launcher([str(WORKER), str(out)], 2)
+    assert returncode == 0, output[-6000:]
     ranks = [json.loads((out / f"rank_{r}.json").read_text()) for r in range(2)]
     return {kind: [r[kind] for r in ranks] for kind in ranks[0]}
 
