@@ -9,9 +9,10 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.models import KVCache, ModelConfig, build_model
-from lmforge.serve.cpu_decode import CacheKV, NumpyDecoder
+from lmforge.serve.cpu_decode import CacheKV, NumpyDecoder, PagedKV
 from lmforge.serve.generate import generate_tokens, prepare_for_decode
 from lmforge.serve.offload import stream_layers
+from lmforge.serve.paged import PagedKVStore
 
 TINY = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=48)
 VARIANTS = {
@@ -90,3 +91,19 @@ def test_streamed_model_keeps_the_torch_path():
     assert list(generate_tokens(model, PROMPT, 12)) == expected
     with pytest.raises(LmforgeError, match="forward hooks"):
         generate_tokens(model, PROMPT, 12, backend="numpy")
+
+
+@pytest.mark.parametrize("table", [[2, 3, 4], [5, 1, 3]])
+def test_paged_reads_are_the_blocks_in_table_order(table):
+    # consecutive blocks are read through a view, others gathered: both give positions [0, length) in order
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=32)
+    store = PagedKVStore(cfg, num_blocks=6, block_size=4)
+    store.k.normal_(generator=torch.Generator().manual_seed(0))
+    store.v.normal_(generator=torch.Generator().manual_seed(1))
+    kv = PagedKV(store, table)
+    keys, values = kv.read(1, 10)
+    expected = torch.cat([store.k[1, :, b] for b in table], dim=1)[:, :10]  # (Hkv, S, D)
+    np.testing.assert_array_equal(keys, expected.numpy())
+    np.testing.assert_array_equal(values, torch.cat([store.v[1, :, b] for b in table], dim=1)[:, :10].numpy())
+    kv.write(1, 9, np.ones((2, 8), np.float32), np.zeros((2, 8), np.float32))  # position 9: block table[2], slot 1
+    assert store.k[1, :, table[2], 1].eq(1).all() and store.v[1, :, table[2], 1].eq(0).all()
