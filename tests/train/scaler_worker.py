@@ -1,4 +1,4 @@
-"""Helper of test_fp16.py: under torchrun (2 ranks, gloo), each rank holds its own part of a model in plain tensors,
+"""Helper of test_mixed_precision.py: on 2 ranks (gloo), each rank holds its own part of a model in plain tensors,
 as pipeline stages do, and rank 1 alone sees an inf gradient. `python scaler_worker.py OUT` steps once with lmforge's
 scaler and once with torch's GradScaler and writes, per rank and scaler, whether its weights moved and the new scale."""
 

@@ -1,6 +1,7 @@
-"""fp16 with dynamic loss scaling on 2 CPU processes (gloo). Under ZeRO, tensor and pipeline parallel each rank sees
-only part of the gradients or of the optimizer, so an overflow one rank sees must skip the step on every rank, and
-each layout trains what one process trains."""
+"""Mixed precision on 2 CPU processes (gloo). fp16 with dynamic loss scaling: under ZeRO, tensor and pipeline parallel
+each rank sees only part of the gradients or of the optimizer, so an overflow one rank sees must skip the step on
+every rank, and each layout trains what one process trains. bf16 autocast under ZeRO-3 trains what one process
+trains too."""
 
 import json
 from pathlib import Path
@@ -40,6 +41,8 @@ def trained(runs):
     runs.torchrun("fp16_zero3", *FP16, "train.batch_size=4", "parallel.zero=3")
     runs.torchrun("fp16_tp2", *FP16, "train.batch_size=8", "parallel.tp=2")
     runs.torchrun("fp16_pp2", *FP16, "train.batch_size=8", "parallel.pp=2", "parallel.microbatches=2")
+    runs.single("bf16", "train.dtype=bf16", "train.batch_size=8")
+    runs.torchrun("bf16_zero3", "train.dtype=bf16", "train.batch_size=4", "parallel.zero=3")
     return runs
 
 
@@ -48,3 +51,8 @@ def test_sharded_fp16_matches_one_process(trained, name):
     assert trained.metrics(name, "loss_scale") == trained.metrics("fp16", "loss_scale")
     # fp16 products summed in another order differ by ~1e-4 relative, where fp32 ones differ by ~1e-7
     trained.assert_same_training(name, "fp16", rel=1e-3)
+
+
+def test_bf16_under_zero3_matches_one_process(trained):
+    # bf16 keeps 8 bits of mantissa: products summed in another order differ by ~1e-3 relative
+    trained.assert_same_training("bf16_zero3", "bf16", rel=1e-2)
