@@ -1,7 +1,7 @@
-"""Checkpoints: weights in safetensors with the model config as JSON beside them; optimizer, scheduler and RNG
-state in `trainer.pt` (loaded with weights_only=True); each written to a temp folder and renamed into place.
+"""Checkpoints: weights in safetensors with the model config as JSON beside them, written to a temp folder and
+renamed into place. What generate, export and serve read; training resumes from its DCP checkpoints (train/dcp.py).
 
-Layout: runs/<name>/checkpoints/step_000100/{model.safetensors, model.json, state.json, trainer.pt}
+Layout: runs/<name>/checkpoints/step_000100/{model.safetensors, model.json, state.json}
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ def save_checkpoint(
     step: int,
     model: Decoder,
     state: dict[str, Any],
-    trainer: dict[str, Any] | None = None,
     keep_last: int = 2,
 ) -> Path:
     """Write checkpoint `step` atomically (temp folder + rename) and delete all but the newest `keep_last`."""
@@ -51,8 +50,6 @@ def save_checkpoint(
     safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
     atomic_write(tmp / "model.json", json.dumps(to_dict(model.cfg), indent=2) + "\n")
     atomic_write(tmp / "state.json", json.dumps({"step": step, **state}, indent=2) + "\n")
-    if trainer is not None:
-        torch.save(trainer, tmp / "trainer.pt")
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -105,16 +102,6 @@ def load_weights(model: Decoder, path: Path) -> None:
             f"checkpoint {path} does not fit its model.json (missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]}); use a checkpoint written by this version of lmforge"
         )
-
-
-def load_trainer_state(ckpt: Path) -> dict[str, Any]:
-    path = ckpt / "trainer.pt"
-    try:
-        return torch.load(path, weights_only=True)
-    except FileNotFoundError:
-        raise LmforgeError(f"{path} is missing: this checkpoint holds weights only and cannot be resumed") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise LmforgeError(f"{path} is truncated or corrupt ({e}); delete its folder and resume from another") from None
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:

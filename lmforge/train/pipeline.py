@@ -85,6 +85,8 @@ class Pipeline:
         # the loss is a mean per micro-batch and the schedule divides gradients by `microbatches` (scale_grads), so
         # a step equals one process accumulating micro-batch losses / grad_accum
         self.scaler = scaler  # fp16: the schedule runs backward itself, so the loss it backpropagates is scaled
+        # GradScaler creates its scale where a loss is first scaled (the last stage); every stage unscales, so here
+        scaler.scale(torch.zeros((), device=device))
         self.schedule = SCHEDULES[schedule](self.stage, microbatches, loss_fn=self._scaled_loss)
 
     def _scaled_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
@@ -93,8 +95,6 @@ class Pipeline:
     def step(self, x: Tensor, y: Tensor) -> Tensor:
         """x, y: (B, T), the whole step's batch. The mean micro-batch loss on the last stage, 0 elsewhere."""
         losses: list[Tensor] = []
-        if not self.last:  # the scale is created where a loss is scaled; unscaling on every rank needs one
-            self.scaler.scale(torch.zeros((), device=x.device))
         if self.first:
             self.schedule.step(x)
         elif self.last:
