@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -117,13 +118,17 @@ def _decode(model, prompt_ids, budget, temperature, top_k, top_p, stop_ids, seed
     cache = KVCache(model.cfg, 1, len(prompt_ids) + budget - 1, device=weight.device, dtype=weight.dtype)
     logits = model(torch.tensor([prompt_ids], device=weight.device), cache=cache, last_only=True)[:, -1]  # (1, V)
     decode_step = _numpy_step(model, cache) if use_numpy else _torch_step(model, cache)
+    greedy = temperature <= 0.0 or top_k == 1
     for step in range(budget):
-        token = int(sample_next(logits, temperature, top_k, top_p, generator))
+        if greedy:  # argmax of the numpy step's logits: ~30 us a token less than a torch op on them
+            token = int(logits.argmax())
+        else:
+            token = int(sample_next(torch.as_tensor(logits).view(1, -1), temperature, top_k, top_p, generator))
         if token in stop_ids:
             return
         yield token
         if step + 1 < budget:
-            logits = decode_step(token)  # (1, V)
+            logits = decode_step(token)  # (1, V) tensor or (V,) numpy array
 
 
 def _torch_step(model: Decoder, cache: KVCache) -> Callable[[int], Tensor]:
@@ -131,13 +136,13 @@ def _torch_step(model: Decoder, cache: KVCache) -> Callable[[int], Tensor]:
     return lambda token: model(torch.tensor([[token]], device=device), cache=cache)[:, -1]  # (1, V)
 
 
-def _numpy_step(model: Decoder, cache: KVCache) -> Callable[[int], Tensor]:
+def _numpy_step(model: Decoder, cache: KVCache) -> Callable[[int], np.ndarray]:
     decoder, kv = NumpyDecoder(model), CacheKV(cache)  # reads and extends the cache the torch prefill filled
 
-    def step(token: int) -> Tensor:
-        logits = decoder.step(token, cache.pos, kv)
+    def step(token: int) -> np.ndarray:
+        logits = decoder.step(token, cache.pos, kv)  # (V,)
         cache.advance(1)
-        return torch.from_numpy(logits)[None]  # (V,) -> (1, V)
+        return logits
 
     return step
 
