@@ -26,7 +26,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without installing
 
-from benchmarks.machine import matmul_peak_gflops, set_threads  # noqa: E402
+from benchmarks.machine import matmul_peak_gflops, numpy_matmul_gflops, set_threads  # noqa: E402
 from lmforge.interop.hf import to_transformers  # noqa: E402
 from lmforge.models import ModelConfig, build_model  # noqa: E402
 from lmforge.train.config import TrainConfig  # noqa: E402
@@ -163,6 +163,14 @@ def main() -> None:
     for dtype, name, tok_s, mfu, peak_g, first in rows:
         hf_tok_s = next(t for d, n, t, *_ in rows if d == dtype and n == "hf llama")
         print(f"{dtype:5} {name:17} {tok_s:8.0f} {tok_s / hf_tok_s:5.2f}x {mfu:6.1%} {peak_g:9.0f} {first:10.1f}")
+    # the ceiling: no model code can run its matmuls faster than the machine's best matmul kernel
+    numpy_peak = numpy_matmul_gflops()
+    for dtype, name, tok_s, mfu, peak_g, _ in rows:
+        if name == "hf llama":
+            print(
+                f"{dtype}: 1.5x transformers would be {1.5 * tok_s:.0f} tok/s, {1.5 * mfu:.0%} of the measured {dtype} "
+                f"matmul peak ({peak_g:.0f} GFLOP/s; numpy's fp32 BLAS: {numpy_peak:.0f})"
+            )
 
 
 if __name__ == "__main__":
