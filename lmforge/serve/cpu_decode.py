@@ -25,6 +25,7 @@ from threadpoolctl import ThreadpoolController
 
 from lmforge.models import Decoder, KVCache
 from lmforge.models.layers import Positions
+from lmforge.serve import native
 from lmforge.serve.paged import PagedKVStore
 
 Array = np.ndarray
@@ -55,13 +56,26 @@ def _view(t: torch.Tensor) -> Array:
 
 
 def _linear(linear: nn.Linear) -> Callable[[Array], Array]:
-    # prepare_for_decode stores W column-major, so W^T is a C-contiguous (in, out) matrix: OpenBLAS's fastest GEMV here
-    # (2.4 vs 3.8 ms per token for the row-major nn.Linear layout, which is read through a transposed view)
-    w = _view(linear.weight.t())  # (in, out)
+    weight = linear.weight.detach()
+    kernel = native.gemv()
+    if kernel is not None and weight.stride(1) == 1:  # row-major, as nn.Linear keeps it: the C kernel's layout
+        w, threads = weight.numpy(), torch.get_num_threads()
+
+        def matvec(x: Array) -> Array:
+            return kernel(w, x, threads)
+
+    else:
+        # without the C kernel prepare_for_decode stores W column-major, so W^T is a C-contiguous (in, out) matrix:
+        # OpenBLAS's fastest GEMV here (2.4 vs 3.8 ms a token for the row-major layout, read through a transposed view)
+        w_t = _view(weight.t())  # (in, out)
+
+        def matvec(x: Array) -> Array:
+            return x @ w_t
+
     if linear.bias is None:
-        return lambda x: x @ w
+        return matvec
     b = _view(linear.bias)
-    return lambda x: x @ w + b
+    return lambda x: matvec(x) + b
 
 
 def _rmsnorm(norm: nn.RMSNorm, eps: float) -> Callable[[Array], Array]:
@@ -118,6 +132,8 @@ MLPS = {"gelu": _gelu_mlp(_gelu), "gelu_tanh": _gelu_mlp(_gelu_tanh), "swiglu": 
 class _Positions:
     """The numpy side of layers.Positions: embed, rotate (q and k stacked as (Hq + Hkv, D)) and bias the scores."""
 
+    slopes: Array | None = None  # ALiBi's (Hq,) slopes, for the C attention kernel
+
     def embed(self, x: Array, pos: int) -> Array:
         return x
 
@@ -155,7 +171,8 @@ class _RotaryPositions(_Positions):
 class _ALiBiPositions(_Positions):
     def __init__(self, positions: Positions):
         cfg = positions.cfg
-        slopes = _view(positions.slopes).reshape(cfg.n_kv_heads, -1, 1)  # (Hkv, G, 1): query head h uses kv head h // G
+        self.slopes = np.ascontiguousarray(_view(positions.slopes), dtype=np.float32)  # (Hq,)
+        slopes = self.slopes.reshape(cfg.n_kv_heads, -1, 1)  # (Hkv, G, 1): query head h uses kv head h // G
         # slope * (key position - query position) for distances -(T-1)..0; the newest query over S keys takes the last S
         self.table = slopes * np.arange(1 - cfg.max_seq_len, 1, dtype=np.float32)  # (Hkv, G, T)
 
@@ -236,6 +253,7 @@ class NumpyDecoder:
         self.norm = norm(model.norm, cfg.norm_eps)
         self.lm_head = _linear(model.lm_head)
         self.threads = torch.get_num_threads()
+        self.attend = native.attend()  # None without a C compiler: numpy below
 
     def step(self, token: int, pos: int, kv: CacheKV | PagedKV) -> Array:
         """Logits (V,) after `token` at position `pos`, whose keys and values are written to `kv`."""
@@ -253,7 +271,10 @@ class NumpyDecoder:
         qk = self.positions.rotate(qkv[: (Hq + Hkv) * D].reshape(Hq + Hkv, D), pos)  # (Hq + Hkv, D)
         kv.write(layer, pos, qk[Hq:], qkv[(Hq + Hkv) * D :].reshape(Hkv, D))
         keys, values = kv.read(layer, pos + 1)  # (Hkv, S, D)
-        q = (qk[:Hq] * self.scale).reshape(Hkv, Hq // Hkv, D)  # (Hkv, G, D): G query heads share a kv head
+        q = qk[:Hq] * self.scale  # (Hq, D)
+        if self.attend:
+            return self.attend(q, keys, values, self.positions.slopes, self.threads)
+        q = q.reshape(Hkv, Hq // Hkv, D)  # (Hkv, G, D): G query heads share a kv head
         scores = self.positions.bias(q @ keys.transpose(0, 2, 1))  # (Hkv, G, S)
         scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
         scores /= scores.sum(axis=-1, keepdims=True)

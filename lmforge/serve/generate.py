@@ -17,17 +17,19 @@ from torch import Tensor
 
 from lmforge.errors import LmforgeError
 from lmforge.models import Decoder, KVCache
+from lmforge.serve import native
 from lmforge.serve.cpu_decode import CacheKV, NumpyDecoder, unsupported_reason
 
 
 def prepare_for_decode(model: Decoder) -> Decoder:
-    """Store every linear weight column-major on the CPU (same values and shapes) for faster batch-1 decode.
+    """Lay the linear weights out for the fastest batch-1 decode on the CPU (same values and shapes).
 
-    A decode step is a (1, C) x W^T product per weight. torch's MKL reads a column-major W at ~16 GB/s against ~10 GB/s
-    for the row-major layout nn.Linear keeps (2-core AMD EPYC, benchmarks/bench_decode.py: 5.8 vs 7.3 ms per token).
+    Where the C kernel (serve/native.py) decodes the model, that is nn.Linear's row-major layout, left as it is.
+    Otherwise every weight is stored column-major: numpy's OpenBLAS reads W^T as a C-contiguous (in, out) matrix, and
+    torch's MKL reads it at ~16 GB/s against ~10 GB/s row-major (2-core AMD EPYC, benchmarks/bench_decode.py).
     For inference only: training is slower this way and safetensors refuses to save non-contiguous weights.
     """
-    if model.lm_head.weight.device.type != "cpu":
+    if model.lm_head.weight.device.type != "cpu" or (native.gemv() and unsupported_reason(model) is None):
         return model
     with torch.no_grad():
         for module in model.modules():

@@ -9,6 +9,8 @@ import pytest
 import torch
 import uvicorn
 
+from lmforge.serve import native
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -17,6 +19,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def _forget_native_kernels():
+    for cached in (native._library, native.gemv, native.attend):
+        cached.cache_clear()
+
+
+@pytest.fixture
+def numpy_only(monkeypatch):
+    """Decode as on a machine without a C compiler: LMFORGE_NATIVE=0, so the kernels are None and numpy runs alone."""
+    monkeypatch.setenv("LMFORGE_NATIVE", "0")
+    _forget_native_kernels()
+    assert native.gemv() is None and native.attend() is None
+    yield
+    monkeypatch.delenv("LMFORGE_NATIVE")
+    _forget_native_kernels()
 
 
 @contextlib.contextmanager

@@ -1,5 +1,6 @@
-"""The numpy decode steps: the same logits as the torch model's cached decode for every variant, over one shared KV
-cache, the same greedy tokens through generate_tokens, and the torch path wherever numpy cannot run."""
+"""The numpy decode steps, with the C kernels (serve/native.py) and without: the same logits as the torch model's cached
+decode for every variant and weight layout, over one shared KV cache, the same greedy tokens through generate_tokens,
+and the torch path wherever numpy cannot run."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.models import KVCache, ModelConfig, build_model
+from lmforge.serve import native
 from lmforge.serve.cpu_decode import CacheKV, NumpyDecoder, PagedKV
 from lmforge.serve.generate import generate_tokens, prepare_for_decode
 from lmforge.serve.offload import stream_layers
@@ -32,11 +34,31 @@ def tiny_model(variant: str, prepared: bool = False):
     return prepare_for_decode(model) if prepared else model
 
 
-@pytest.mark.parametrize("prepared", [True, False], ids=["column-major", "row-major"])
+def column_major(model):
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.data = module.weight.data.t().contiguous().t()
+    return model
+
+
+@pytest.fixture(params=["c", "numpy"])
+def kernels(request):
+    """Both decoders: with the C kernels built on this machine, and numpy alone (as without a C compiler)."""
+    if request.param == "numpy":
+        request.getfixturevalue("numpy_only")
+    else:
+        assert native.gemv() is not None and native.attend() is not None, "make test needs a C compiler with OpenMP"
+    return request.param
+
+
+@pytest.mark.parametrize("layout", ["row-major", "column-major"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @torch.inference_mode()
-def test_numpy_steps_equal_torch_cached_decode(variant, prepared):
-    model = tiny_model(variant, prepared)
+def test_numpy_steps_equal_torch_cached_decode(variant, layout, kernels):
+    model = tiny_model(variant)
+    if layout == "column-major":  # the C kernel reads row-major weights only: these go to OpenBLAS
+        column_major(model)
     reference, shared = KVCache(model.cfg, 1, 16), KVCache(model.cfg, 1, 16)
     for cache in (reference, shared):
         model(torch.tensor([PROMPT]), cache=cache)  # the torch prefill fills both caches
@@ -59,7 +81,7 @@ def test_numpy_steps_equal_torch_cached_decode(variant, prepared):
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_generate_tokens_same_with_both_backends(variant):
+def test_generate_tokens_same_with_both_backends(variant, kernels):
     model = tiny_model(variant, prepared=True)
     numpy_ids = list(generate_tokens(model, PROMPT, 30, backend="numpy"))
     assert numpy_ids == list(generate_tokens(model, PROMPT, 30, backend="torch"))

@@ -42,12 +42,19 @@ def test_greedy_matches_full_recompute(variant):
 
 
 @pytest.mark.parametrize("variant", ["llama", "gpt2"])
-def test_decode_layout_keeps_the_outputs(variant):
+def test_decode_layout_keeps_the_outputs(variant, numpy_only):
     model = tiny_model(variant)
     expected = naive_greedy(model, [4, 5, 6], 12)
-    prepare_for_decode(model)
+    prepare_for_decode(model)  # no C kernel: column-major weights for OpenBLAS and MKL
     assert not model.lm_head.weight.is_contiguous()
     assert list(generate_tokens(model, [4, 5, 6], 12)) == expected
+
+
+def test_decode_layout_stays_row_major_for_the_c_kernel():
+    model = tiny_model()
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    prepare_for_decode(model)
+    assert all(p.is_contiguous() and p.equal(before[name]) for name, p in model.named_parameters())
 
 
 def test_stops_at_the_context_limit():
