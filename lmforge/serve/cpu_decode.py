@@ -55,15 +55,12 @@ def _view(t: torch.Tensor) -> Array:
     return a if a.flags.c_contiguous or a.flags.f_contiguous else np.ascontiguousarray(a)
 
 
-def _linear(linear: nn.Linear) -> Callable[[Array], Array]:
+def _linear(linear: nn.Linear, reuse_output: bool = True) -> Callable[[Array], Array]:
+    """x -> linear(x). reuse_output: the C kernel writes every product into one array, valid until the next call
+    (every layer's outputs are consumed before the next token; not the logits, which the caller keeps)."""
     weight = linear.weight.detach()
-    kernel = native.gemv()
-    if kernel is not None and weight.stride(1) == 1:  # row-major, as nn.Linear keeps it: the C kernel's layout
-        w, threads = weight.numpy(), torch.get_num_threads()
-
-        def matvec(x: Array) -> Array:
-            return kernel(w, x, threads)
-
+    if weight.stride(1) == 1 and native.available():  # row-major, as nn.Linear keeps it: the C kernel's layout
+        matvec = native.matvec(weight.numpy(), torch.get_num_threads(), reuse_output)
     else:
         # without the C kernel prepare_for_decode stores W column-major, so W^T is a C-contiguous (in, out) matrix:
         # OpenBLAS's fastest GEMV here (2.4 vs 3.8 ms a token for the row-major layout, read through a transposed view)
@@ -230,8 +227,9 @@ class PagedKV:
 
 
 class NumpyDecoder:
-    """One-token decode steps of `model` (batch 1) over a KV store (CacheKV or PagedKV), with as many BLAS threads
-    as torch uses."""
+    """One-token decode steps of `model` (batch 1) over a KV store (CacheKV or PagedKV), on as many threads as torch
+    uses, through the C kernels where they are built (serve/native.py). Its layers write into buffers of their own, so
+    one decoder runs one step at a time (make one per thread)."""
 
     def __init__(self, model: Decoder):
         cfg = model.cfg
@@ -251,9 +249,10 @@ class NumpyDecoder:
             for block in model.layers
         ]
         self.norm = norm(model.norm, cfg.norm_eps)
-        self.lm_head = _linear(model.lm_head)
+        self.lm_head = _linear(model.lm_head, reuse_output=False)  # the logits are handed out
         self.threads = torch.get_num_threads()
-        self.attend = native.attend()  # None without a C compiler: numpy below
+        slopes, H = self.positions.slopes, (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
+        self.attention = native.attention(*H, slopes, self.threads, reuse_output=True)  # None: numpy below
 
     def step(self, token: int, pos: int, kv: CacheKV | PagedKV) -> Array:
         """Logits (V,) after `token` at position `pos`, whose keys and values are written to `kv`."""
@@ -272,8 +271,8 @@ class NumpyDecoder:
         kv.write(layer, pos, qk[Hq:], qkv[(Hq + Hkv) * D :].reshape(Hkv, D))
         keys, values = kv.read(layer, pos + 1)  # (Hkv, S, D)
         q = qk[:Hq] * self.scale  # (Hq, D)
-        if self.attend:
-            return self.attend(q, keys, values, self.positions.slopes, self.threads)
+        if self.attention:
+            return self.attention(q, keys, values)  # (Hq D,), valid until the next layer's: proj consumes it first
         q = q.reshape(Hkv, Hq // Hkv, D)  # (Hkv, G, D): G query heads share a kv head
         scores = self.positions.bias(q @ keys.transpose(0, 2, 1))  # (Hkv, G, S)
         scores = np.exp(scores - scores.max(axis=-1, keepdims=True))

@@ -29,7 +29,7 @@ def prepare_for_decode(model: Decoder) -> Decoder:
     torch's MKL reads it at ~16 GB/s against ~10 GB/s row-major (2-core AMD EPYC, benchmarks/bench_decode.py).
     For inference only: training is slower this way and safetensors refuses to save non-contiguous weights.
     """
-    if model.lm_head.weight.device.type != "cpu" or (native.gemv() and unsupported_reason(model) is None):
+    if model.lm_head.weight.device.type != "cpu" or (native.available() and unsupported_reason(model) is None):
         return model
     with torch.no_grad():
         for module in model.modules():

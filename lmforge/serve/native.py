@@ -7,9 +7,10 @@ the rows of every weight over torch's thread count: the 25 weights of benchmarks
 ms a token against 2.8-3.2 ms for OpenBLAS on 2 threads, and about as long on one thread. The attention kernel does in
 one call what takes numpy ~20 small ops per layer.
 
-Where no C compiler with OpenMP is found, compilation fails, or LMFORGE_NATIVE=0, `gemv()` and `attend()` are None and
-the decoder runs on numpy alone. The library is cached under ~/.cache/lmforge/native (XDG_CACHE_HOME), named by a hash
-of the source, the compiler and the CPU's flags, and written to a temporary name then renamed.
+Where no C compiler with OpenMP is found, compilation fails, or LMFORGE_NATIVE=0, `available()` is False, `matvec` and
+`attention` give None, and the decoder runs on numpy alone. The library is cached under ~/.cache/lmforge/native
+(XDG_CACHE_HOME), named by a hash of the source, the compiler and the CPU's flags, written to a temporary name and
+renamed.
 """
 
 from __future__ import annotations
@@ -29,8 +30,6 @@ import numpy as np
 
 SOURCE = Path(__file__).with_name("decode_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-Gemv = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
-Attend = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, int], np.ndarray]
 
 
 def cache_dir() -> Path:
@@ -78,74 +77,81 @@ def _library() -> ctypes.CDLL | None:
     return library
 
 
+def available() -> bool:
+    """Whether the kernels are built and loaded (see the module doc for when they are not)."""
+    return _library() is not None
+
+
 def _check(a: np.ndarray, what: str) -> None:
     if a.dtype != np.float32 or a.strides[-1] != 4:
         raise ValueError(f"{what} must be fp32 with a unit last stride, not {a.dtype} with strides {a.strides}")
 
 
-@functools.cache
-def gemv() -> Gemv | None:
-    """`gemv(w, x, threads)`: w (rows, cols), x (cols,) -> a new (rows,) array W x; None where the kernels cannot be
-    built (see the module doc)."""
+def _output(size: int, reuse: bool) -> Callable[[], tuple[np.ndarray, int]]:
+    """A new array per call, or one array whose every call overwrites the last (its address taken once: numpy's
+    `.ctypes.data` costs ~1.7 us, a few percent of a decode step over ~30 calls)."""
+    if not reuse:
+        return lambda: ((y := np.empty(size, np.float32)), y.ctypes.data)
+    buffer = np.empty(size, np.float32)
+    address = buffer.ctypes.data
+    return lambda: (buffer, address)
+
+
+def matvec(w: np.ndarray, threads: int, reuse_output: bool = False) -> Callable[[np.ndarray], np.ndarray] | None:
+    """x (cols,) -> W x (rows,) for a fixed row-major fp32 weight w (rows, cols) on `threads` threads; None without
+    the kernels. reuse_output: every product is written to one array, valid until the next call."""
     if (library := _library()) is None:
         return None
-    kernel = library.lmforge_gemv
+    _check(w, "the weight")
+    kernel, (rows, cols), address, row_stride = library.lmforge_gemv, w.shape, w.ctypes.data, w.strides[0] // 4
+    output = _output(rows, reuse_output)
 
-    def run(w: np.ndarray, x: np.ndarray, threads: int) -> np.ndarray:
-        rows, cols = w.shape
-        _check(w, "the weight")
-        _check(x := np.ascontiguousarray(x), "the vector")  # a view such as qkv[:n] is contiguous already: no copy
-        if x.shape != (cols,):
-            raise ValueError(f"a ({rows}, {cols}) weight takes a ({cols},) vector, not {x.shape}")
-        y = np.empty(rows, np.float32)
-        kernel(w.ctypes.data, w.strides[0] // 4, x.ctypes.data, y.ctypes.data, rows, cols, threads)
+    def run(x: np.ndarray) -> np.ndarray:
+        if x.dtype != np.float32 or x.shape != (cols,):
+            raise ValueError(f"a ({rows}, {cols}) weight takes a ({cols},) fp32 vector, not {x.dtype} {x.shape}")
+        if not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x)
+        y, y_address = output()
+        kernel(address, row_stride, x.ctypes.data, y_address, rows, cols, threads)
         return y
 
+    run.weight = w  # keeps the weight alive as long as its address is used
     return run
 
 
-@functools.cache
-def attend() -> Attend | None:
-    """`attend(q, keys, values, slopes, threads)`: q (Hq, D) rotated and scaled, keys and values (Hkv, S, D) views of
-    the cache, slopes (Hq,) for ALiBi or None -> a new (Hq * D,) array, softmax(q k^T + bias) v per query head."""
+def attention(
+    n_heads: int, n_kv_heads: int, head_dim: int, slopes: np.ndarray | None, threads: int, reuse_output: bool = False
+) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None:
+    """(q, keys, values) -> softmax(q k^T + bias) v per query head, as a (n_heads * head_dim,) array; None without
+    the kernels. q: (Hq, D) rotated and scaled, contiguous; keys and values: (Hkv, S, D) views of the cache with a unit
+    last stride; slopes: ALiBi's (Hq,) slopes, or None. reuse_output as for matvec."""
     if (library := _library()) is None:
         return None
-    kernel = library.lmforge_attend
+    Hq, Hkv, D = n_heads, n_kv_heads, head_dim
+    if Hq % Hkv:
+        raise ValueError(f"{Hq} query heads cannot share {Hkv} kv heads evenly")
+    if slopes is not None:
+        if slopes.dtype != np.float32 or slopes.shape != (Hq,):
+            raise ValueError(f"ALiBi slopes must be a ({Hq},) fp32 array, not {slopes.dtype} {slopes.shape}")
+        slopes = np.ascontiguousarray(slopes)
+    kernel, slopes_address = library.lmforge_attend, None if slopes is None else slopes.ctypes.data
+    output = _output(Hq * D, reuse_output)
 
-    def run(q: np.ndarray, keys: np.ndarray, values: np.ndarray, slopes: np.ndarray | None, threads: int) -> np.ndarray:
-        Hq, D = q.shape
-        Hkv, S, _ = keys.shape
-        for a, what in ((q, "q"), (keys, "the keys"), (values, "the values")):
-            _check(a, what)
-        if not q.flags.c_contiguous or keys.shape != values.shape or keys.shape[2] != D or Hq % Hkv:
+    def run(q: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+        if q.shape != (Hq, D) or not q.flags.c_contiguous or keys.shape != values.shape or keys.shape[::2] != (Hkv, D):
             raise ValueError(
-                f"attend needs a contiguous (Hq, D) q and (Hkv, S, D) keys and values: {q.shape}, "
+                f"attention takes a contiguous ({Hq}, {D}) q and ({Hkv}, S, {D}) keys and values, not {q.shape}, "
                 f"{keys.shape}, {values.shape}"
             )
-        if slopes is not None and (
-            slopes.dtype != np.float32 or slopes.shape != (Hq,) or not slopes.flags.c_contiguous
-        ):
-            raise ValueError(f"ALiBi slopes must be a contiguous ({Hq},) fp32 array")
-        out = np.empty(Hq * D, np.float32)
+        for a, what in ((q, "q"), (keys, "the keys"), (values, "the values")):
+            _check(a, what)
+        out, out_address = output()
         k_head, k_pos = keys.strides[0] // 4, keys.strides[1] // 4
         v_head, v_pos = values.strides[0] // 4, values.strides[1] // 4
-        slopes_ptr = None if slopes is None else slopes.ctypes.data
-        kernel(
-            q.ctypes.data,
-            keys.ctypes.data,
-            k_head,
-            k_pos,
-            values.ctypes.data,
-            v_head,
-            v_pos,
-            slopes_ptr,
-            out.ctypes.data,
-            Hq,
-            Hkv,
-            S,
-            D,
-            threads,
-        )
+        S = keys.shape[1]
+        kernel(q.ctypes.data, keys.ctypes.data, k_head, k_pos, values.ctypes.data, v_head, v_pos, slopes_address,
+               out_address, Hq, Hkv, S, D, threads)  # fmt: skip
         return out
 
+    run.slopes = slopes  # keeps the slopes alive as long as their address is used
     return run
