@@ -131,6 +131,10 @@ class _Positions:
 
     slopes: Array | None = None  # ALiBi's (Hq,) slopes, for the C attention kernel
 
+    def rope(self, pos: int) -> tuple[int, int] | None:
+        """The addresses of RoPE's (D,) cos and sin rows of `pos`, for the C attention kernel; None: no rotation."""
+        return None
+
     def embed(self, x: Array, pos: int) -> Array:
         return x
 
@@ -154,12 +158,18 @@ class _TablePositions(_Positions):
 
 class _RotaryPositions(_Positions):
     def __init__(self, positions: Positions):
-        self.cos = _view(positions.cos)  # (T, D), the angles repeated for both halves
+        self.cos = np.ascontiguousarray(_view(positions.cos))  # (T, D), the angles repeated for both halves
+        self.sin = np.ascontiguousarray(_view(positions.sin))
         half = self.cos.shape[1] // 2
-        sin = _view(positions.sin)
         # rotate_half(x) * sin == x[:, swap] * [-sin, sin]: one gather and one product instead of split, negate, concat
-        self.signed_sin = np.concatenate([-sin[:, :half], sin[:, half:]], axis=1)
+        self.signed_sin = np.concatenate([-self.sin[:, :half], self.sin[:, half:]], axis=1)
         self.swap = np.r_[half : 2 * half, 0:half]
+        self.row_bytes = self.cos.strides[0]
+        self.cos_address, self.sin_address = self.cos.ctypes.data, self.sin.ctypes.data
+
+    def rope(self, pos: int) -> tuple[int, int]:
+        offset = pos * self.row_bytes
+        return self.cos_address + offset, self.sin_address + offset
 
     def rotate(self, qk: Array, pos: int) -> Array:
         return qk * self.cos[pos] + qk[:, self.swap] * self.signed_sin[pos]
@@ -190,12 +200,31 @@ def _threadpools() -> ThreadpoolController:
     return ThreadpoolController()  # scans the loaded BLAS libraries once (~1 ms)
 
 
+def _layouts(k: Array, v: Array, table: Array) -> list[native.KVLayout]:
+    """Per layer, where the C attention kernel finds k and v: (layers, Hkv, max_len, D) arrays with the table [0], or
+    (layers, Hkv, blocks, block_size, D) pools with a sequence's block table."""
+    assert k.shape == v.shape and k.strides == v.strides and k.dtype == np.float32 and k.strides[-1] == 4
+    assert k.strides[-2] == 4 * k.shape[-1], "positions of a block one after another"
+    paged = k.ndim == 5
+    block_size = k.shape[-2]
+    head, block = k.strides[1] // 4, (k.strides[2] // 4 if paged else 0)
+    layouts, keys, values = [], k.ctypes.data, v.ctypes.data
+    for layer in range(k.shape[0]):
+        offset = layer * k.strides[0]
+        layout = native.KVLayout(keys + offset, values + offset, head, block, table.ctypes.data, block_size,
+                                 len(table) * block_size)  # fmt: skip
+        layouts.append(layout)
+    layouts.append(table)  # keeps the table alive with the layouts that hold its address
+    return layouts
+
+
 class CacheKV:
     """The numpy view of a batch-1 torch KVCache: the steps write and read the tensors the torch prefill filled."""
 
     def __init__(self, cache: KVCache):
         assert cache.k.shape[1] == 1 and cache.k.dtype == torch.float32, "a batch-1 fp32 cache"
         self.k, self.v = cache.k.numpy()[:, 0], cache.v.numpy()[:, 0]  # (layers, Hkv, max_len, D), shared with torch
+        self.layouts = _layouts(self.k, self.v, np.zeros(1, np.int32))  # one block of max_len positions
 
     def write(self, layer: int, pos: int, k: Array, v: Array) -> None:
         self.k[layer, :, pos], self.v[layer, :, pos] = k, v
@@ -210,6 +239,7 @@ class PagedKV:
     def __init__(self, store: PagedKVStore, block_table: list[int]):
         self.k, self.v = store.k.numpy(), store.v.numpy()  # (layers, Hkv, blocks, block_size, D), shared with torch
         self.table, self.block_size = block_table, store.block_size
+        self.layouts = _layouts(self.k, self.v, np.asarray(block_table, np.int32)) if native.available() else []
 
     def write(self, layer: int, pos: int, k: Array, v: Array) -> None:
         block, offset = self.table[pos // self.block_size], pos % self.block_size
@@ -266,14 +296,13 @@ class NumpyDecoder:
 
     def _attend(self, layer: int, qkv: Array, pos: int, kv: CacheKV | PagedKV) -> Array:
         """qkv: ((Hq + 2 Hkv) D,) of the newest token -> its attention output (Hq D,) over the cache."""
+        if self.attention:  # the output stays valid until the next layer's: proj consumes it first
+            return self.attention(qkv, self.positions.rope(pos), kv.layouts[layer], pos + 1)
         Hq, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         qk = self.positions.rotate(qkv[: (Hq + Hkv) * D].reshape(Hq + Hkv, D), pos)  # (Hq + Hkv, D)
         kv.write(layer, pos, qk[Hq:], qkv[(Hq + Hkv) * D :].reshape(Hkv, D))
         keys, values = kv.read(layer, pos + 1)  # (Hkv, S, D)
-        q = qk[:Hq] * self.scale  # (Hq, D)
-        if self.attention:
-            return self.attention(q, keys, values)  # (Hq D,), valid until the next layer's: proj consumes it first
-        q = q.reshape(Hkv, Hq // Hkv, D)  # (Hkv, G, D): G query heads share a kv head
+        q = (qk[:Hq] * self.scale).reshape(Hkv, Hq // Hkv, D)  # (Hkv, G, D): G query heads share a kv head
         scores = self.positions.bias(q @ keys.transpose(0, 2, 1))  # (Hkv, G, S)
         scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
         scores /= scores.sum(axis=-1, keepdims=True)

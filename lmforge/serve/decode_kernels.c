@@ -18,27 +18,48 @@ void lmforge_gemv(const float *w, long row_stride, const float *x, float *y, int
     }
 }
 
-/* One query token's attention over S cached positions. q: (Hq, D), rotated and scaled; key (g, s, :) of kv head g at
- * position s starts at k + g * k_head + s * k_pos (likewise v); query head h reads kv head h / (Hq / Hkv). slopes:
- * ALiBi's (Hq,) slopes, adding slope * (s - (S - 1)) to the scores, or NULL. out: (Hq, D). The heads are split over
- * the threads; each thread's scores live in a buffer of S floats. */
-void lmforge_attend(const float *q, const float *k, long k_head, long k_pos, const float *v, long v_head, long v_pos,
-                    const float *slopes, float *out, int Hq, int Hkv, int S, int D, int threads) {
-    const int group = Hq / Hkv;
+/* y = x rotated by RoPE's half-split layout (cos, sin: the (D,) rows of its position; NULL: no rotation), times scale. */
+static void rotate(const float *x, const float *cos, const float *sin, float *y, int D, float scale) {
+    const int half = D / 2;
+    if (!cos) {
+        for (int d = 0; d < D; d++) y[d] = x[d] * scale;
+        return;
+    }
+    for (int d = 0; d < half; d++) y[d] = (x[d] * cos[d] - x[d + half] * sin[d]) * scale;
+    for (int d = half; d < D; d++) y[d] = (x[d] * cos[d] + x[d - half] * sin[d]) * scale;
+}
+
+/* One layer's attention for the newest token of a sequence over a paged KV cache (PagedAttention): rotate its q and k,
+ * write its k and v to its slot, and attend its q over positions 0..S-1 (the newest is S-1).
+ * qkv: (Hq + 2 Hkv) * D floats, the q heads, then k, then v. k_cache, v_cache: this layer's pool, where the vector of
+ * kv head g at position s starts at cache + g * head_stride + table[s / block_size] * block_stride
+ * + (s % block_size) * D. slopes: ALiBi's (Hq,) slopes, adding slope * (s - (S - 1)) to the scores, or NULL.
+ * out: (Hq, D). Query head h reads kv head h / (Hq / Hkv); the query heads are split over the threads. */
+void lmforge_attention(const float *qkv, const float *cos, const float *sin, float *k_cache, float *v_cache,
+                       long head_stride, long block_stride, const int *table, int block_size, int S,
+                       const float *slopes, float scale, float *out, int Hq, int Hkv, int D, int threads) {
+    const int group = Hq / Hkv, newest = S - 1;
+    const long slot = (long)table[newest / block_size] * block_stride + (long)(newest % block_size) * D;
+    for (int g = 0; g < Hkv; g++) {
+        rotate(qkv + (long)(Hq + g) * D, cos, sin, k_cache + g * head_stride + slot, D, 1.0f);
+        const float *v = qkv + (long)(Hq + Hkv + g) * D;
+        float *v_slot = v_cache + g * head_stride + slot;
+        for (int d = 0; d < D; d++) v_slot[d] = v[d];
+    }
 #pragma omp parallel num_threads(threads)
     {
-        float *scores = malloc(sizeof(float) * (size_t)S);
+        float *scores = malloc(sizeof(float) * (size_t)S), *q = malloc(sizeof(float) * (size_t)D);
 #pragma omp for schedule(static)
         for (int h = 0; h < Hq; h++) {
-            const float *qh = q + (long)h * D, *kh = k + (long)(h / group) * k_head, *vh = v + (long)(h / group) * v_head;
-            float *oh = out + (long)h * D;
-            float top = -INFINITY;
+            rotate(qkv + (long)h * D, cos, sin, q, D, scale);
+            const float *kh = k_cache + (h / group) * head_stride, *vh = v_cache + (h / group) * head_stride;
+            float *oh = out + (long)h * D, top = -INFINITY;
             for (int s = 0; s < S; s++) {
-                const float *ks = kh + (long)s * k_pos;
+                const float *k = kh + (long)table[s / block_size] * block_stride + (long)(s % block_size) * D;
                 float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-                for (int d = 0; d < D; d++) dot += qh[d] * ks[d];
-                if (slopes) dot += slopes[h] * (float)(s - (S - 1));
+                for (int d = 0; d < D; d++) dot += q[d] * k[d];
+                if (slopes) dot += slopes[h] * (float)(s - newest);
                 scores[s] = dot;
                 top = dot > top ? dot : top;
             }
@@ -46,11 +67,13 @@ void lmforge_attend(const float *q, const float *k, long k_head, long k_pos, con
             for (int s = 0; s < S; s++) total += scores[s] = expf(scores[s] - top);
             for (int d = 0; d < D; d++) oh[d] = 0.0f;
             for (int s = 0; s < S; s++) {
-                const float *vs = vh + (long)s * v_pos, p = scores[s] / total;
+                const float *v = vh + (long)table[s / block_size] * block_stride + (long)(s % block_size) * D;
+                const float p = scores[s] / total;
 #pragma omp simd
-                for (int d = 0; d < D; d++) oh[d] += p * vs[d];
+                for (int d = 0; d < D; d++) oh[d] += p * v[d];
             }
         }
         free(scores);
+        free(q);
     }
 }

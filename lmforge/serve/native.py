@@ -1,11 +1,11 @@
 """The C kernels of batch-1 CPU decode (decode_kernels.c), compiled on first use with the machine's C compiler and
-loaded with ctypes: a matrix-vector product and one query's attention over the KV cache.
+loaded with ctypes: a matrix-vector product, and one layer's attention for the newest token over a paged KV cache.
 
 Why: numpy's OpenBLAS runs a matrix-vector product on one thread below ~460k weights, so on the 2-core dev box most
 of a small model's weights (a 384 x 1152 qkv, a 1024 x 384 down projection) are read by one core. The C kernel splits
 the rows of every weight over torch's thread count: the 25 weights of benchmarks/bench_decode.py's model take 1.5-2.1
 ms a token against 2.8-3.2 ms for OpenBLAS on 2 threads, and about as long on one thread. The attention kernel does in
-one call what takes numpy ~20 small ops per layer.
+one call (RoPE, the cache write, attention over the blocks in place) what takes numpy ~20 small ops and a gather.
 
 Where no C compiler with OpenMP is found, compilation fails, or LMFORGE_NATIVE=0, `available()` is False, `matvec` and
 `attention` give None, and the decoder runs on numpy alone. The library is cached under ~/.cache/lmforge/native
@@ -18,12 +18,14 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -72,8 +74,8 @@ def _library() -> ctypes.CDLL | None:
         return None
     p, i, n = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
     library.lmforge_gemv.argtypes = [p, n, p, p, i, i, i]
-    library.lmforge_attend.argtypes = [p, p, n, n, p, n, n, p, p, i, i, i, i, i]
-    library.lmforge_gemv.restype = library.lmforge_attend.restype = None
+    library.lmforge_attention.argtypes = [p, p, p, p, p, n, n, p, i, i, p, ctypes.c_float, p, i, i, i, i]
+    library.lmforge_gemv.restype = library.lmforge_attention.restype = None
     return library
 
 
@@ -119,38 +121,49 @@ def matvec(w: np.ndarray, threads: int, reuse_output: bool = False) -> Callable[
     return run
 
 
+@dataclass(frozen=True)
+class KVLayout:
+    """Where one layer's keys and values live, for the attention kernel: the vector of kv head g at position s starts
+    at address + 4 * (g * head_stride + table[s // block_size] * block_stride + (s % block_size) * head_dim).
+    `capacity` is the positions the table covers; the owner keeps the arrays (and the int32 table) alive."""
+
+    keys: int
+    values: int
+    head_stride: int
+    block_stride: int
+    table: int
+    block_size: int
+    capacity: int
+
+
 def attention(
     n_heads: int, n_kv_heads: int, head_dim: int, slopes: np.ndarray | None, threads: int, reuse_output: bool = False
-) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None:
-    """(q, keys, values) -> softmax(q k^T + bias) v per query head, as a (n_heads * head_dim,) array; None without
-    the kernels. q: (Hq, D) rotated and scaled, contiguous; keys and values: (Hkv, S, D) views of the cache with a unit
-    last stride; slopes: ALiBi's (Hq,) slopes, or None. reuse_output as for matvec."""
+) -> Callable[[np.ndarray, tuple[int, int] | None, KVLayout, int], np.ndarray] | None:
+    """(qkv, rope, layout, length) -> the newest token's attention output (n_heads * head_dim,); None without the
+    kernels. qkv: its ((Hq + 2 Hkv) D,) projections, not yet rotated; rope: the addresses of the (D,) cos and sin rows
+    of its position, or None; layout: this layer's cache, where its k and v are written at position length - 1 and
+    positions [0, length) are read. slopes: ALiBi's (Hq,) slopes, or None. reuse_output as for matvec."""
     if (library := _library()) is None:
         return None
     Hq, Hkv, D = n_heads, n_kv_heads, head_dim
-    if Hq % Hkv:
-        raise ValueError(f"{Hq} query heads cannot share {Hkv} kv heads evenly")
+    if Hq % Hkv or D % 2:
+        raise ValueError(f"{Hq} query heads of {D} cannot share {Hkv} kv heads evenly with an even head size")
     if slopes is not None:
         if slopes.dtype != np.float32 or slopes.shape != (Hq,):
             raise ValueError(f"ALiBi slopes must be a ({Hq},) fp32 array, not {slopes.dtype} {slopes.shape}")
         slopes = np.ascontiguousarray(slopes)
-    kernel, slopes_address = library.lmforge_attend, None if slopes is None else slopes.ctypes.data
-    output = _output(Hq * D, reuse_output)
+    kernel, slopes_address = library.lmforge_attention, None if slopes is None else slopes.ctypes.data
+    scale, output, size = 1.0 / math.sqrt(D), _output(Hq * D, reuse_output), (Hq + 2 * Hkv) * D
 
-    def run(q: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
-        if q.shape != (Hq, D) or not q.flags.c_contiguous or keys.shape != values.shape or keys.shape[::2] != (Hkv, D):
-            raise ValueError(
-                f"attention takes a contiguous ({Hq}, {D}) q and ({Hkv}, S, {D}) keys and values, not {q.shape}, "
-                f"{keys.shape}, {values.shape}"
-            )
-        for a, what in ((q, "q"), (keys, "the keys"), (values, "the values")):
-            _check(a, what)
+    def run(qkv: np.ndarray, rope: tuple[int, int] | None, layout: KVLayout, length: int) -> np.ndarray:
+        if qkv.dtype != np.float32 or qkv.shape != (size,) or not qkv.flags.c_contiguous:
+            raise ValueError(f"attention takes a contiguous ({size},) fp32 qkv, not {qkv.dtype} {qkv.shape}")
+        if not 0 < length <= layout.capacity:
+            raise ValueError(f"position {length - 1} is outside the cache's {layout.capacity} positions")
+        cos, sin = rope or (None, None)
         out, out_address = output()
-        k_head, k_pos = keys.strides[0] // 4, keys.strides[1] // 4
-        v_head, v_pos = values.strides[0] // 4, values.strides[1] // 4
-        S = keys.shape[1]
-        kernel(q.ctypes.data, keys.ctypes.data, k_head, k_pos, values.ctypes.data, v_head, v_pos, slopes_address,
-               out_address, Hq, Hkv, S, D, threads)  # fmt: skip
+        cache = (layout.keys, layout.values, layout.head_stride, layout.block_stride, layout.table, layout.block_size)
+        kernel(qkv.ctypes.data, cos, sin, *cache, length, slopes_address, scale, out_address, Hq, Hkv, D, threads)
         return out
 
     run.slopes = slopes  # keeps the slopes alive as long as their address is used

@@ -1,12 +1,17 @@
-"""The C decode kernels (serve/native.py) against float64 numpy references, on one thread and on two, and how they are
-built: cached by hash, nothing half-written, and None (numpy fallback) when no compiler works."""
+"""The C decode kernels (serve/native.py) against float64 numpy references, on one thread and on two, over the
+decoder's own caches (CacheKV, paged blocks in any order), and how they are built: cached by hash, nothing
+half-written, and None (numpy fallback) when no compiler works."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
+from lmforge.models import KVCache, ModelConfig, build_model
 from lmforge.serve import native
+from lmforge.serve.cpu_decode import CacheKV, PagedKV, _RotaryPositions
+from lmforge.serve.paged import PagedKVStore
 
 RNG = np.random.default_rng(0)
 
@@ -42,11 +47,12 @@ def test_reused_output_is_overwritten_by_the_next_call():
 
 
 def reference_attention(q, keys, values, slopes=None):
-    Hq, Hkv, S = q.shape[0], keys.shape[0], keys.shape[1]
+    """q (Hq, D), keys and values (Hkv, S, D) -> (Hq * D,) in float64: softmax(q k / sqrt(D) + ALiBi bias) v."""
+    Hq, Hkv, S, D = q.shape[0], keys.shape[0], keys.shape[1], q.shape[1]
     out = []
     for h in range(Hq):
         g = h // (Hq // Hkv)
-        scores = keys[g].astype(np.float64) @ q[h]
+        scores = keys[g].astype(np.float64) @ q[h] / np.sqrt(D)
         if slopes is not None:
             scores += slopes[h] * (np.arange(S) - (S - 1))
         p = np.exp(scores - scores.max())
@@ -54,23 +60,78 @@ def reference_attention(q, keys, values, slopes=None):
     return np.concatenate(out)
 
 
+def rope_rotate(x, cos, sin):
+    """HF LLaMA's half-split rotation of the rows of x (n, D) by the (D,) cos and sin rows of one position."""
+    half = x.shape[1] // 2
+    return x * cos + np.concatenate([-x[:, half:], x[:, :half]], axis=1) * sin
+
+
+def config(Hq: int, Hkv: int, D: int, pos: str = "learned") -> ModelConfig:
+    return ModelConfig(vocab_size=8, dim=Hq * D, n_layers=2, n_heads=Hq, n_kv_heads=Hkv, hidden_dim=8, pos=pos)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(("Hq", "Hkv", "S"), [(4, 4, 1), (4, 2, 9), (6, 2, 33), (8, 1, 300)])
-def test_attend_matches_softmax_attention(Hq, Hkv, S, threads):
-    D = 16
-    cache_k, cache_v = randn(Hkv, 512, D), randn(Hkv, 512, D)
-    keys, values = cache_k[:, :S], cache_v[:, :S]  # views into a longer cache: the head stride is not S * D
-    q = randn(Hq, D)
-    got = native.attention(Hq, Hkv, D, None, threads)(q, keys, values)
-    np.testing.assert_allclose(got, reference_attention(q, keys, values), rtol=1e-4, atol=1e-5)
+def test_attention_writes_the_newest_kv_and_attends_over_the_cache(Hq, Hkv, S, threads):
+    D, layer = 16, 1
+    cache = KVCache(config(Hq, Hkv, D), 1, 512)
+    cache.k.normal_(generator=torch.Generator().manual_seed(0))
+    cache.v.normal_(generator=torch.Generator().manual_seed(1))
+    kv, qkv = CacheKV(cache), randn((Hq + 2 * Hkv) * D)
+    got = native.attention(Hq, Hkv, D, None, threads)(qkv, None, kv.layouts[layer], S)
+    k_new, v_new = qkv[Hq * D : (Hq + Hkv) * D].reshape(Hkv, D), qkv[(Hq + Hkv) * D :].reshape(Hkv, D)
+    np.testing.assert_array_equal(kv.k[layer, :, S - 1], k_new)  # written at position S - 1 of this layer only
+    np.testing.assert_array_equal(kv.v[layer, :, S - 1], v_new)
+    assert not np.array_equal(kv.k[0, :, S - 1], k_new)
+    keys, values = kv.read(layer, S)
+    expected = reference_attention(qkv[: Hq * D].reshape(Hq, D), keys, values)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_attend_adds_alibi_bias():
-    q, keys, values = randn(6, 8), randn(3, 20, 8), randn(3, 20, 8)
+def test_attention_rotates_q_and_k_by_rope():
+    Hq, Hkv, D, S = 4, 2, 16, 12
+    cfg = config(Hq, Hkv, D, pos="rope")
+    positions = _RotaryPositions(build_model(cfg, seed=0).positions)
+    cache = KVCache(cfg, 1, 32)
+    cache.k.normal_(generator=torch.Generator().manual_seed(0))
+    kv, qkv = CacheKV(cache), randn((Hq + 2 * Hkv) * D)
+    got = native.attention(Hq, Hkv, D, None, 2)(qkv, positions.rope(S - 1), kv.layouts[0], S)
+    cos, sin = positions.cos[S - 1], positions.sin[S - 1]
+    k_new = rope_rotate(qkv[Hq * D : (Hq + Hkv) * D].reshape(Hkv, D), cos, sin)
+    np.testing.assert_allclose(kv.k[0, :, S - 1], k_new, rtol=1e-5, atol=1e-6)
+    keys, values = kv.read(0, S)
+    expected = reference_attention(rope_rotate(qkv[: Hq * D].reshape(Hq, D), cos, sin), keys, values)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_adds_alibi_bias():
+    Hq, Hkv, D, S = 6, 3, 8, 20
+    cache = KVCache(config(Hq, Hkv, D), 1, 32)
+    cache.k.normal_(generator=torch.Generator().manual_seed(0))
+    cache.v.normal_(generator=torch.Generator().manual_seed(1))
+    kv, qkv = CacheKV(cache), randn((Hq + 2 * Hkv) * D)
     slopes = np.array([0.5, 0.25, 0.125, 0.0625, 0.7, 0.35], np.float32)
-    got = native.attention(6, 3, 8, slopes, 2)(q, keys, values)
-    np.testing.assert_allclose(got, reference_attention(q, keys, values, slopes), rtol=1e-4, atol=1e-5)
-    assert not np.allclose(got, native.attention(6, 3, 8, None, 2)(q, keys, values), atol=1e-3)  # the bias matters
+    got = native.attention(Hq, Hkv, D, slopes, 2)(qkv, None, kv.layouts[0], S)
+    keys, values = kv.read(0, S)
+    expected = reference_attention(qkv[: Hq * D].reshape(Hq, D), keys, values, slopes)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    unbiased = native.attention(Hq, Hkv, D, None, 2)(qkv, None, kv.layouts[0], S)
+    assert not np.allclose(got, unbiased, atol=1e-3)  # the bias matters here
+
+
+@pytest.mark.parametrize("table", [[2, 3, 4], [5, 1, 3]])
+def test_attention_reads_paged_blocks_in_place(table):
+    # blocks in any order, read where they lie: the same as attention over the blocks gathered in table order
+    Hq, Hkv, D, S = 4, 2, 8, 10
+    store = PagedKVStore(config(Hq, Hkv, D), num_blocks=6, block_size=4)
+    store.k.normal_(generator=torch.Generator().manual_seed(0))
+    store.v.normal_(generator=torch.Generator().manual_seed(1))
+    kv, qkv = PagedKV(store, table), randn((Hq + 2 * Hkv) * D)
+    got = native.attention(Hq, Hkv, D, None, 2)(qkv, None, kv.layouts[1], S)
+    np.testing.assert_array_equal(store.k[1, :, table[2], 1].numpy(), qkv[Hq * D : (Hq + Hkv) * D].reshape(Hkv, D))
+    keys = torch.cat([store.k[1, :, b] for b in table], dim=1)[:, :S].numpy()  # (Hkv, S, D)
+    values = torch.cat([store.v[1, :, b] for b in table], dim=1)[:, :S].numpy()
+    np.testing.assert_allclose(got, reference_attention(qkv[: Hq * D].reshape(Hq, D), keys, values), rtol=1e-4)
 
 
 def test_kernels_refuse_what_they_cannot_read():
@@ -86,8 +147,12 @@ def test_kernels_refuse_what_they_cannot_read():
         native.attention(4, 2, 8, np.ones(3, np.float32), 1)
     with pytest.raises(ValueError, match="cannot share 3 kv heads"):
         native.attention(4, 3, 8, None, 1)
-    with pytest.raises(ValueError, match=r"\(2, S, 8\) keys"):
-        native.attention(4, 2, 8, None, 1)(randn(4, 8), randn(4, 3, 8), randn(4, 3, 8))
+    kv = CacheKV(KVCache(config(4, 2, 8), 1, 16))
+    attention = native.attention(4, 2, 8, None, 1)
+    with pytest.raises(ValueError, match=r"contiguous \(64,\) fp32 qkv, not float32 \(63,\)"):
+        attention(randn(63), None, kv.layouts[0], 3)
+    with pytest.raises(ValueError, match="position 16 is outside the cache's 16 positions"):
+        attention(randn(64), None, kv.layouts[0], 17)  # would write past the cache
 
 
 @pytest.fixture
@@ -113,4 +178,5 @@ def test_a_failing_compiler_means_numpy_alone(fresh_build, monkeypatch):
     monkeypatch.setenv("CC", "false")  # exits 1 for anything: as a compiler without OpenMP would fail
     assert not native.available()
     assert native.matvec(randn(2, 2), 1) is None and native.attention(2, 1, 4, None, 1) is None
+    assert PagedKV(PagedKVStore(config(2, 1, 4), 2, 4), [0]).layouts == []  # no addresses taken for the numpy path
     assert not fresh_build.exists() or not any(fresh_build.iterdir())
