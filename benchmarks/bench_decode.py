@@ -2,16 +2,16 @@
 and both against the memory-bandwidth roofline (every weight read once per token).
 
     .venv/bin/python benchmarks/bench_decode.py              # Llama 8192/384/6 layers, 16 + 256 tokens, ~40 s
-    .venv/bin/python benchmarks/bench_decode.py --threads 0  # all cores
+    .venv/bin/python benchmarks/bench_decode.py --threads 1  # one thread for every path
 
-One thread by default: on the 2-core dev box a second thread gained ~10% decode speed for the torch path when idle
-(183 vs 168 tok/s) and lost 2-5x whenever another process held a core, as the threads then wait on each other at every
-op. The numpy steps use torch.get_num_threads() BLAS threads, so --threads sets both paths.
+All cores by default, as `lmforge generate` and torch use them. When other jobs load the machine, pass --threads 1:
+threads that wait on each other at every op lose 2-5x whenever another process holds a core. The numpy steps and their
+C kernels (serve/native.py) use torch.get_num_threads() threads, so --threads sets every path.
 
 The weights are exported into a LlamaForCausalLM and both must produce the same greedy tokens before timing. Ours and
 the peer run in alternating rounds so that load from other processes hits both; each reports its best round.
-"lmforge" is the default decode path (numpy steps after a torch prefill, serve/cpu_decode.py), "lmforge, torch ops"
-the same model with backend="torch"; both use the same number of threads as transformers.
+"lmforge" is the default decode path (numpy steps and C kernels after a torch prefill, serve/cpu_decode.py),
+"lmforge, torch ops" the same model with backend="torch"; both use the same number of threads as transformers.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up (best counts)")
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads; 0 = all cores (default 1)")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (default 0: all cores)")
     args = p.parse_args()
 
     threads = set_threads(args.threads or None)

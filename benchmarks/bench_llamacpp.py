@@ -2,12 +2,12 @@
 weights, both fp32 (weights and KV cache) on the same number of threads.
 
     .venv/bin/python benchmarks/bench_llamacpp.py              # bench_decode.py's Llama 8192/384/6 layers, 16 + 256
-    .venv/bin/python benchmarks/bench_llamacpp.py --threads 0  # all cores
+    .venv/bin/python benchmarks/bench_llamacpp.py --threads 1  # one thread for both (default: all cores)
 
 Needs llama-cpp-python (`pip install llama-cpp-python` builds llama.cpp from source). The GGUF file is written by
 `lmforge export gguf`'s writer, so equal greedy tokens also check that export end to end. Ours and the peer run in
 alternating rounds so that load from other processes hits both; each reports its best round. lmforge runs its default
-decode path: a torch prefill, then numpy steps (serve/cpu_decode.py) on as many BLAS threads as torch's.
+decode path: a torch prefill, then numpy steps with their C kernels (serve/cpu_decode.py, native.py) on torch's threads.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--check-tokens", type=int, default=32, help="leading greedy tokens that must be identical")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up (best counts)")
-    p.add_argument("--threads", type=int, default=1, help="threads for both; 0 = all cores (default 1)")
+    p.add_argument("--threads", type=int, default=0, help="threads for both (default 0: all cores)")
     args = p.parse_args()
     try:
         import llama_cpp

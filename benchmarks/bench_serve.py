@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_serve.py                 # 32 requests, Llama 8192/384/6 layers, ~2 min
     .venv/bin/python benchmarks/bench_serve.py --requests 64
+    .venv/bin/python benchmarks/bench_serve.py --threads 1     # all cores by default
 
 The workload is what a server sees: 32 requests with prompts of 8-64 tokens, each wanting its own number of new
 tokens (16-128). Static batching pads the prompts, runs one batch until its longest request is done and counts only
@@ -91,7 +92,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--requests", type=int, default=32)
     add_model_arguments(p, max_seq_len=256)
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads; 0 = all cores (default 1)")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (default 0: all cores)")
     p.add_argument("--rounds", type=int, default=2, help="timed rounds of each (best counts)")
     args = p.parse_args()
     set_threads(args.threads)
