@@ -200,21 +200,6 @@ def _threadpools() -> ThreadpoolController:
     return ThreadpoolController()  # scans the loaded BLAS libraries once (~1 ms)
 
 
-def _layouts(k: Array, v: Array, table: Array) -> list[native.KVLayout]:
-    """Per layer, where the C attention kernel finds k and v: (layers, Hkv, max_len, D) arrays with the table [0], or
-    (layers, Hkv, blocks, block_size, D) pools with a sequence's block table. The caller keeps the int32 table."""
-    assert k.shape == v.shape and k.strides == v.strides and k.dtype == np.float32 and k.strides[-1] == 4
-    assert k.strides[-2] == 4 * k.shape[-1], "positions of a block one after another"
-    paged = k.ndim == 5
-    block_size = k.shape[-2]
-    head, block = k.strides[1] // 4, (k.strides[2] // 4 if paged else 0)
-    keys, values, table_address, capacity = k.ctypes.data, v.ctypes.data, table.ctypes.data, len(table) * block_size
-    return [
-        native.KVLayout(keys + offset, values + offset, head, block, table_address, block_size, capacity)
-        for offset in range(0, k.shape[0] * k.strides[0], k.strides[0])
-    ]
-
-
 class CacheKV:
     """The numpy view of a batch-1 torch KVCache: the steps write and read the tensors the torch prefill filled."""
 
@@ -222,7 +207,7 @@ class CacheKV:
         assert cache.k.shape[1] == 1 and cache.k.dtype == torch.float32, "a batch-1 fp32 cache"
         self.k, self.v = cache.k.numpy()[:, 0], cache.v.numpy()[:, 0]  # (layers, Hkv, max_len, D), shared with torch
         self.table = np.zeros(1, np.int32)  # one block of max_len positions
-        self.layouts = _layouts(self.k, self.v, self.table)
+        self.layouts = native.layouts(self.k, self.v, self.table)
 
     def write(self, layer: int, pos: int, k: Array, v: Array) -> None:
         self.k[layer, :, pos], self.v[layer, :, pos] = k, v
@@ -238,7 +223,7 @@ class PagedKV:
         self.k, self.v = store.k.numpy(), store.v.numpy()  # (layers, Hkv, blocks, block_size, D), shared with torch
         self.table, self.block_size = block_table, store.block_size
         self.table_array = np.asarray(block_table, np.int32)
-        self.layouts = _layouts(self.k, self.v, self.table_array) if native.available() else []
+        self.layouts = native.layouts(self.k, self.v, self.table_array) if native.available() else []
 
     def write(self, layer: int, pos: int, k: Array, v: Array) -> None:
         block, offset = self.table[pos // self.block_size], pos % self.block_size

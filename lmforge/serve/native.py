@@ -135,13 +135,28 @@ class KVLayout(NamedTuple):  # a tuple: the engine makes one per layer per step
     capacity: int
 
 
+def layouts(k: np.ndarray, v: np.ndarray, table: np.ndarray) -> list[KVLayout]:
+    """Per layer, where the attention kernel finds k and v: (layers, Hkv, max_len, D) arrays with the int32 table [0],
+    or (layers, Hkv, blocks, block_size, D) pools with a sequence's int32 block table. The caller keeps all three."""
+    assert k.shape == v.shape and k.strides == v.strides and k.dtype == np.float32 and k.strides[-1] == 4
+    assert k.strides[-2] == 4 * k.shape[-1] and table.dtype == np.int32, "positions of a block one after another"
+    block_size = k.shape[-2]
+    head, block = k.strides[1] // 4, (k.strides[2] // 4 if k.ndim == 5 else 0)
+    keys, values, table_address, capacity = k.ctypes.data, v.ctypes.data, table.ctypes.data, len(table) * block_size
+    return [
+        KVLayout(keys + offset, values + offset, head, block, table_address, block_size, capacity)
+        for offset in range(0, k.shape[0] * k.strides[0], k.strides[0])
+    ]
+
+
 def attention(
     n_heads: int, n_kv_heads: int, head_dim: int, slopes: np.ndarray | None, threads: int, reuse_output: bool = False
-) -> Callable[[np.ndarray, tuple[int, int] | None, KVLayout, int], np.ndarray] | None:
-    """(qkv, rope, layout, length) -> the newest token's attention output (n_heads * head_dim,); None without the
-    kernels. qkv: its ((Hq + 2 Hkv) D,) projections, not yet rotated; rope: the addresses of the (D,) cos and sin rows
-    of its position, or None; layout: this layer's cache, where its k and v are written at position length - 1 and
-    positions [0, length) are read. slopes: ALiBi's (Hq,) slopes, or None. reuse_output as for matvec."""
+) -> Callable[..., np.ndarray] | None:
+    """(qkv, rope, layout, length[, out]) -> the newest token's attention output (n_heads * head_dim,); None without
+    the kernels. qkv: its ((Hq + 2 Hkv) D,) projections, not yet rotated; rope: the addresses of the (D,) cos and sin
+    rows of its position, or None; layout: this layer's cache, where its k and v are written at position length - 1
+    and positions [0, length) are read; out: a contiguous (Hq D,) fp32 array to write to instead of a new (or the
+    reused) one. slopes: ALiBi's (Hq,) slopes, or None. reuse_output as for matvec."""
     if (library := _library()) is None:
         return None
     Hq, Hkv, D = n_heads, n_kv_heads, head_dim
@@ -154,13 +169,16 @@ def attention(
     kernel, slopes_address = library.lmforge_attention, None if slopes is None else slopes.ctypes.data
     scale, output, size = 1.0 / math.sqrt(D), _output(Hq * D, reuse_output), (Hq + 2 * Hkv) * D
 
-    def run(qkv: np.ndarray, rope: tuple[int, int] | None, layout: KVLayout, length: int) -> np.ndarray:
-        if qkv.dtype != np.float32 or qkv.shape != (size,) or not qkv.flags.c_contiguous:
-            raise ValueError(f"attention takes a contiguous ({size},) fp32 qkv, not {qkv.dtype} {qkv.shape}")
+    def run(
+        qkv: np.ndarray, rope: tuple[int, int] | None, layout: KVLayout, length: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        for a, n, what in ((qkv, size, "qkv"), (out, Hq * D, "out")):
+            if a is not None and (a.dtype != np.float32 or a.shape != (n,) or not a.flags.c_contiguous):
+                raise ValueError(f"attention takes a contiguous ({n},) fp32 {what}, not {a.dtype} {a.shape}")
         if not 0 < length <= layout.capacity:
             raise ValueError(f"position {length - 1} is outside the cache's {layout.capacity} positions")
         cos, sin = rope or (None, None)
-        out, out_address = output()
+        out, out_address = output() if out is None else (out, out.ctypes.data)
         cache = (layout.keys, layout.values, layout.head_stride, layout.block_stride, layout.table, layout.block_size)
         kernel(qkv.ctypes.data, cos, sin, *cache, length, slopes_address, scale, out_address, Hq, Hkv, D, threads)
         return out
