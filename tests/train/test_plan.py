@@ -3,12 +3,11 @@ stage-0 fp32 prediction equals the bytes a real model and AdamW hold after one s
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from lmforge import cli
 from lmforge.config import from_dict
 from lmforge.models import ModelConfig, build_model
 from lmforge.train.config import TrainConfig
@@ -159,17 +158,25 @@ def test_fp32_stage_0_prediction_equals_the_bytes_of_a_real_model_and_adamw():
     assert measured == model_state_bytes(cfg.num_params(), dp=1, zero=0, dtype="fp32")
 
 
-def lmforge_plan(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lmforge", "plan", *args], capture_output=True, text=True, timeout=120)
+def lmforge_plan(capsys, *args: str) -> tuple[int, str, str]:
+    """`lmforge plan ARGS` in this process (tests/test_cli.py runs the real console script): exit status, out, err."""
+    try:
+        cli.main(["plan", *args])
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    out = capsys.readouterr()
+    return status, out.out, out.err
 
 
-def test_cli_prints_a_ranked_table_and_json():
-    out = lmforge_plan("--model", "llama-7b", "--gpus", "64", "--gpu-mem", "80GB")
-    assert out.returncode == 0, out.stderr
-    assert "llama-7b (6.74B params) on 64 x 80 GB" in out.stdout and "step s" in out.stdout
-    out = lmforge_plan("--model", "llama-13b", "--gpus", "16", "--gpu-mem", "80GiB", "--seq-len", "2048", "--json")
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
+def test_cli_prints_a_ranked_table_and_json(capsys):
+    status, out, err = lmforge_plan(capsys, "--model", "llama-7b", "--gpus", "64", "--gpu-mem", "80GB")
+    assert status == 0, err
+    assert "llama-7b (6.74B params) on 64 x 80 GB" in out and "step s" in out
+    args = ("--model", "llama-13b", "--gpus", "16", "--gpu-mem", "80GiB", "--seq-len", "2048", "--json")
+    status, out, err = lmforge_plan(capsys, *args)
+    assert status == 0, err
+    result = json.loads(out)
     rows = result["layouts"]
     assert result["params"] == 13_015_864_320 and result["workload"]["seq_len"] == 2048 and rows
     assert [r["step_s"] for r in rows] == sorted(r["step_s"] for r in rows)
@@ -185,8 +192,8 @@ def test_cli_prints_a_ranked_table_and_json():
         (["--model", "llama-7b", "--gpus", "8", "--gpu-mem", "80XB"], "is not a memory size"),
     ],
 )
-def test_cli_errors_exit_2_with_one_line(args, message):
-    out = lmforge_plan(*args)
-    assert out.returncode == 2
-    assert message in out.stderr
-    assert out.stdout == ""
+def test_cli_errors_exit_2_with_one_line(args, message, capsys):
+    status, out, err = lmforge_plan(capsys, *args)
+    assert status == 2
+    assert message in err
+    assert out == ""
