@@ -1,11 +1,10 @@
 """Batch-1 decode steps in numpy for a Decoder on the CPU in fp32, reading the model's weights and the torch KVCache
 in place (zero-copy views), so a torch prefill and these steps share one cache.
 
-Why numpy: a decode step is ~4 matrix-vector products per layer plus ~200 small ops. On the 2-core AMD EPYC dev box
-(benchmarks/bench_decode.py, Llama 8192/384/6 layers, 1 thread) numpy's OpenBLAS reads the (in, out) weights in
-2.4 ms per token against 3.3 ms for torch's MKL on the same layout, and a numpy op costs ~1 us of overhead against
-5-40 us for a torch op (nn.RMSNorm ~37 us). Best of runs: 285 tok/s against 167 for the torch path, same greedy
-tokens. The matrix-vector products, bound by memory bandwidth, are still ~80% of a step.
+Why numpy: a decode step is ~4 matrix-vector products per layer plus ~200 small ops, and a numpy op costs ~1 us of
+overhead against 5-40 us for a torch op (nn.RMSNorm ~37 us). The matrix-vector products and the attention go through
+the C kernels of serve/native.py where they are built (on 2 cores 347-642 tok/s against 92-118 for transformers on
+benchmarks/bench_decode.py's model), else through numpy's OpenBLAS (~290 tok/s); the rest stays in numpy.
 
     decoder, kv = NumpyDecoder(model), CacheKV(cache)   # after model(prompt, cache=cache)
     logits = decoder.step(token, cache.pos, kv)         # (V,); then cache.advance(1)
@@ -207,7 +206,7 @@ class CacheKV:
         assert cache.k.shape[1] == 1 and cache.k.dtype == torch.float32, "a batch-1 fp32 cache"
         self.k, self.v = cache.k.numpy()[:, 0], cache.v.numpy()[:, 0]  # (layers, Hkv, max_len, D), shared with torch
         self.table = np.zeros(1, np.int32)  # one block of max_len positions
-        self.layouts = native.layouts(self.k, self.v, self.table)
+        self.layouts = native.layouts(self.k, self.v, self.table) if native.available() else []
 
     def write(self, layer: int, pos: int, k: Array, v: Array) -> None:
         self.k[layer, :, pos], self.v[layer, :, pos] = k, v
