@@ -1,13 +1,16 @@
-"""Batch-1 decode steps in numpy for a Decoder on the CPU in fp32, reading the model's weights and the torch KVCache
-in place (zero-copy views), so a torch prefill and these steps share one cache.
+"""Decode steps in numpy for a Decoder on the CPU in fp32, reading the model's weights and its KV cache in place
+(zero-copy views): batch-1 steps over the torch KVCache a torch prefill filled, and the serving engine's steps (many
+sequences' new tokens, prompt chunks and single decodes, packed in rows) over its paged pool.
 
-Why numpy: a decode step is ~4 matrix-vector products per layer plus ~200 small ops, and a numpy op costs ~1 us of
-overhead against 5-40 us for a torch op (nn.RMSNorm ~37 us). The matrix-vector products and the attention go through
-the C kernels of serve/native.py where they are built (on 2 cores 347-642 tok/s against 92-118 for transformers on
-benchmarks/bench_decode.py's model), else through numpy's OpenBLAS (~290 tok/s); the rest stays in numpy.
+Why numpy: a step is ~4 matrix products per layer plus ~20-200 small ops, and a numpy op costs ~1 us of overhead
+against 5-40 us for a torch op (nn.RMSNorm ~37 us). The matrix products and the attention go through the C kernels of
+serve/native.py where they are built (on 2 cores 347-642 tok/s batch-1 against 92-118 for transformers on
+benchmarks/bench_decode.py's model), else through numpy's OpenBLAS (~290 tok/s, batch 1 only); the rest stays in
+numpy.
 
     decoder, kv = NumpyDecoder(model), CacheKV(cache)   # after model(prompt, cache=cache)
     logits = decoder.step(token, cache.pos, kv)         # (V,); then cache.advance(1)
+    logits = decoder.forward(chunks, native.pools(k, v), block_size, all_rows)   # an engine step, with the kernels
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from threadpoolctl import ThreadpoolController
 from lmforge.models import Decoder, KVCache
 from lmforge.models.layers import Positions
 from lmforge.serve import native
-from lmforge.serve.paged import PagedKVStore
+from lmforge.serve.paged import Chunk, PagedKVStore
 
 Array = np.ndarray
 # Every scalar below is a Python float: a numpy float64 scalar would promote the activations to float64 and make
@@ -54,37 +57,53 @@ def _view(t: torch.Tensor) -> Array:
     return a if a.flags.c_contiguous or a.flags.f_contiguous else np.ascontiguousarray(a)
 
 
-def _linear(linear: nn.Linear, reuse_output: bool = True) -> Callable[[Array], Array]:
-    """x -> linear(x). reuse_output: the C kernel writes every product into one array, valid until the next call
-    (every layer's outputs are consumed before the next token; not the logits, which the caller keeps)."""
-    weight = linear.weight.detach()
-    if weight.stride(1) == 1 and native.available():  # row-major, as nn.Linear keeps it: the C kernel's layout
-        matvec = native.matvec(weight.numpy(), torch.get_num_threads(), reuse_output)
-    else:
-        # without the C kernel prepare_for_decode stores W column-major, so W^T is a C-contiguous (in, out) matrix:
-        # OpenBLAS's fastest GEMV here (2.4 vs 3.8 ms a token for the row-major layout, read through a transposed view)
-        w_t = _view(weight.t())  # (in, out)
+def _linear(linear: nn.Linear, reuse_output: bool = True, batched: bool = False) -> Callable[[Array], Array]:
+    """x (in,) or (N, in) -> linear(x). reuse_output: the C kernels write every product into one array (per shape),
+    valid until the next call (every layer's outputs are consumed before the next step; not the logits, which the
+    caller keeps). batched: the serving engine's steps, whose many rows the C kernels take column-major."""
+    weight, threads = linear.weight.detach(), torch.get_num_threads()
+    w_t = _view(weight.t())  # (in, out)
+    if native.available() and w_t.flags.c_contiguous:  # column-major: the matrix-product kernel's own layout
+        matmul = native.matmul(w_t, threads, reuse_output)
+    elif native.available() and weight.stride(1) == 1:
+        # row-major, as nn.Linear keeps it: the fastest layout for one row (batch-1 decode), through matvec; many rows
+        # go through a column-major copy (2x the weight's memory, for the engine only), at 2-3x torch's speed
+        matvec = native.matvec(weight.numpy(), threads, reuse_output)
+        rows = native.matmul(np.ascontiguousarray(w_t), threads, reuse_output) if batched else w_t.__rmatmul__
 
-        def matvec(x: Array) -> Array:
+        def matmul(x: Array) -> Array:
+            return matvec(x) if x.ndim == 1 else rows(x)
+
+    else:
+        # without the C kernels prepare_for_decode stores W column-major, so W^T is a C-contiguous (in, out) matrix:
+        # OpenBLAS's fastest GEMV (2.4 vs 3.8 ms a token for the row-major layout, read through a transposed view)
+        def matmul(x: Array) -> Array:
             return x @ w_t
 
     if linear.bias is None:
-        return matvec
+        return matmul
     b = _view(linear.bias)
-    return lambda x: matvec(x) + b
+    return lambda x: matmul(x) + b
+
+
+def _mean_square(x: Array) -> Array:
+    """(N, C) -> (N, 1), or (C,) -> an fp32 scalar: for batch-1 decode np.dot, ~3x cheaper than the row-wise einsum."""
+    if x.ndim == 1:
+        return np.dot(x, x) / x.shape[0]
+    return np.einsum("ij,ij->i", x, x)[:, None] / x.shape[1]
 
 
 def _rmsnorm(norm: nn.RMSNorm, eps: float) -> Callable[[Array], Array]:
-    w, C = _view(norm.weight), norm.weight.shape[0]
-    return lambda x: x * (1.0 / np.sqrt(np.dot(x, x) / C + eps)) * w
+    w = _view(norm.weight)
+    return lambda x: x * (1.0 / np.sqrt(_mean_square(x) + eps)) * w
 
 
 def _layernorm(norm: nn.LayerNorm, eps: float) -> Callable[[Array], Array]:
-    w, C = _view(norm.weight), norm.weight.shape[0]
+    w = _view(norm.weight)
 
     def layernorm(x: Array) -> Array:
-        x = x - x.mean()
-        return x * (1.0 / np.sqrt(np.dot(x, x) / C + eps)) * w
+        x = x - x.mean(axis=-1, keepdims=True)
+        return x * (1.0 / np.sqrt(_mean_square(x) + eps)) * w
 
     if norm.bias is None:
         return layernorm
@@ -104,20 +123,20 @@ def _gelu_tanh(x: Array) -> Array:
 
 
 def _gelu_mlp(activation: Callable[[Array], Array]) -> Callable:
-    def build(mlp: nn.Module) -> Callable[[Array], Array]:
-        up, down = _linear(mlp.up), _linear(mlp.down)
+    def build(mlp: nn.Module, batched: bool) -> Callable[[Array], Array]:
+        up, down = _linear(mlp.up, batched=batched), _linear(mlp.down, batched=batched)
         return lambda x: down(activation(up(x)))
 
     return build
 
 
-def _swiglu(mlp: nn.Module) -> Callable[[Array], Array]:
-    gate_up, down, H = _linear(mlp.gate_up), _linear(mlp.down), mlp.down.in_features
+def _swiglu(mlp: nn.Module, batched: bool) -> Callable[[Array], Array]:
+    gate_up, down, H = _linear(mlp.gate_up, batched=batched), _linear(mlp.down, batched=batched), mlp.down.in_features
 
     def swiglu(x: Array) -> Array:
-        gu = gate_up(x)  # (2H,): gate, then up
-        gate = gu[:H]
-        return down(gate / (1.0 + np.exp(-gate)) * gu[H:])  # silu(gate) * up; exp overflow gives -0, as it should
+        gu = gate_up(x)  # (N, 2H) or (2H,): gate, then up
+        gate = gu[..., :H]
+        return down(gate / (1.0 + np.exp(-gate)) * gu[..., H:])  # silu(gate) * up; exp overflow gives -0, as it should
 
     return swiglu
 
@@ -129,12 +148,10 @@ class _Positions:
     """The numpy side of layers.Positions: embed, rotate (q and k stacked as (Hq + Hkv, D)) and bias the scores."""
 
     slopes: Array | None = None  # ALiBi's (Hq,) slopes, for the C attention kernel
+    tables: tuple[Array, Array] | None = None  # RoPE's (T, D) cos and sin, for the C attention kernel
 
-    def rope(self, pos: int) -> tuple[int, int] | None:
-        """The addresses of RoPE's (D,) cos and sin rows of `pos`, for the C attention kernel; None: no rotation."""
-        return None
-
-    def embed(self, x: Array, pos: int) -> Array:
+    def embed(self, x: Array, pos: Array | int) -> Array:
+        """x: (N, C) token embeddings at positions pos (N,), or one (C,) at one position."""
         return x
 
     def rotate(self, qk: Array, pos: int) -> Array:
@@ -151,7 +168,7 @@ class _TablePositions(_Positions):
     def __init__(self, table: torch.Tensor):
         self.table = _view(table)
 
-    def embed(self, x: Array, pos: int) -> Array:
+    def embed(self, x: Array, pos: Array | int) -> Array:
         return x + self.table[pos]
 
 
@@ -163,12 +180,7 @@ class _RotaryPositions(_Positions):
         # rotate_half(x) * sin == x[:, swap] * [-sin, sin]: one gather and one product instead of split, negate, concat
         self.signed_sin = np.concatenate([-self.sin[:, :half], self.sin[:, half:]], axis=1)
         self.swap = np.r_[half : 2 * half, 0:half]
-        self.row_bytes = self.cos.strides[0]
-        self.cos_address, self.sin_address = self.cos.ctypes.data, self.sin.ctypes.data
-
-    def rope(self, pos: int) -> tuple[int, int]:
-        offset = pos * self.row_bytes
-        return self.cos_address + offset, self.sin_address + offset
+        self.tables = self.cos, self.sin
 
     def rotate(self, qk: Array, pos: int) -> Array:
         return qk * self.cos[pos] + qk[:, self.swap] * self.signed_sin[pos]
@@ -205,8 +217,9 @@ class CacheKV:
     def __init__(self, cache: KVCache):
         assert cache.k.shape[1] == 1 and cache.k.dtype == torch.float32, "a batch-1 fp32 cache"
         self.k, self.v = cache.k.numpy()[:, 0], cache.v.numpy()[:, 0]  # (layers, Hkv, max_len, D), shared with torch
-        self.table = np.zeros(1, np.int32)  # one block of max_len positions
-        self.layouts = native.layouts(self.k, self.v, self.table) if native.available() else []
+        # for the C kernel: one block of max_len positions, the decoded token's end moved along
+        self.pools = native.pools(self.k, self.v) if native.available() else []
+        self.chunks = native.Chunks([[0]], [1], [1], self.k.shape[2]) if native.available() else None
 
     def write(self, layer: int, pos: int, k: Array, v: Array) -> None:
         self.k[layer, :, pos], self.v[layer, :, pos] = k, v
@@ -221,8 +234,8 @@ class PagedKV:
     def __init__(self, store: PagedKVStore, block_table: list[int]):
         self.k, self.v = store.k.numpy(), store.v.numpy()  # (layers, Hkv, blocks, block_size, D), shared with torch
         self.table, self.block_size = block_table, store.block_size
-        self.table_array = np.asarray(block_table, np.int32)
-        self.layouts = native.layouts(self.k, self.v, self.table_array) if native.available() else []
+        self.pools = native.pools(self.k, self.v) if native.available() else []
+        self.chunks = native.Chunks([block_table], [1], [1], store.block_size) if native.available() else None
 
     def write(self, layer: int, pos: int, k: Array, v: Array) -> None:
         block, offset = self.table[pos // self.block_size], pos % self.block_size
@@ -240,11 +253,13 @@ class PagedKV:
 
 
 class NumpyDecoder:
-    """One-token decode steps of `model` (batch 1) over a KV store (CacheKV or PagedKV), on as many threads as torch
-    uses, through the C kernels where they are built (serve/native.py). Its layers write into buffers of their own, so
-    one decoder runs one step at a time (make one per thread)."""
+    """Steps of `model` in numpy on as many threads as torch uses, through the C kernels where they are built
+    (serve/native.py): `step` decodes one token of one sequence over a CacheKV or PagedKV (numpy alone without the
+    kernels); `forward`, with the kernels only, runs an engine step's packed chunks over the paged pool. batched: for
+    forward's many rows, keep a column-major copy of every row-major weight. Its layers write into buffers of their
+    own, so one decoder runs one step at a time (make one per thread)."""
 
-    def __init__(self, model: Decoder):
+    def __init__(self, model: Decoder, batched: bool = False):
         cfg = model.cfg
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
@@ -254,33 +269,71 @@ class NumpyDecoder:
         self.layers = [
             (
                 norm(block.attn_norm, cfg.norm_eps),
-                _linear(block.attn.qkv),
-                _linear(block.attn.proj),
+                _linear(block.attn.qkv, batched=batched),
+                _linear(block.attn.proj, batched=batched),
                 norm(block.mlp_norm, cfg.norm_eps),
-                MLPS[cfg.mlp](block.mlp),
+                MLPS[cfg.mlp](block.mlp, batched),
             )
             for block in model.layers
         ]
         self.norm = norm(model.norm, cfg.norm_eps)
-        self.lm_head = _linear(model.lm_head, reuse_output=False)  # the logits are handed out
+        self.lm_head = _linear(model.lm_head, reuse_output=False, batched=batched)  # the logits are handed out
         self.threads = torch.get_num_threads()
-        slopes, H = self.positions.slopes, (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
-        self.attention = native.attention(*H, slopes, self.threads, reuse_output=True)  # None: numpy below
+        H, positions = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim), self.positions
+        # None without the kernels: step() attends in numpy, forward() is not there
+        self.attention = native.attention(*H, positions.slopes, positions.tables, self.threads, reuse_output=True)
 
     def step(self, token: int, pos: int, kv: CacheKV | PagedKV) -> Array:
         """Logits (V,) after `token` at position `pos`, whose keys and values are written to `kv`."""
+        # one (C,) vector throughout: numpy's 1-D ops cost less than their row-wise forms (a norm ~4 us against ~10)
+        if self.attention:
+            kv.chunks.advance_to(pos + 1)
+            attend = self._attend_natively(kv.pools, kv.chunks)
+        else:
+
+            def attend(layer: int, qkv: Array) -> Array:
+                return self._attend_in_numpy(layer, qkv, pos, kv)
+
+        return self._logits(token, pos, attend)
+
+    def forward(self, chunks: list[Chunk], pools: list[native.KVPool], block_size: int, all_rows: list[bool]):
+        """One engine step with the C kernels: the chunks' tokens packed in rows, their keys and values written to the
+        paged pool (native.pools of the store); per chunk the logits (R, V) of every row (all_rows) or of its last."""
+        counts = [len(c.tokens) for c in chunks]
+        ends = [c.start + n for c, n in zip(chunks, counts, strict=True)]
+        tables = [c.block_table[: -(-end // block_size)] for c, end in zip(chunks, ends, strict=True)]
+        picked, last = [], 0
+        for n, every in zip(counts, all_rows, strict=True):
+            last += n
+            picked += range(last - n, last) if every else [last - 1]
+        attend = self._attend_natively(pools, native.Chunks(tables, ends, counts, block_size))
+        if len(picked) == last == 1:  # one token of one sequence: a vector throughout, as in step()
+            return [self._logits(chunks[0].tokens[0], chunks[0].start, attend)[None]]
+        tokens = [t for c in chunks for t in c.tokens]
+        positions = [p for c, n in zip(chunks, counts, strict=True) for p in range(c.start, c.start + n)]
+        logits = self._logits(tokens, np.array(positions), attend, picked)
+        sizes = [n if every else 1 for n, every in zip(counts, all_rows, strict=True)]
+        return np.split(logits, np.cumsum(sizes)[:-1])
+
+    def _attend_natively(self, pools: list[native.KVPool], chunks: native.Chunks) -> Callable[[int, Array], Array]:
+        attention = self.attention
+        # the output stays valid until the next layer's: proj consumes it first
+        return lambda layer, qkv: attention(qkv, pools[layer], chunks)
+
+    def _logits(self, tokens: list[int] | int, positions: Array | int, attend: Callable, rows: list[int] = ()) -> Array:
+        """The logits (len(rows), V) of these rows of the tokens at these positions, or (V,) for one token. attend: a
+        layer's qkv (N, W) or (W,) -> its attention output (N, Hq D) or (Hq D,) over the cache, where it writes their
+        keys and values."""
         # the BLAS limit is set per step (~10 us), so it never outlives a step while the generator waits
         with _threadpools().limit(limits=self.threads, user_api="blas"), np.errstate(over="ignore"):
-            x = self.positions.embed(self.embed[token], pos)  # (C,), maybe a view of the table: never written in place
+            x = self.positions.embed(self.embed[tokens], positions)  # never written in place: maybe a table's row
             for layer, (attn_norm, qkv, proj, mlp_norm, mlp) in enumerate(self.layers):
-                x = x + proj(self._attend(layer, qkv(attn_norm(x)), pos, kv))
+                x = x + proj(attend(layer, qkv(attn_norm(x))))
                 x = x + mlp(mlp_norm(x))
-            return self.lm_head(self.norm(x))
+            return self.lm_head(self.norm(x[rows] if x.ndim == 2 and len(rows) < len(x) else x))
 
-    def _attend(self, layer: int, qkv: Array, pos: int, kv: CacheKV | PagedKV) -> Array:
+    def _attend_in_numpy(self, layer: int, qkv: Array, pos: int, kv: CacheKV | PagedKV) -> Array:
         """qkv: ((Hq + 2 Hkv) D,) of the newest token -> its attention output (Hq D,) over the cache."""
-        if self.attention:  # the output stays valid until the next layer's: proj consumes it first
-            return self.attention(qkv, self.positions.rope(pos), kv.layouts[layer], pos + 1)
         Hq, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         qk = self.positions.rotate(qkv[: (Hq + Hkv) * D].reshape(Hq + Hkv, D), pos)  # (Hq + Hkv, D)
         kv.write(layer, pos, qk[Hq:], qkv[(Hq + Hkv) * D :].reshape(Hkv, D))

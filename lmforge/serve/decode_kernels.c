@@ -1,12 +1,73 @@
-/* The two kernels of batch-1 CPU decode that numpy runs poorly (lmforge/serve/native.py loads them). Compiled on the
- * user's machine with -O3 -march=native, so the inner loops use the widest vectors the CPU has; parallel over
+/* The kernels of CPU decode that torch and numpy run poorly at its shapes (lmforge/serve/native.py loads them): the
+ * product of one or a few token rows with a weight matrix, and attention of new tokens over a paged KV cache.
+ * Compiled on the user's machine with -O3 -march=native, so the vectors are the widest the CPU has; parallel over
  * `threads` OpenMP threads. */
 
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
+#include <string.h>
 
-/* y = W x for a row-major fp32 W (an nn.Linear weight as it is): every row a dot product, the rows split over the
- * threads (OpenBLAS keeps weights under ~460k elements on one thread). */
+#if defined(__AVX512F__)
+#define VW 16 /* floats per vector */
+#else
+#define VW 8
+#endif
+#define MR 6 /* token rows per tile: 6 rows x 4 vectors = 24 accumulators, within AVX-512's 32 registers */
+#define AHEAD 8 /* rows of W^T prefetched ahead on a panel's first pass, which streams it from memory */
+typedef float vec __attribute__((vector_size(VW * 4), aligned(4)));
+
+/* y[i, 0 : nv VW] = sum_k x[i, k] w[k, 0 : nv VW] for mr rows of x: each step over k loads nv vectors of one row of W
+ * and broadcasts one element of each row of x into nv fused multiply-adds. Inlined with constant mr and nv, so the
+ * accumulators stay in registers. first: the panel's first pass, which prefetches the rows ahead (the hardware
+ * prefetcher follows these short strided reads too slowly: 2x slower at 8-16 rows of x with the weights in memory). */
+static inline __attribute__((always_inline)) void tile(const int mr, const int nv, const int first, const float *x,
+                                                        long xs, const float *w, long ws, float *y, long ys, int K) {
+    vec acc[MR][16];
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nv; j++) acc[i][j] = (vec){0};
+    for (int k = 0; k < K; k++) {
+        const float *wk = w + (long)k * ws;
+        vec b[16];
+        if (first)
+            for (int j = 0; j < nv; j++) __builtin_prefetch(wk + AHEAD * ws + j * VW);
+        for (int j = 0; j < nv; j++) memcpy(&b[j], wk + j * VW, sizeof(vec));
+        for (int i = 0; i < mr; i++) {
+            const float a = x[(long)i * xs + k];
+            for (int j = 0; j < nv; j++) acc[i][j] += b[j] * a;
+        }
+    }
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nv; j++) memcpy(y + (long)i * ys + j * VW, &acc[i][j], sizeof(vec));
+}
+
+/* The columns of y right of the last whole vector. */
+static void edge(int M, int nr, const float *x, long xs, const float *w, long ws, float *y, long ys, int K) {
+    for (int i = 0; i < M; i++)
+        for (int n = 0; n < nr; n++) {
+            float s = 0.0f;
+            for (int k = 0; k < K; k++) s += x[(long)i * xs + k] * w[(long)k * ws + n];
+            y[(long)i * ys + n] = s;
+        }
+}
+
+#define ROW_TILES(NV)                                                                                                 \
+    for (int m0 = 0; m0 < M; m0 += MR) {                                                                              \
+        const float *xt = x + (long)m0 * xs;                                                                          \
+        float *yt = y + (long)m0 * ys + n;                                                                            \
+        switch (M - m0 < MR ? M - m0 : MR) {                                                                          \
+        case 1: tile(1, NV, m0 == 0, xt, xs, w + n, ws, yt, ys, K); break;                                                     \
+        case 2: tile(2, NV, m0 == 0, xt, xs, w + n, ws, yt, ys, K); break;                                                     \
+        case 3: tile(3, NV, m0 == 0, xt, xs, w + n, ws, yt, ys, K); break;                                                     \
+        case 4: tile(4, NV, m0 == 0, xt, xs, w + n, ws, yt, ys, K); break;                                                     \
+        case 5: tile(5, NV, m0 == 0, xt, xs, w + n, ws, yt, ys, K); break;                                                     \
+        default: tile(6, NV, m0 == 0, xt, xs, w + n, ws, yt, ys, K); break;                                                    \
+        }                                                                                                             \
+    }
+
+/* y = W x for a row-major W (N, K), an nn.Linear weight as it is: every row a dot product, the rows split over the
+ * threads. Each thread reads one contiguous block, the fastest way through memory, which batch-1 decode is bound by
+ * (OpenBLAS keeps weights under ~460k elements on one thread). */
 void lmforge_gemv(const float *w, long row_stride, const float *x, float *y, int rows, int cols, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int r = 0; r < rows; r++) {
@@ -16,6 +77,57 @@ void lmforge_gemv(const float *w, long row_stride, const float *x, float *y, int
         for (int c = 0; c < cols; c++) sum += row[c] * x[c];
         y[r] = sum;
     }
+}
+
+/* y = x w for one row x (K,) and a row-major w (K, N) (W^T): each thread sums its contiguous share of the rows of w, 8
+ * at a time, into its own partial y, and the partials are added; each thread again reads one contiguous block, though
+ * ~10% slower than lmforge_gemv through W itself. */
+static void columns_gemv(const float *x, const float *w, long ws, float *y, int K, int N, float *partials) {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int k_end = (int)((long)K * (t + 1) / nt);
+    float *acc = t == 0 ? y : partials + (long)(t - 1) * N;
+    for (int j = 0; j < N; j++) acc[j] = 0.0f;
+    int k = (int)((long)K * t / nt);
+    for (; k + 8 <= k_end; k += 8) {
+        const float *r = w + (long)k * ws, a0 = x[k], a1 = x[k + 1], a2 = x[k + 2], a3 = x[k + 3], a4 = x[k + 4],
+                    a5 = x[k + 5], a6 = x[k + 6], a7 = x[k + 7];
+#pragma omp simd
+        for (int j = 0; j < N; j++)
+            acc[j] += a0 * r[j] + a1 * r[ws + j] + a2 * r[2 * ws + j] + a3 * r[3 * ws + j] + a4 * r[4 * ws + j] +
+                      a5 * r[5 * ws + j] + a6 * r[6 * ws + j] + a7 * r[7 * ws + j];
+    }
+    for (; k < k_end; k++) {
+        const float a = x[k], *r = w + (long)k * ws;
+#pragma omp simd
+        for (int j = 0; j < N; j++) acc[j] += a * r[j];
+    }
+#pragma omp barrier
+    for (int u = 1; u < nt; u++)
+        for (int j = (int)((long)N * t / nt); j < (int)((long)N * (t + 1) / nt); j++) y[j] += partials[(long)(u - 1) * N + j];
+}
+
+/* y = x W^T for M rows of x (M, K) and an nn.Linear weight W (N, K) stored column-major, given as W^T: a (K, N)
+ * matrix with row stride ws. One row is a matrix-vector product (columns_gemv above). Otherwise each thread takes an even
+ * share of the columns, walked in panels of 4 vectors (one vector at its share's end) whose rows stay in cache while
+ * every 6-row tile of x passes over them. */
+void lmforge_gemm(const float *x, long xs, const float *w, long ws, float *y, long ys, int M, int K, int N,
+                  int threads) {
+    if (M == 1) {
+        float *partials = threads > 1 ? malloc(sizeof(float) * (size_t)N * (size_t)(threads - 1)) : NULL;
+#pragma omp parallel num_threads(threads)
+        columns_gemv(x, w, ws, y, K, N, partials);
+        free(partials);
+        return;
+    }
+    const int units = N / VW;
+#pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const int end = (int)((long)units * (t + 1) / nt) * VW;
+        for (int n = (int)((long)units * t / nt) * VW; n + 4 * VW <= end; n += 4 * VW) ROW_TILES(4)
+        for (int n = end - (end - (int)((long)units * t / nt) * VW) % (4 * VW); n < end; n += VW) ROW_TILES(1)
+    }
+    if (N % VW) edge(M, N % VW, x, xs, w + (long)units * VW, ws, y + (long)units * VW, ys, K);
 }
 
 /* y = x rotated by RoPE's half-split layout (cos, sin: the (D,) rows of its position; NULL: no rotation), times scale. */
@@ -29,46 +141,63 @@ static void rotate(const float *x, const float *cos, const float *sin, float *y,
     for (int d = half; d < D; d++) y[d] = (x[d] * cos[d] + x[d - half] * sin[d]) * scale;
 }
 
-/* One layer's attention for the newest token of a sequence over a paged KV cache (PagedAttention): rotate its q and k,
- * write its k and v to its slot, and attend its q over positions 0..S-1 (the newest is S-1).
- * qkv: (Hq + 2 Hkv) * D floats, the q heads, then k, then v. k_cache, v_cache: this layer's pool, where the vector of
- * kv head g at position s starts at cache + g * head_stride + table[s / block_size] * block_stride
- * + (s % block_size) * D. slopes: ALiBi's (Hq,) slopes, adding slope * (s - (S - 1)) to the scores, or NULL.
- * out: (Hq, D). Query head h reads kv head h / (Hq / Hkv); the query heads are split over the threads. */
-void lmforge_attention(const float *qkv, const float *cos, const float *sin, float *k_cache, float *v_cache,
-                       long head_stride, long block_stride, const int *table, int block_size, int S,
-                       const float *slopes, float scale, float *out, int Hq, int Hkv, int D, int threads) {
-    const int group = Hq / Hkv, newest = S - 1;
-    const long slot = (long)table[newest / block_size] * block_stride + (long)(newest % block_size) * D;
-    for (int g = 0; g < Hkv; g++) {
-        rotate(qkv + (long)(Hq + g) * D, cos, sin, k_cache + g * head_stride + slot, D, 1.0f);
-        const float *v = qkv + (long)(Hq + Hkv + g) * D;
-        float *v_slot = v_cache + g * head_stride + slot;
-        for (int d = 0; d < D; d++) v_slot[d] = v[d];
+/* One layer's attention for a step's new tokens over a paged KV cache (PagedAttention). The step holds B chunks;
+ * chunk b is rows first[b] .. first[b+1]-1 of qkv, the last tokens of a sequence of ends[b] tokens, whose block table
+ * is row b of tables (B, width). Every new token's k is rotated and written with its v to its slot; then each query
+ * attends causally over its sequence up to itself.
+ * qkv: row r at qkv + r * qkv_stride holds (Hq + 2 Hkv) * D floats, the q heads, then k, then v, not yet rotated.
+ * cos, sin: RoPE's (positions, D) tables, or NULL. k_cache, v_cache: this layer's pool, where the vector of kv head g
+ * at position s starts at cache + g * head_stride + table[s / block_size] * block_stride + (s % block_size) * D.
+ * slopes: ALiBi's (Hq,) slopes, adding slope * (s - query position) to the scores, or NULL.
+ * out: row r at out + r * out_stride, (Hq, D). Query head h reads kv head h / (Hq / Hkv). */
+void lmforge_attention(const float *qkv, long qkv_stride, const float *cos, const float *sin, float *k_cache,
+                       float *v_cache, long head_stride, long block_stride, int block_size, const int *tables,
+                       int width, const int *first, const int *ends, int B, const float *slopes, float scale,
+                       float *out, long out_stride, int Hq, int Hkv, int D, int threads) {
+    const int group = Hq / Hkv, rows = first[B];
+    int *chunk_of = malloc(sizeof(int) * (size_t)rows), longest = 0;
+    for (int b = 0; b < B; b++) {
+        for (int r = first[b]; r < first[b + 1]; r++) chunk_of[r] = b;
+        longest = ends[b] > longest ? ends[b] : longest;
     }
+#define POSITION(r) (ends[chunk_of[r]] - first[chunk_of[r] + 1] + (r))
+#define SLOT(b, s) ((long)tables[(long)(b) * width + (s) / block_size] * block_stride + (long)((s) % block_size) * D)
 #pragma omp parallel num_threads(threads)
     {
-        float *scores = malloc(sizeof(float) * (size_t)S), *q = malloc(sizeof(float) * (size_t)D);
 #pragma omp for schedule(static)
-        for (int h = 0; h < Hq; h++) {
-            rotate(qkv + (long)h * D, cos, sin, q, D, scale);
+        for (int r = 0; r < rows; r++) {
+            const int pos = POSITION(r);
+            const long slot = SLOT(chunk_of[r], pos);
+            const float *row = qkv + (long)r * qkv_stride;
+            for (int g = 0; g < Hkv; g++) {
+                rotate(row + (long)(Hq + g) * D, cos ? cos + (long)pos * D : NULL, sin ? sin + (long)pos * D : NULL,
+                       k_cache + g * head_stride + slot, D, 1.0f);
+                memcpy(v_cache + g * head_stride + slot, row + (long)(Hq + Hkv + g) * D, sizeof(float) * (size_t)D);
+            }
+        }  /* the barrier here: every new k and v is in place before any query reads them */
+        float *scores = malloc(sizeof(float) * (size_t)longest), *q = malloc(sizeof(float) * (size_t)D);
+        /* round robin over (row, head): the rows of a prompt chunk attend over ever longer prefixes */
+#pragma omp for schedule(static, 1)
+        for (long item = 0; item < (long)rows * Hq; item++) {
+            const int r = (int)(item / Hq), h = (int)(item % Hq), b = chunk_of[r], pos = POSITION(r);
+            rotate(qkv + (long)r * qkv_stride + (long)h * D, cos ? cos + (long)pos * D : NULL,
+                   sin ? sin + (long)pos * D : NULL, q, D, scale);
             const float *kh = k_cache + (h / group) * head_stride, *vh = v_cache + (h / group) * head_stride;
-            float *oh = out + (long)h * D, top = -INFINITY;
-            for (int s = 0; s < S; s++) {
-                const float *k = kh + (long)table[s / block_size] * block_stride + (long)(s % block_size) * D;
+            float *oh = out + (long)r * out_stride + (long)h * D, top = -INFINITY;
+            for (int s = 0; s <= pos; s++) {
+                const float *k = kh + SLOT(b, s);
                 float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
                 for (int d = 0; d < D; d++) dot += q[d] * k[d];
-                if (slopes) dot += slopes[h] * (float)(s - newest);
+                if (slopes) dot += slopes[h] * (float)(s - pos);
                 scores[s] = dot;
                 top = dot > top ? dot : top;
             }
             float total = 0.0f;
-            for (int s = 0; s < S; s++) total += scores[s] = expf(scores[s] - top);
+            for (int s = 0; s <= pos; s++) total += scores[s] = expf(scores[s] - top);
             for (int d = 0; d < D; d++) oh[d] = 0.0f;
-            for (int s = 0; s < S; s++) {
-                const float *v = vh + (long)table[s / block_size] * block_stride + (long)(s % block_size) * D;
-                const float p = scores[s] / total;
+            for (int s = 0; s <= pos; s++) {
+                const float *v = vh + SLOT(b, s), p = scores[s] / total;
 #pragma omp simd
                 for (int d = 0; d < D; d++) oh[d] += p * v[d];
             }
@@ -76,4 +205,7 @@ void lmforge_attention(const float *qkv, const float *cos, const float *sin, flo
         free(scores);
         free(q);
     }
+#undef POSITION
+#undef SLOT
+    free(chunk_of);
 }

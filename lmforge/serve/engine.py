@@ -24,6 +24,7 @@ from torch import Tensor
 
 from lmforge.errors import LmforgeError
 from lmforge.models import Decoder
+from lmforge.serve import native
 from lmforge.serve.cpu_decode import NumpyDecoder, PagedKV, unsupported_reason
 from lmforge.serve.generate import TextStream, sample_next
 from lmforge.serve.paged import BlockManager, Chunk, PagedBatch, PagedKVStore, block_hashes
@@ -44,6 +45,9 @@ class EngineConfig:
     max_waiting: int = 256
     """Most requests queued; beyond it, add() refuses (the server answers 429)."""
     prefix_caching: bool = True
+    backend: str = "auto"
+    """What runs a step: "auto", the numpy steps and C kernels of cpu_decode.py where the model allows (a Decoder on
+    the CPU in fp32), else torch; "torch", the packed torch forward pass always."""
 
 
 @dataclass
@@ -123,14 +127,15 @@ class Engine:
     def __init__(self, model: Decoder, tokenizer, cfg: EngineConfig | None = None):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.cfg = cfg = cfg or EngineConfig()
+        if cfg.backend not in ("auto", "torch"):
+            raise LmforgeError(f"backend={cfg.backend!r} is not one of auto, torch")
         self.context = model.cfg.max_seq_len
         weight = model.lm_head.weight
         self.device, dtype = weight.device, weight.dtype
         num_blocks = cfg.kv_blocks or cfg.max_num_seqs * math.ceil(self.context / cfg.block_size)
         self.blocks = BlockManager(num_blocks, cfg.block_size)
         self.store = PagedKVStore(model.cfg, num_blocks, cfg.block_size, self.device, dtype)
-        # a step that decodes one token of one sequence (a single user) runs in numpy where it can (cpu_decode.py)
-        self.single = NumpyDecoder(model) if unsupported_reason(model) is None else None
+        self._decoders: dict[int, tuple[NumpyDecoder, list[native.KVPool]] | None] = {}  # by id of the model
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.eos_ids = {tokenizer.eos_id}
@@ -293,10 +298,14 @@ class Engine:
 
     def _run(self, model: Decoder, store: PagedKVStore, chunks: list[Chunk], all_rows: list[bool]) -> list[Tensor]:
         """One packed forward pass; per chunk the float logits of every row (all_rows) or of its last row, (R, V)."""
-        if self.single and model is self.model and len(chunks) == 1 and len(chunks[0].tokens) == 1 and not all_rows[0]:
-            (chunk,) = chunks
-            logits = self.single.step(chunk.tokens[0], chunk.start, PagedKV(store, chunk.block_table))
-            return [torch.from_numpy(logits)[None]]  # (1, V)
+        if decoding := self._numpy_decoder(model, store):
+            decoder, pools = decoding
+            if decoder.attention:  # the C kernels: every step in numpy
+                return [torch.from_numpy(rows) for rows in decoder.forward(chunks, pools, store.block_size, all_rows)]
+            if len(chunks) == 1 and len(chunks[0].tokens) == 1 and not all_rows[0]:  # one user: numpy alone
+                (chunk,) = chunks
+                logits = decoder.step(chunk.tokens[0], chunk.start, PagedKV(store, chunk.block_table))
+                return [torch.from_numpy(logits)[None]]  # (1, V)
         batch = PagedBatch(store, chunks, self.device)
         hidden = model.hidden_states(batch.ids, batch)[0]  # (N, C)
         rows, row = [], 0
@@ -307,6 +316,15 @@ class Engine:
         picked = torch.tensor([r for rs in rows for r in rs], device=self.device)
         logits = model.lm_head(model.norm(hidden[picked])).float()  # (R, V)
         return list(logits.split([len(rs) for rs in rows]))
+
+    def _numpy_decoder(self, model: Decoder, store: PagedKVStore) -> tuple[NumpyDecoder, list[native.KVPool]] | None:
+        """The numpy steps of `model` (cpu_decode.py) with its pool's layers for the C kernels; None if it cannot run
+        them. Made on first use: the speculative draft model has its own."""
+        if id(model) not in self._decoders:
+            runs = self.cfg.backend == "auto" and unsupported_reason(model) is None and store.k.device.type == "cpu"
+            pools = native.pools(store.k.numpy(), store.v.numpy()) if runs and native.available() else []
+            self._decoders[id(model)] = (NumpyDecoder(model, batched=bool(pools)), pools) if runs else None
+        return self._decoders[id(model)]
 
     def _wants_prompt(self, seq: Sequence) -> bool:
         return seq.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.prompt_len

@@ -74,8 +74,11 @@ def _library() -> ctypes.CDLL | None:
         return None
     p, i, n = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
     library.lmforge_gemv.argtypes = [p, n, p, p, i, i, i]
-    library.lmforge_attention.argtypes = [p, p, p, p, p, n, n, p, i, i, p, ctypes.c_float, p, i, i, i, i]
-    library.lmforge_gemv.restype = library.lmforge_attention.restype = None
+    library.lmforge_gemm.argtypes = [p, n, p, n, p, n, i, i, i, i]
+    library.lmforge_attention.argtypes = [
+        *(p, n, p, p, p, p, n, n, i, p, i, p, p, i, p, ctypes.c_float, p, n, i, i, i, i)
+    ]
+    library.lmforge_gemv.restype = library.lmforge_gemm.restype = library.lmforge_attention.restype = None
     return library
 
 
@@ -89,31 +92,53 @@ def _check(a: np.ndarray, what: str) -> None:
         raise ValueError(f"{what} must be fp32 with a unit last stride, not {a.dtype} with strides {a.strides}")
 
 
-def _output(size: int, reuse: bool) -> Callable[[], tuple[np.ndarray, int]]:
-    """A new array per call, or one array whose every call overwrites the last (its address taken once: numpy's
-    `.ctypes.data` costs ~1.7 us, a few percent of a decode step over ~30 calls)."""
-    if not reuse:
-        return lambda: ((y := np.empty(size, np.float32)), y.ctypes.data)
-    buffer = np.empty(size, np.float32)
-    address = buffer.ctypes.data
-    return lambda: (buffer, address)
+def _rows(a: np.ndarray, width: int, what: str) -> tuple[np.ndarray, int, int]:
+    """(a with unit column stride, its rows, its row stride in floats) for a (rows, width) matrix or a (width,) vector,
+    which is one row. The checks come first and cheap: batch-1 decode calls this ~30 times a token."""
+    if a.dtype == np.float32 and a.shape[-1:] == (width,) and a.strides[-1] == 4:
+        if a.ndim == 1:
+            return a, 1, width
+        if a.ndim == 2 and a.strides[0] % 4 == 0:
+            return a, a.shape[0], a.strides[0] // 4
+    if a.dtype != np.float32 or a.shape[-1:] != (width,) or a.ndim > 2:
+        raise ValueError(f"{what} must be fp32 of shape (rows, {width}) or ({width},), not {a.dtype} {a.shape}")
+    return _rows(np.ascontiguousarray(a), width, what)
+
+
+class _Outputs:
+    """Where a kernel writes: a new array per call, or (reuse) one array whose every call overwrites the last, made
+    anew only when the shape changes. Its address is then taken once: numpy's `.ctypes.data` costs ~1.7 us, a few
+    percent of a batch-1 decode step."""
+
+    def __init__(self, width: int, reuse: bool):
+        self.width, self.reuse, self.shape, self.buffer, self.address = width, reuse, (), None, 0
+
+    def __call__(self, rows: int, vector: bool) -> tuple[np.ndarray, int]:
+        shape = (self.width,) if vector else (rows, self.width)
+        if not self.reuse:
+            y = np.empty(shape, np.float32)
+            return y, y.ctypes.data
+        if shape != self.shape:
+            self.shape, self.buffer = shape, np.empty(shape, np.float32)
+            self.address = self.buffer.ctypes.data
+        return self.buffer, self.address
 
 
 def matvec(w: np.ndarray, threads: int, reuse_output: bool = False) -> Callable[[np.ndarray], np.ndarray] | None:
     """x (cols,) -> W x (rows,) for a fixed row-major fp32 weight w (rows, cols) on `threads` threads; None without
-    the kernels. reuse_output: every product is written to one array, valid until the next call."""
+    the kernels. The fastest batch-1 product: every thread reads a contiguous block of W. reuse_output as for matmul."""
     if (library := _library()) is None:
         return None
     _check(w, "the weight")
     kernel, (rows, cols), address, row_stride = library.lmforge_gemv, w.shape, w.ctypes.data, w.strides[0] // 4
-    output = _output(rows, reuse_output)
+    output = _Outputs(rows, reuse_output)
 
     def run(x: np.ndarray) -> np.ndarray:
         if x.dtype != np.float32 or x.shape != (cols,):
             raise ValueError(f"a ({rows}, {cols}) weight takes a ({cols},) fp32 vector, not {x.dtype} {x.shape}")
         if not x.flags.c_contiguous:
             x = np.ascontiguousarray(x)
-        y, y_address = output()
+        y, y_address = output(1, True)
         kernel(address, row_stride, x.ctypes.data, y_address, rows, cols, threads)
         return y
 
@@ -121,42 +146,96 @@ def matvec(w: np.ndarray, threads: int, reuse_output: bool = False) -> Callable[
     return run
 
 
-class KVLayout(NamedTuple):  # a tuple: the engine makes one per layer per step
-    """Where one layer's keys and values live, for the attention kernel: the vector of kv head g at position s starts
-    at address + 4 * (g * head_stride + table[s // block_size] * block_stride + (s % block_size) * head_dim).
-    `capacity` is the positions the table covers; the owner keeps the arrays (and the int32 table) alive."""
+def matmul(w_t: np.ndarray, threads: int, reuse_output: bool = False) -> Callable[[np.ndarray], np.ndarray] | None:
+    """x (M, K) or (K,) -> x @ w_t (M, N) or (N,) for a fixed fp32 w_t (K, N) with unit column stride (an nn.Linear
+    weight stored column-major, transposed), on `threads` threads; None without the kernels. reuse_output: every
+    product is written to one array, valid until the next call."""
+    if (library := _library()) is None:
+        return None
+    _check(w_t, "the transposed weight")
+    kernel, (K, N), address, row_stride = library.lmforge_gemm, w_t.shape, w_t.ctypes.data, w_t.strides[0] // 4
+    output = _Outputs(N, reuse_output)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        x, rows, x_stride = _rows(x, K, f"the input of a ({K}, {N}) matmul")
+        y, y_address = output(rows, x.ndim == 1)
+        kernel(x.ctypes.data, x_stride, address, row_stride, y_address, N, rows, K, N, threads)
+        return y
+
+    run.weight = w_t  # keeps the weight alive as long as its address is used
+    return run
+
+
+class KVPool(NamedTuple):
+    """Where one layer's keys and values live, for the attention kernel: the vector of kv head g at position s of the
+    sequence whose block table is `table` starts at address + 4 * (g * head_stride + table[s // block_size] *
+    block_stride + (s % block_size) * head_dim). The owner keeps the arrays alive."""
 
     keys: int
     values: int
     head_stride: int
     block_stride: int
-    table: int
     block_size: int
-    capacity: int
 
 
-def layouts(k: np.ndarray, v: np.ndarray, table: np.ndarray) -> list[KVLayout]:
-    """Per layer, where the attention kernel finds k and v: (layers, Hkv, max_len, D) arrays with the int32 table [0],
-    or (layers, Hkv, blocks, block_size, D) pools with a sequence's int32 block table. The caller keeps all three."""
-    assert k.shape == v.shape and k.strides == v.strides and k.dtype == np.float32 and k.strides[-1] == 4
-    assert k.strides[-2] == 4 * k.shape[-1] and table.dtype == np.int32, "positions of a block one after another"
+def pools(k: np.ndarray, v: np.ndarray) -> list[KVPool]:
+    """Per layer, where the attention kernel finds k and v: (layers, Hkv, max_len, D) arrays (one block of max_len
+    positions: tables are [[0]]) or (layers, Hkv, blocks, block_size, D) pools. The caller keeps both alive."""
+    if k.shape != v.shape or k.strides != v.strides or k.dtype != np.float32 or k.ndim not in (4, 5):
+        raise ValueError(f"k and v must be alike fp32 caches of 4 or 5 dims, not {k.dtype} {k.shape} / {v.shape}")
+    if k.strides[-1] != 4 or k.strides[-2] != 4 * k.shape[-1]:
+        raise ValueError("the positions of a block must lie one after another, each a contiguous vector")
     block_size = k.shape[-2]
     head, block = k.strides[1] // 4, (k.strides[2] // 4 if k.ndim == 5 else 0)
-    keys, values, table_address, capacity = k.ctypes.data, v.ctypes.data, table.ctypes.data, len(table) * block_size
+    keys, values = k.ctypes.data, v.ctypes.data
     return [
-        KVLayout(keys + offset, values + offset, head, block, table_address, block_size, capacity)
+        KVPool(keys + offset, values + offset, head, block, block_size)
         for offset in range(0, k.shape[0] * k.strides[0], k.strides[0])
     ]
 
 
+class Chunks:
+    """A step's new tokens for the attention kernel: chunk b is `counts[b]` rows (in order, chunk after chunk), the last
+    tokens of a sequence of `ends[b]` tokens whose block table is `tables[b]`. Built once per step, read by every
+    layer; batch-1 decode keeps one and moves its end (`advance_to`)."""
+
+    def __init__(self, tables: list[list[int]], ends: list[int], counts: list[int], block_size: int):
+        width = max(len(t) for t in tables)
+        self.capacity = [len(t) * block_size for t in tables]
+        for capacity, end, count in zip(self.capacity, ends, counts, strict=True):
+            self._check(count, end, capacity)
+        self.tables = np.array([t + [0] * (width - len(t)) for t in tables], np.int32)  # (B, width)
+        self.first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)  # (B + 1,)
+        self.ends = np.array(ends, np.int32)
+        self.rows, self.width, self.block_size = int(self.first[-1]), width, block_size
+        self.addresses = (self.tables.ctypes.data, width, self.first.ctypes.data, self.ends.ctypes.data, len(ends))
+
+    @staticmethod
+    def _check(count: int, end: int, capacity: int) -> None:
+        if not 0 < count <= end <= capacity:
+            raise ValueError(f"a chunk of {count} tokens ending at {end} does not fit a table of {capacity} positions")
+
+    def advance_to(self, end: int) -> None:
+        """One chunk of one token: now the token at position end - 1."""
+        self._check(1, end, self.capacity[0])
+        self.ends[0] = end
+
+
 def attention(
-    n_heads: int, n_kv_heads: int, head_dim: int, slopes: np.ndarray | None, threads: int, reuse_output: bool = False
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    slopes: np.ndarray | None,
+    rope: tuple[np.ndarray, np.ndarray] | None,
+    threads: int,
+    reuse_output: bool = False,
 ) -> Callable[..., np.ndarray] | None:
-    """(qkv, rope, layout, length[, out]) -> the newest token's attention output (n_heads * head_dim,); None without
-    the kernels. qkv: its ((Hq + 2 Hkv) D,) projections, not yet rotated; rope: the addresses of the (D,) cos and sin
-    rows of its position, or None; layout: this layer's cache, where its k and v are written at position length - 1
-    and positions [0, length) are read; out: a contiguous (Hq D,) fp32 array to write to instead of a new (or the
-    reused) one. slopes: ALiBi's (Hq,) slopes, or None. reuse_output as for matvec."""
+    """(qkv, pool, chunks[, out]) -> the new tokens' attention outputs (rows, n_heads * head_dim), or (Hq D,) for a
+    vector qkv; None without the kernels. qkv: their (rows, (Hq + 2 Hkv) D) projections, not yet rotated; pool: this
+    layer's cache, where their k and v are written and every position up to each query is read; chunks: which rows
+    belong to which sequence (see Chunks); out: a (rows, Hq D) fp32 array with unit column stride to write to
+    instead. slopes: ALiBi's (Hq,) slopes, or None. rope: RoPE's (positions, D) cos and sin tables, or None.
+    reuse_output as for matmul."""
     if (library := _library()) is None:
         return None
     Hq, Hkv, D = n_heads, n_kv_heads, head_dim
@@ -166,22 +245,36 @@ def attention(
         if slopes.dtype != np.float32 or slopes.shape != (Hq,):
             raise ValueError(f"ALiBi slopes must be a ({Hq},) fp32 array, not {slopes.dtype} {slopes.shape}")
         slopes = np.ascontiguousarray(slopes)
+    positions = None
+    if rope is not None:
+        rope = tuple(np.ascontiguousarray(t, np.float32) for t in rope)
+        if rope[0].shape != rope[1].shape or rope[0].ndim != 2 or rope[0].shape[1] != D:
+            raise ValueError(f"RoPE's cos and sin must be two (positions, {D}) tables, not {[t.shape for t in rope]}")
+        positions = len(rope[0])
     kernel, slopes_address = library.lmforge_attention, None if slopes is None else slopes.ctypes.data
-    scale, output, size = 1.0 / math.sqrt(D), _output(Hq * D, reuse_output), (Hq + 2 * Hkv) * D
+    cos, sin = (None, None) if rope is None else (rope[0].ctypes.data, rope[1].ctypes.data)
+    scale, output, width = 1.0 / math.sqrt(D), _Outputs(Hq * D, reuse_output), (Hq + 2 * Hkv) * D
 
-    def run(
-        qkv: np.ndarray, rope: tuple[int, int] | None, layout: KVLayout, length: int, out: np.ndarray | None = None
-    ) -> np.ndarray:
-        for a, n, what in ((qkv, size, "qkv"), (out, Hq * D, "out")):
-            if a is not None and (a.dtype != np.float32 or a.shape != (n,) or not a.flags.c_contiguous):
-                raise ValueError(f"attention takes a contiguous ({n},) fp32 {what}, not {a.dtype} {a.shape}")
-        if not 0 < length <= layout.capacity:
-            raise ValueError(f"position {length - 1} is outside the cache's {layout.capacity} positions")
-        cos, sin = rope or (None, None)
-        out, out_address = output() if out is None else (out, out.ctypes.data)
-        cache = (layout.keys, layout.values, layout.head_stride, layout.block_stride, layout.table, layout.block_size)
-        kernel(qkv.ctypes.data, cos, sin, *cache, length, slopes_address, scale, out_address, Hq, Hkv, D, threads)
+    def run(qkv: np.ndarray, pool: KVPool, chunks: Chunks, out: np.ndarray | None = None) -> np.ndarray:
+        qkv, rows, qkv_stride = _rows(qkv, width, "qkv")
+        if rows != chunks.rows:
+            raise ValueError(f"qkv has {rows} rows for chunks of {chunks.rows} tokens")
+        if pool.block_size != chunks.block_size:
+            raise ValueError(f"the chunks count blocks of {chunks.block_size}, the pool's are {pool.block_size}")
+        if positions is not None and chunks.ends.max() > positions:
+            raise ValueError(f"a position past RoPE's table of {positions}")
+        if out is None:
+            out, out_address = output(rows, qkv.ndim == 1)
+        else:
+            if out.dtype != np.float32 or out.shape != (rows, Hq * D) or out.strides[1] != 4:
+                raise ValueError(f"attention writes a ({rows}, {Hq * D}) fp32 out, not {out.dtype} {out.shape}")
+            out_address = out.ctypes.data
+        kernel(
+            qkv.ctypes.data, qkv_stride, cos, sin, pool.keys, pool.values, pool.head_stride, pool.block_stride,
+            pool.block_size, *chunks.addresses, slopes_address, scale, out_address, Hq * D if out.ndim == 1 else
+            out.strides[0] // 4, Hq, Hkv, D, threads,
+        )  # fmt: skip
         return out
 
-    run.slopes = slopes  # keeps the slopes alive as long as their address is used
+    run.keep = (slopes, rope)  # alive as long as their addresses are used
     return run

@@ -12,14 +12,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from lmforge.models.config import ModelConfig
 from lmforge.models.layers import Positions
-from lmforge.serve import native
 
 
 class BlockManager:
@@ -110,10 +108,10 @@ class Chunk:
 
 
 class PagedBatch:
-    """One engine step's tokens of many sequences packed into (1, N), passed to the model as its cache.
+    """One engine step's tokens of many sequences packed into (1, N), passed to the model as its cache: the torch path
+    of the engine, where the numpy steps and C kernels of cpu_decode.py do not run (a GPU, bf16, a streamed model).
 
-    Single-token chunks (decodes) attend together: on the CPU in fp32 through the C attention kernel over their
-    blocks in place (serve/native.py), elsewhere in one padded SDPA batch of gathered blocks. Longer chunks (prefills)
+    Single-token chunks (decodes) attend together in one padded SDPA batch of gathered blocks; longer chunks (prefills)
     attend one by one.
     """
 
@@ -142,8 +140,6 @@ class PagedBatch:
             q_pos = [[n - 1] for n in decode_lengths]
             self.decodes = _Group(q_pos, decode_rows, decode_tables, decode_lengths, bs, device)
             self.groups.append(self.decodes)
-        self.decode_tables = decode_tables
-        self._native: tuple | None = None  # the C kernel and each decode's KV layouts, set up on the first layer
         self.pos = torch.tensor(pos, device=device)  # (N,)
         self.slots = torch.tensor(slots, device=device)  # (N,)
 
@@ -158,9 +154,6 @@ class PagedBatch:
         v_pool.view(Hkv, -1, D).index_copy_(1, self.slots, v[0].to(v_pool.dtype))
         out = torch.empty_like(q)
         for g in self.groups:
-            if g is self.decodes and self._native_decodes(q, positions):
-                self._attend_decodes_natively(layer, q, k, v, out)
-                continue
             B, S = g.tables.shape[0], g.tables.shape[1] * self.store.block_size
             qg = q[0][:, g.rows].transpose(0, 1)  # (B, H, Tq, D)
             kg = k_pool.index_select(1, g.tables.flatten()).view(Hkv, B, S, D).transpose(0, 1).to(q.dtype)
@@ -170,32 +163,6 @@ class PagedBatch:
             )
             out[0][:, g.rows] = y.transpose(0, 1)
         return out
-
-    def _native_decodes(self, q: Tensor, positions: Positions) -> bool:
-        """Whether the decodes go through the C kernel: on the CPU, fp32 queries and pool, the kernels built."""
-        if self._native is None:
-            self._native = ()
-            fp32 = q.dtype == self.store.k.dtype == torch.float32
-            if q.device.type == "cpu" and fp32 and native.available():
-                slopes = getattr(positions, "slopes", None)  # ALiBi's (H,) slopes; RoPE is applied already
-                slopes = None if slopes is None else slopes.detach().float().numpy()
-                _, H, _, D = q.shape
-                attention = native.attention(H, self.store.k.shape[1], D, slopes, torch.get_num_threads())
-                k, v = self.store.k.numpy(), self.store.v.numpy()
-                tables = [np.asarray(t, np.int32) for t in self.decode_tables]
-                self._native = (attention, tables, [native.layouts(k, v, t) for t in tables])
-        return bool(self._native)
-
-    def _attend_decodes_natively(self, layer: int, q: Tensor, k: Tensor, v: Tensor, out: Tensor) -> None:
-        attention, _, layouts = self._native  # the tables stay alive with the layouts that hold their addresses
-        rows, H, D = self.decodes.rows[:, 0], q.shape[1], q.shape[3]  # rows: (B,)
-        B = len(rows)
-        # (B, (H + 2 Hkv) D): each decode's rotated q, k and v; the kernel writes k and v to the slot again (the same)
-        qkv = torch.cat([t[0][:, rows].transpose(0, 1).reshape(B, -1) for t in (q, k, v)], dim=1).detach().numpy()
-        y = np.empty((B, H * D), np.float32)
-        for b, length in enumerate(self.decodes.lengths):
-            attention(qkv[b], None, layouts[b][layer], length, out=y[b])
-        out[0][:, rows] = torch.from_numpy(y).view(B, H, D).transpose(0, 1)
 
     def advance(self, T: int) -> None:
         pass  # the engine advances each sequence itself

@@ -14,7 +14,7 @@ from lmforge.serve import native
 from lmforge.serve.cpu_decode import CacheKV, NumpyDecoder, PagedKV
 from lmforge.serve.generate import generate_tokens, prepare_for_decode
 from lmforge.serve.offload import stream_layers
-from lmforge.serve.paged import PagedKVStore
+from lmforge.serve.paged import Chunk, PagedBatch, PagedKVStore
 
 TINY = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=48)
 VARIANTS = {
@@ -57,7 +57,7 @@ def kernels(request):
 @torch.inference_mode()
 def test_numpy_steps_equal_torch_cached_decode(variant, layout, kernels):
     model = tiny_model(variant)
-    if layout == "column-major":  # the C kernel reads row-major weights only: these go to OpenBLAS
+    if layout == "column-major":  # the C matrix-product kernel's layout (OpenBLAS's without the kernels)
         column_major(model)
     reference, shared = KVCache(model.cfg, 1, 16), KVCache(model.cfg, 1, 16)
     for cache in (reference, shared):
@@ -78,6 +78,40 @@ def test_numpy_steps_equal_torch_cached_decode(variant, layout, kernels):
         np.testing.assert_allclose(got, expected.numpy(), rtol=0, atol=1e-4)
         assert shared.pos == reference.pos
         token = int(expected.argmax())
+
+
+@pytest.mark.parametrize("layout", ["row-major", "column-major"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@torch.inference_mode()
+def test_engine_steps_in_numpy_equal_the_packed_torch_step(variant, layout):
+    # two engine steps over blocks scattered in one pool: prompt chunks (one after 4 cached tokens, with every row's
+    # logits) beside a decode, then three decodes; NumpyDecoder.forward (C kernels; a column-major copy of row-major
+    # weights for the many rows) against the model's own forward over PagedBatch
+    model = tiny_model(variant)
+    if layout == "column-major":
+        column_major(model)
+    decoder = NumpyDecoder(model, batched=True)
+    tables = [[0, 5, 2, 8], [7, 1, 9], [3, 6, 4]]
+    steps = [
+        ([Chunk([1, 2, 3, 4], 0, tables[0]), Chunk([9] * 7, 0, tables[1]), Chunk([5, 6, 7], 0, tables[2])], None),
+        ([Chunk([11, 12, 13, 14, 15, 16], 4, tables[0]), Chunk([8], 7, tables[1])], [True, False]),
+        ([Chunk([21], 10, tables[0]), Chunk([22], 8, tables[1]), Chunk([23], 3, tables[2])], None),
+    ]
+    stores = [PagedKVStore(model.cfg, num_blocks=10, block_size=4) for _ in range(2)]
+    pools = native.pools(stores[0].k.numpy(), stores[0].v.numpy())
+    for chunks, every in steps:
+        every = every or [False] * len(chunks)
+        got = decoder.forward(chunks, pools, 4, every)
+        batch = PagedBatch(stores[1], chunks)
+        hidden = model.hidden_states(batch.ids, batch)[0]
+        first = 0
+        for chunk, rows, all_rows in zip(chunks, got, every, strict=True):
+            n = len(chunk.tokens)
+            expected = model.lm_head(model.norm(hidden[first : first + n] if all_rows else hidden[first + n - 1 :][:1]))
+            assert rows.shape == (n if all_rows else 1, model.cfg.vocab_size)
+            np.testing.assert_allclose(rows, expected.numpy(), rtol=0, atol=1e-4)
+            first += n
+    torch.testing.assert_close(stores[0].k, stores[1].k, rtol=1e-4, atol=1e-4)  # the same keys written where they go
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

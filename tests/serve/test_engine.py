@@ -254,21 +254,22 @@ def test_streamed_layers_give_the_same_tokens(tokenizer):
         stream_layers(tiny_model(), resident_layers=3)
 
 
+@pytest.mark.parametrize("max_num_seqs", [1, 3])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_a_lone_sequence_decodes_in_numpy_with_the_torch_paths_tokens_and_logprobs(variant, tokenizer):
-    # one running sequence decodes through cpu_decode.NumpyDecoder over its paged blocks (4-token blocks: the keys
-    # of every step are gathered across block edges); the same engine without it runs the packed torch step
+def test_numpy_steps_give_the_torch_paths_tokens_and_logprobs(variant, max_num_seqs, tokenizer):
+    # the steps run through cpu_decode.NumpyDecoder over the paged blocks (4-token blocks: keys are read across block
+    # edges), one sequence at a time or prompt chunks and decodes of three packed together (chunks of 7 tokens); the
+    # same engine with backend="torch" runs the packed torch step
     model = tiny_model(variant)
     params = SamplingParams(max_tokens=30, temperature=0.0, logprobs=3)
     runs = {}
-    for path in ("numpy", "torch"):
-        engine = Engine(model, tokenizer, EngineConfig(block_size=4, max_num_seqs=1))
-        assert engine.single is not None
-        if path == "torch":
-            engine.single = None
-        runs[path] = engine.generate(prompts(3, seed=5), params)
+    for backend in ("auto", "torch"):
+        cfg = EngineConfig(block_size=4, max_num_seqs=max_num_seqs, max_batched_tokens=7, backend=backend)
+        engine = Engine(model, tokenizer, cfg)
+        assert (engine._numpy_decoder(model, engine.store) is not None) == (backend == "auto")
+        runs[backend] = engine.generate(prompts(3, seed=5), params)
         assert_no_leak(engine)
-    for ours, theirs in zip(runs["numpy"], runs["torch"], strict=True):
+    for ours, theirs in zip(runs["auto"], runs["torch"], strict=True):
         assert ours.token_ids == theirs.token_ids and len(ours.token_ids) > 1
         for a, b in zip(ours.logprobs, theirs.logprobs, strict=True):
             assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-4)

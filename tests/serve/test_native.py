@@ -1,6 +1,6 @@
 """The C decode kernels (serve/native.py) against float64 numpy references, on one thread and on two, over the
-decoder's own caches (CacheKV, paged blocks in any order), and how they are built: cached by hash, nothing
-half-written, and None (numpy fallback) when no compiler works."""
+decoder's own caches (CacheKV, paged blocks in any order, several sequences' chunks at once), and how they are built:
+cached by hash, nothing half-written, and None (numpy fallback) when no compiler works."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from lmforge.models import KVCache, ModelConfig, build_model
 from lmforge.serve import native
 from lmforge.serve.cpu_decode import CacheKV, PagedKV, _RotaryPositions
-from lmforge.serve.paged import Chunk, PagedBatch, PagedKVStore
+from lmforge.serve.paged import PagedKVStore
 
 RNG = np.random.default_rng(0)
 
@@ -35,6 +35,24 @@ def test_gemv_reads_strided_rows_and_vector_views():
     np.testing.assert_allclose(native.matvec(rows, 2)(x), rows.astype(np.float64) @ x, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 33])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 33), (32, 97), (384, 1152), (100, 16), (17, 200)])
+def test_matmul_matches_numpy(shape, rows, threads):
+    # every path: one row, tiles of 1-6 rows, panels of 4 vectors and of one, columns right of the last vector
+    w_t, x = randn(*shape), randn(rows, shape[0])
+    got = native.matmul(w_t, threads)(x)
+    assert got.dtype == np.float32 and got.shape == (rows, shape[1])
+    np.testing.assert_allclose(got, x.astype(np.float64) @ w_t, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(native.matmul(w_t, threads)(x[0]), got[0], rtol=1e-5, atol=1e-4)  # a vector: a row
+
+
+def test_matmul_reads_strided_rows_and_weight_views():
+    w_t, x = randn(40, 70), randn(9, 90)
+    columns, rows = w_t[:30, 5:69], x[::2, 10:40]  # a slice of a wider weight; every other row of a wider input
+    np.testing.assert_allclose(native.matmul(columns, 2)(rows), rows.astype(np.float64) @ columns, rtol=1e-5, atol=1e-5)
+
+
 def test_reused_output_is_overwritten_by_the_next_call():
     w, x1, x2 = randn(8, 5), randn(5), randn(5)
     fresh, reused = native.matvec(w, 1), native.matvec(w, 1, reuse_output=True)
@@ -44,78 +62,97 @@ def test_reused_output_is_overwritten_by_the_next_call():
     np.testing.assert_allclose(first, a, rtol=1e-6)
     assert reused(x2) is first  # the same array, now holding W x2
     np.testing.assert_allclose(first, b, rtol=1e-6)
+    products = native.matmul(w.T.copy(), 1, reuse_output=True)
+    three = products(np.stack([x1, x2, x1]))
+    assert products(np.stack([x2, x1, x2])) is three  # the same shape: the same array
+    assert products(np.stack([x1, x2])) is not three  # another shape: another array
+    np.testing.assert_allclose(three, np.stack([b, a, b]), rtol=1e-6)
 
 
-def reference_attention(q, keys, values, slopes=None):
-    """q (Hq, D), keys and values (Hkv, S, D) -> (Hq * D,) in float64: softmax(q k / sqrt(D) + ALiBi bias) v."""
-    Hq, Hkv, S, D = q.shape[0], keys.shape[0], keys.shape[1], q.shape[1]
-    out = []
-    for h in range(Hq):
-        g = h // (Hq // Hkv)
-        scores = keys[g].astype(np.float64) @ q[h] / np.sqrt(D)
-        if slopes is not None:
-            scores += slopes[h] * (np.arange(S) - (S - 1))
-        p = np.exp(scores - scores.max())
-        out.append(p / p.sum() @ values[g])
-    return np.concatenate(out)
+def reference_attention(q, keys, values, positions, slopes=None):
+    """q (T, Hq, D) at these positions; keys and values (Hkv, S, D) -> (T, Hq * D) in float64: each query attends
+    causally up to its own position, softmax(q k / sqrt(D) + ALiBi bias) v."""
+    T, Hq, D = q.shape
+    Hkv = keys.shape[0]
+    out = np.zeros((T, Hq, D))
+    for t, pos in enumerate(positions):
+        for h in range(Hq):
+            g = h // (Hq // Hkv)
+            scores = keys[g, : pos + 1].astype(np.float64) @ q[t, h] / np.sqrt(D)
+            if slopes is not None:
+                scores += slopes[h] * (np.arange(pos + 1) - pos)
+            p = np.exp(scores - scores.max())
+            out[t, h] = p / p.sum() @ values[g, : pos + 1]
+    return out.reshape(T, Hq * D)
 
 
 def rope_rotate(x, cos, sin):
-    """HF LLaMA's half-split rotation of the rows of x (n, D) by the (D,) cos and sin rows of one position."""
-    half = x.shape[1] // 2
-    return x * cos + np.concatenate([-x[:, half:], x[:, :half]], axis=1) * sin
+    """HF LLaMA's half-split rotation of x (..., D) by the cos and sin rows of its position (..., D)."""
+    half = x.shape[-1] // 2
+    return x * cos + np.concatenate([-x[..., half:], x[..., :half]], axis=-1) * sin
 
 
 def config(Hq: int, Hkv: int, D: int, pos: str = "learned") -> ModelConfig:
     return ModelConfig(vocab_size=8, dim=Hq * D, n_layers=2, n_heads=Hq, n_kv_heads=Hkv, hidden_dim=8, pos=pos)
 
 
+def split_qkv(qkv, Hq, Hkv, D):
+    """(T, (Hq + 2 Hkv) D) -> q (T, Hq, D), k and v (T, Hkv, D)."""
+    T = qkv.shape[0]
+    return (
+        qkv[:, : Hq * D].reshape(T, Hq, D),
+        qkv[:, Hq * D : (Hq + Hkv) * D].reshape(T, Hkv, D),
+        qkv[:, (Hq + Hkv) * D :].reshape(T, Hkv, D),
+    )
+
+
+def filled_cache(Hq, Hkv, D, length, pos="learned"):
+    cache = KVCache(config(Hq, Hkv, D, pos), 1, length)
+    cache.k.normal_(generator=torch.Generator().manual_seed(0))
+    cache.v.normal_(generator=torch.Generator().manual_seed(1))
+    return CacheKV(cache)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(("Hq", "Hkv", "S"), [(4, 4, 1), (4, 2, 9), (6, 2, 33), (8, 1, 300)])
 def test_attention_writes_the_newest_kv_and_attends_over_the_cache(Hq, Hkv, S, threads):
     D, layer = 16, 1
-    cache = KVCache(config(Hq, Hkv, D), 1, 512)
-    cache.k.normal_(generator=torch.Generator().manual_seed(0))
-    cache.v.normal_(generator=torch.Generator().manual_seed(1))
-    kv, qkv = CacheKV(cache), randn((Hq + 2 * Hkv) * D)
-    got = native.attention(Hq, Hkv, D, None, threads)(qkv, None, kv.layouts[layer], S)
-    k_new, v_new = qkv[Hq * D : (Hq + Hkv) * D].reshape(Hkv, D), qkv[(Hq + Hkv) * D :].reshape(Hkv, D)
-    np.testing.assert_array_equal(kv.k[layer, :, S - 1], k_new)  # written at position S - 1 of this layer only
-    np.testing.assert_array_equal(kv.v[layer, :, S - 1], v_new)
-    assert not np.array_equal(kv.k[0, :, S - 1], k_new)
+    kv, qkv = filled_cache(Hq, Hkv, D, 512), randn((Hq + 2 * Hkv) * D)
+    kv.chunks.advance_to(S)
+    got = native.attention(Hq, Hkv, D, None, None, threads)(qkv, kv.pools[layer], kv.chunks)
+    assert got.shape == (Hq * D,)  # a vector in, a vector out
+    q, k_new, v_new = split_qkv(qkv[None], Hq, Hkv, D)
+    np.testing.assert_array_equal(kv.k[layer, :, S - 1], k_new[0])  # written at position S - 1 of this layer only
+    np.testing.assert_array_equal(kv.v[layer, :, S - 1], v_new[0])
+    assert not np.array_equal(kv.k[0, :, S - 1], k_new[0])
     keys, values = kv.read(layer, S)
-    expected = reference_attention(qkv[: Hq * D].reshape(Hq, D), keys, values)
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got, reference_attention(q, keys, values, [S - 1])[0], rtol=1e-4, atol=1e-5)
 
 
 def test_attention_rotates_q_and_k_by_rope():
     Hq, Hkv, D, S = 4, 2, 16, 12
-    cfg = config(Hq, Hkv, D, pos="rope")
-    positions = _RotaryPositions(build_model(cfg, seed=0).positions)
-    cache = KVCache(cfg, 1, 32)
-    cache.k.normal_(generator=torch.Generator().manual_seed(0))
-    kv, qkv = CacheKV(cache), randn((Hq + 2 * Hkv) * D)
-    got = native.attention(Hq, Hkv, D, None, 2)(qkv, positions.rope(S - 1), kv.layouts[0], S)
+    positions = _RotaryPositions(build_model(config(Hq, Hkv, D, pos="rope"), seed=0).positions)
+    kv, qkv = filled_cache(Hq, Hkv, D, 32), randn((Hq + 2 * Hkv) * D)
+    kv.chunks.advance_to(S)
+    got = native.attention(Hq, Hkv, D, None, positions.tables, 2)(qkv, kv.pools[0], kv.chunks)
     cos, sin = positions.cos[S - 1], positions.sin[S - 1]
-    k_new = rope_rotate(qkv[Hq * D : (Hq + Hkv) * D].reshape(Hkv, D), cos, sin)
-    np.testing.assert_allclose(kv.k[0, :, S - 1], k_new, rtol=1e-5, atol=1e-6)
+    q, k_new, _ = split_qkv(qkv[None], Hq, Hkv, D)
+    np.testing.assert_allclose(kv.k[0, :, S - 1], rope_rotate(k_new[0], cos, sin), rtol=1e-5, atol=1e-6)
     keys, values = kv.read(0, S)
-    expected = reference_attention(rope_rotate(qkv[: Hq * D].reshape(Hq, D), cos, sin), keys, values)
+    expected = reference_attention(rope_rotate(q, cos, sin), keys, values, [S - 1])[0]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_attention_adds_alibi_bias():
     Hq, Hkv, D, S = 6, 3, 8, 20
-    cache = KVCache(config(Hq, Hkv, D), 1, 32)
-    cache.k.normal_(generator=torch.Generator().manual_seed(0))
-    cache.v.normal_(generator=torch.Generator().manual_seed(1))
-    kv, qkv = CacheKV(cache), randn((Hq + 2 * Hkv) * D)
+    kv, qkv = filled_cache(Hq, Hkv, D, 32), randn((Hq + 2 * Hkv) * D)
+    kv.chunks.advance_to(S)
     slopes = np.array([0.5, 0.25, 0.125, 0.0625, 0.7, 0.35], np.float32)
-    got = native.attention(Hq, Hkv, D, slopes, 2)(qkv, None, kv.layouts[0], S)
+    got = native.attention(Hq, Hkv, D, slopes, None, 2)(qkv, kv.pools[0], kv.chunks)
     keys, values = kv.read(0, S)
-    expected = reference_attention(qkv[: Hq * D].reshape(Hq, D), keys, values, slopes)
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
-    unbiased = native.attention(Hq, Hkv, D, None, 2)(qkv, None, kv.layouts[0], S)
+    q = split_qkv(qkv[None], Hq, Hkv, D)[0]
+    np.testing.assert_allclose(got, reference_attention(q, keys, values, [S - 1], slopes)[0], rtol=1e-4, atol=1e-5)
+    unbiased = native.attention(Hq, Hkv, D, None, None, 2)(qkv, kv.pools[0], kv.chunks)
     assert not np.allclose(got, unbiased, atol=1e-3)  # the bias matters here
 
 
@@ -127,11 +164,47 @@ def test_attention_reads_paged_blocks_in_place(table):
     store.k.normal_(generator=torch.Generator().manual_seed(0))
     store.v.normal_(generator=torch.Generator().manual_seed(1))
     kv, qkv = PagedKV(store, table), randn((Hq + 2 * Hkv) * D)
-    got = native.attention(Hq, Hkv, D, None, 2)(qkv, None, kv.layouts[1], S)
-    np.testing.assert_array_equal(store.k[1, :, table[2], 1].numpy(), qkv[Hq * D : (Hq + Hkv) * D].reshape(Hkv, D))
+    kv.chunks.advance_to(S)
+    got = native.attention(Hq, Hkv, D, None, None, 2)(qkv, kv.pools[1], kv.chunks)
+    np.testing.assert_array_equal(store.k[1, :, table[2], 1].numpy(), split_qkv(qkv[None], Hq, Hkv, D)[1][0])
     keys = torch.cat([store.k[1, :, b] for b in table], dim=1)[:, :S].numpy()  # (Hkv, S, D)
     values = torch.cat([store.v[1, :, b] for b in table], dim=1)[:, :S].numpy()
-    np.testing.assert_allclose(got, reference_attention(qkv[: Hq * D].reshape(Hq, D), keys, values), rtol=1e-4)
+    q = split_qkv(qkv[None], Hq, Hkv, D)[0]
+    np.testing.assert_allclose(got, reference_attention(q, keys, values, [S - 1])[0], rtol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("pos", ["rope", "alibi"])
+def test_attention_of_a_step_with_prompt_chunks_and_decodes(pos, threads):
+    # three sequences in one call: a prompt chunk of 5 after 6 cached tokens, one decode, a whole prompt of 7; each
+    # row attends causally over its own sequence's blocks, all scattered over one pool
+    Hq, Hkv, D, bs = 4, 2, 8, 4
+    positions = build_model(config(Hq, Hkv, D, pos=pos), seed=0).positions
+    rope = _RotaryPositions(positions) if pos == "rope" else None
+    slopes = positions.slopes.float().numpy() if pos == "alibi" else None
+    store = PagedKVStore(config(Hq, Hkv, D), num_blocks=12, block_size=bs)
+    store.k.normal_(generator=torch.Generator().manual_seed(0))
+    store.v.normal_(generator=torch.Generator().manual_seed(1))
+    tables, ends, counts = [[7, 2, 9], [0, 11], [4, 1]], [11, 6, 7], [5, 1, 7]
+    chunks = native.Chunks(tables, ends, counts, bs)
+    qkv = randn(sum(counts), (Hq + 2 * Hkv) * D)
+    attention = native.attention(Hq, Hkv, D, slopes, rope and rope.tables, threads)
+    got = attention(qkv, native.pools(store.k.numpy(), store.v.numpy())[1], chunks)
+    assert got.shape == (13, Hq * D)
+    first = 0
+    for table, end, count in zip(tables, ends, counts, strict=True):
+        where = list(range(end - count, end))
+        q, k, v = split_qkv(qkv[first : first + count], Hq, Hkv, D)
+        if rope:
+            cos, sin = rope.cos[where][:, None], rope.sin[where][:, None]
+            q, k = rope_rotate(q, cos, sin), rope_rotate(k, cos, sin)
+        keys = torch.cat([store.k[1, :, b] for b in table], dim=1)[:, :end].numpy()  # (Hkv, end, D)
+        values = torch.cat([store.v[1, :, b] for b in table], dim=1)[:, :end].numpy()
+        np.testing.assert_allclose(keys[:, end - count :], k.transpose(1, 0, 2), rtol=1e-5, atol=1e-6)  # written
+        np.testing.assert_array_equal(values[:, end - count :], v.transpose(1, 0, 2))
+        expected = reference_attention(q, keys, values, where, slopes)
+        np.testing.assert_allclose(got[first : first + count], expected, rtol=1e-4, atol=1e-5)
+        first += count
 
 
 def test_kernels_refuse_what_they_cannot_read():
@@ -143,16 +216,36 @@ def test_kernels_refuse_what_they_cannot_read():
         native.matvec(randn(4, 4), 1)(randn(5))
     with pytest.raises(ValueError, match=r"not float64 \(4,\)"):  # a float64 vector would be read as garbage
         native.matvec(randn(4, 4), 1)(randn(4).astype(np.float64))
+    with pytest.raises(ValueError, match="transposed weight must be fp32 with a unit last stride"):
+        native.matmul(randn(4, 4)[:, ::2], 1)
+    with pytest.raises(ValueError, match=r"input of a \(4, 3\) matmul must be fp32 of shape \(rows, 4\)"):
+        native.matmul(randn(4, 3), 1)(randn(2, 5))
+    with pytest.raises(ValueError, match=r"not float64 \(2, 4\)"):
+        native.matmul(randn(4, 3), 1)(randn(2, 4).astype(np.float64))
     with pytest.raises(ValueError, match="ALiBi slopes"):
-        native.attention(4, 2, 8, np.ones(3, np.float32), 1)
+        native.attention(4, 2, 8, np.ones(3, np.float32), None, 1)
     with pytest.raises(ValueError, match="cannot share 3 kv heads"):
-        native.attention(4, 3, 8, None, 1)
-    kv = CacheKV(KVCache(config(4, 2, 8), 1, 16))
-    attention = native.attention(4, 2, 8, None, 1)
-    with pytest.raises(ValueError, match=r"contiguous \(64,\) fp32 qkv, not float32 \(63,\)"):
-        attention(randn(63), None, kv.layouts[0], 3)
-    with pytest.raises(ValueError, match="position 16 is outside the cache's 16 positions"):
-        attention(randn(64), None, kv.layouts[0], 17)  # would write past the cache
+        native.attention(4, 3, 8, None, None, 1)
+    with pytest.raises(ValueError, match=r"RoPE's cos and sin must be two \(positions, 8\) tables"):
+        native.attention(4, 2, 8, None, (np.ones((5, 8), np.float32), np.ones((5, 6), np.float32)), 1)
+    kv = filled_cache(4, 2, 8, 16)
+    attention = native.attention(4, 2, 8, None, None, 1)
+    with pytest.raises(ValueError, match=r"qkv must be fp32 of shape \(rows, 64\)"):
+        attention(randn(63), kv.pools[0], kv.chunks)
+    with pytest.raises(ValueError, match="qkv has 2 rows for chunks of 1 tokens"):
+        attention(randn(2, 64), kv.pools[0], kv.chunks)
+    with pytest.raises(ValueError, match=r"writes a \(1, 32\) fp32 out"):
+        attention(randn(1, 64), kv.pools[0], kv.chunks, out=np.empty((1, 31), np.float32))
+    with pytest.raises(ValueError, match="chunks count blocks of 4, the pool's are 16"):
+        attention(randn(64), kv.pools[0], native.Chunks([[0, 1]], [3], [1], 4))
+    with pytest.raises(ValueError, match="ending at 17 does not fit a table of 16 positions"):
+        kv.chunks.advance_to(17)  # would write past the cache
+    with pytest.raises(ValueError, match="a chunk of 3 tokens ending at 2"):
+        native.Chunks([[0]], [2], [3], 16)  # more new tokens than the sequence holds
+    rope = (np.ones((8, 8), np.float32), np.zeros((8, 8), np.float32))
+    kv.chunks.advance_to(9)
+    with pytest.raises(ValueError, match="a position past RoPE's table of 8"):
+        native.attention(4, 2, 8, None, rope, 1)(randn(64), kv.pools[0], kv.chunks)
 
 
 @pytest.fixture
@@ -177,34 +270,8 @@ def test_build_is_cached_and_leaves_no_temporary_file(fresh_build):
 def test_a_failing_compiler_means_numpy_alone(fresh_build, monkeypatch):
     monkeypatch.setenv("CC", "false")  # exits 1 for anything: as a compiler without OpenMP would fail
     assert not native.available()
-    assert native.matvec(randn(2, 2), 1) is None and native.attention(2, 1, 4, None, 1) is None
-    assert PagedKV(PagedKVStore(config(2, 1, 4), 2, 4), [0]).layouts == []  # no addresses taken for the numpy path
+    assert native.matvec(randn(2, 2), 1) is None and native.matmul(randn(2, 2), 1) is None
+    assert native.attention(2, 1, 4, None, None, 1) is None
+    kv = PagedKV(PagedKVStore(config(2, 1, 4), 2, 4), [0])
+    assert kv.pools == [] and kv.chunks is None  # no addresses taken for the numpy path
     assert not fresh_build.exists() or not any(fresh_build.iterdir())
-
-
-@pytest.mark.parametrize(
-    "variant",
-    [dict(pos="rope", n_kv_heads=2), dict(pos="alibi", n_kv_heads=2), dict(pos="learned", n_kv_heads=4)],
-    ids=["rope-gqa", "alibi-gqa", "learned-mha"],
-)
-@torch.inference_mode()
-def test_engine_decode_batch_through_the_kernel_equals_sdpa(variant, request):
-    # three sequences prefilled to different lengths in blocks scattered over the pool, then one batched decode step:
-    # the C kernel over the blocks in place and SDPA over the gathered blocks give the same hidden states
-    cfg = ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_seq_len=32, **variant)
-    model = build_model(cfg, seed=0).eval()
-    tables, prompts = [[0, 1, 2], [5, 3], [4, 6, 7, 8]], [[1, 2, 3, 4, 5, 6, 7, 8, 9], [10, 11, 12, 13, 14], [7] * 13]
-
-    def decode_step() -> torch.Tensor:
-        store = PagedKVStore(cfg, num_blocks=10, block_size=4)
-        prefill = PagedBatch(store, [Chunk(p, 0, t) for p, t in zip(prompts, tables, strict=True)])
-        model.hidden_states(prefill.ids, prefill)
-        decodes = [Chunk([20 + i], len(p), t) for i, (p, t) in enumerate(zip(prompts, tables, strict=True))]
-        batch = PagedBatch(store, decodes)
-        hidden = model.hidden_states(batch.ids, batch)
-        assert bool(batch._native) == native.available()  # the decodes went the way this test means
-        return hidden
-
-    with_kernel = decode_step()
-    request.getfixturevalue("numpy_only")
-    torch.testing.assert_close(with_kernel, decode_step(), rtol=1e-5, atol=1e-5)
