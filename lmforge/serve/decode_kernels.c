@@ -141,6 +141,139 @@ static void rotate(const float *x, const float *cos, const float *sin, float *y,
     for (int d = half; d < D; d++) y[d] = (x[d] * cos[d] + x[d - half] * sin[d]) * scale;
 }
 
+/* e^x for x <= 0 (softmax after subtracting the largest score), to ~1e-7 relative: Cody-Waite range reduction and
+ * Cephes' polynomial, plain arithmetic, so a loop over scores is vectorized (libm's expf is a call per element). */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x; /* e^-87 ~ 1.6e-38, still a normal float; the largest score contributes 1 */
+    const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f; /* round(x / ln 2): the 1.5 * 2^23 trick */
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;      /* x - n ln 2, ln 2 in two parts */
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int bits = ((int)n + 127) << 23; /* 2^n */
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+static inline vec load(const float *p) {
+    vec v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* out[0..3] = the lane sums of a, b, c and d: three rounds of adding halves, ~13 instructions for four sums */
+static inline __attribute__((always_inline)) void sum4(vec a, vec b, vec c, vec d, float *out) {
+#if VW == 16
+    const vec ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                   __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    const vec cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                   __builtin_shufflevector(c, d, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    vec s = __builtin_shufflevector(ab, cd, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+            __builtin_shufflevector(ab, cd, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    s += __builtin_shufflevector(s, s, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    s += __builtin_shufflevector(s, s, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    out[0] = s[0], out[1] = s[4], out[2] = s[8], out[3] = s[12];
+#else
+    const vec ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11) +
+                   __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
+    const vec cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 8, 9, 10, 11) +
+                   __builtin_shufflevector(c, d, 4, 5, 6, 7, 12, 13, 14, 15);
+    vec s = __builtin_shufflevector(ab, cd, 0, 1, 4, 5, 8, 9, 12, 13) +
+            __builtin_shufflevector(ab, cd, 2, 3, 6, 7, 10, 11, 14, 15);
+    s += __builtin_shufflevector(s, s, 1, 0, 3, 2, 5, 4, 7, 6);
+    out[0] = s[0], out[1] = s[2], out[2] = s[4], out[3] = s[6];
+#endif
+}
+
+/* scores[s] = q . k_s over the S positions of one kv head, block by block (no division per position), for a head
+ * of nv whole vectors: q stays in registers, and every four positions' products are summed across lanes at once. */
+static inline __attribute__((always_inline)) void vector_scores(const int nv, const float *q, const float *keys,
+                                                                long block_stride, const int *table, int block_size,
+                                                                int S, float *scores) {
+    vec qv[8], products[4];
+    for (int j = 0; j < nv; j++) qv[j] = load(q + j * VW);
+    int pending = 0;
+    for (int s0 = 0, block = 0; s0 < S; s0 += block_size, block++) {
+        const float *kb = keys + (long)table[block] * block_stride;
+        for (int s = s0; s < S && s < s0 + block_size; s++) {
+            const float *k = kb + (long)(s - s0) * nv * VW;
+            vec product = qv[0] * load(k);
+            for (int j = 1; j < nv; j++) product += qv[j] * load(k + j * VW);
+            products[pending++] = product;
+            if (pending == 4) {
+                sum4(products[0], products[1], products[2], products[3], scores + s - 3);
+                pending = 0;
+            }
+        }
+    }
+    if (pending) {
+        float last[4];
+        for (int i = pending; i < 4; i++) products[i] = (vec){0};
+        sum4(products[0], products[1], products[2], products[3], last);
+        memcpy(scores + S - pending, last, sizeof(float) * (size_t)pending);
+    }
+}
+
+/* out = sum_s weights[s] v_s over the S positions of one kv head, block by block, the sum in registers. */
+static inline __attribute__((always_inline)) void vector_output(const int nv, const float *weights, const float *values,
+                                                                long block_stride, const int *table, int block_size,
+                                                                int S, float *out) {
+    vec sum[8];
+    for (int j = 0; j < nv; j++) sum[j] = (vec){0};
+    for (int s0 = 0, block = 0; s0 < S; s0 += block_size, block++) {
+        const float *vb = values + (long)table[block] * block_stride;
+        for (int s = s0; s < S && s < s0 + block_size; s++) {
+            const float *v = vb + (long)(s - s0) * nv * VW, p = weights[s];
+            for (int j = 0; j < nv; j++) sum[j] += load(v + j * VW) * p;
+        }
+    }
+    for (int j = 0; j < nv; j++) memcpy(out + j * VW, &sum[j], sizeof(vec));
+}
+
+/* The same for any head size, a position at a time. */
+static void any_scores(const float *q, const float *keys, long block_stride, const int *table, int block_size, int S,
+                       int D, float *scores) {
+    for (int s0 = 0, block = 0; s0 < S; s0 += block_size, block++) {
+        const float *kb = keys + (long)table[block] * block_stride;
+        for (int s = s0; s < S && s < s0 + block_size; s++) {
+            const float *k = kb + (long)(s - s0) * D;
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int d = 0; d < D; d++) dot += q[d] * k[d];
+            scores[s] = dot;
+        }
+    }
+}
+
+static void any_output(const float *weights, const float *values, long block_stride, const int *table, int block_size,
+                       int S, int D, float *out) {
+    for (int d = 0; d < D; d++) out[d] = 0.0f;
+    for (int s0 = 0, block = 0; s0 < S; s0 += block_size, block++) {
+        const float *vb = values + (long)table[block] * block_stride;
+        for (int s = s0; s < S && s < s0 + block_size; s++) {
+            const float *v = vb + (long)(s - s0) * D, p = weights[s];
+#pragma omp simd
+            for (int d = 0; d < D; d++) out[d] += p * v[d];
+        }
+    }
+}
+
+#define HEAD_SIZES(CALL)                                                                                              \
+    switch (D % VW ? 0 : D / VW) {                                                                                    \
+    case 1: CALL(1); break;                                                                                           \
+    case 2: CALL(2); break;                                                                                           \
+    case 3: CALL(3); break;                                                                                           \
+    case 4: CALL(4); break;                                                                                           \
+    case 6: CALL(6); break;                                                                                           \
+    case 8: CALL(8); break;                                                                                           \
+    default: CALL(0);                                                                                                 \
+    }
+
 /* One layer's attention for a step's new tokens over a paged KV cache (PagedAttention). The step holds B chunks;
  * chunk b is rows first[b] .. first[b+1]-1 of qkv, the last tokens of a sequence of ends[b] tokens, whose block table
  * is row b of tables (B, width). Every new token's k is rotated and written with its v to its slot; then each query
@@ -183,29 +316,31 @@ void lmforge_attention(const float *qkv, long qkv_stride, const float *cos, cons
             rotate(qkv + (long)r * qkv_stride + (long)h * D, cos ? cos + (long)pos * D : NULL,
                    sin ? sin + (long)pos * D : NULL, q, D, scale);
             const float *kh = k_cache + (h / group) * head_stride, *vh = v_cache + (h / group) * head_stride;
+            const int *table = tables + (long)b * width, S = pos + 1;
             float *oh = out + (long)r * out_stride + (long)h * D, top = -INFINITY;
-            for (int s = 0; s <= pos; s++) {
-                const float *k = kh + SLOT(b, s);
-                float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                for (int d = 0; d < D; d++) dot += q[d] * k[d];
-                if (slopes) dot += slopes[h] * (float)(s - pos);
-                scores[s] = dot;
-                top = dot > top ? dot : top;
-            }
+#define SCORES(NV)                                                                                                    \
+    if (NV) vector_scores(NV, q, kh, block_stride, table, block_size, S, scores);                                     \
+    else any_scores(q, kh, block_stride, table, block_size, S, D, scores)
+            HEAD_SIZES(SCORES)
+            if (slopes)
+                for (int s = 0; s < S; s++) scores[s] += slopes[h] * (float)(s - pos);
+            for (int s = 0; s < S; s++) top = scores[s] > top ? scores[s] : top;
             float total = 0.0f;
-            for (int s = 0; s <= pos; s++) total += scores[s] = expf(scores[s] - top);
-            for (int d = 0; d < D; d++) oh[d] = 0.0f;
-            for (int s = 0; s <= pos; s++) {
-                const float *v = vh + SLOT(b, s), p = scores[s] / total;
-#pragma omp simd
-                for (int d = 0; d < D; d++) oh[d] += p * v[d];
-            }
+#pragma omp simd reduction(+ : total)
+            for (int s = 0; s < S; s++) total += scores[s] = exp_nonpositive(scores[s] - top);
+            const float inverse = 1.0f / total;
+            for (int s = 0; s < S; s++) scores[s] *= inverse;
+#define OUTPUT(NV)                                                                                                    \
+    if (NV) vector_output(NV, scores, vh, block_stride, table, block_size, S, oh);                                    \
+    else any_output(scores, vh, block_stride, table, block_size, S, D, oh)
+            HEAD_SIZES(OUTPUT)
         }
         free(scores);
         free(q);
     }
 #undef POSITION
 #undef SLOT
+#undef SCORES
+#undef OUTPUT
     free(chunk_of);
 }

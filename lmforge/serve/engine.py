@@ -136,6 +136,7 @@ class Engine:
         self.blocks = BlockManager(num_blocks, cfg.block_size)
         self.store = PagedKVStore(model.cfg, num_blocks, cfg.block_size, self.device, dtype)
         self._decoders: dict[int, tuple[NumpyDecoder, list[native.KVPool]] | None] = {}  # by id of the model
+        self._numpy_decoder(model, self.store)  # made here, at start-up, not in a request's first step
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.eos_ids = {tokenizer.eos_id}
