@@ -95,6 +95,8 @@ def _mean_square(x: Array) -> Array:
 
 def _rmsnorm(norm: nn.RMSNorm, eps: float) -> Callable[[Array], Array]:
     w = _view(norm.weight)
+    if kernel := native.rmsnorm(w, eps, torch.get_num_threads()):  # one pass against ~7 numpy ops
+        return kernel
     return lambda x: x * (1.0 / np.sqrt(_mean_square(x) + eps)) * w
 
 
@@ -132,6 +134,8 @@ def _gelu_mlp(activation: Callable[[Array], Array]) -> Callable:
 
 def _swiglu(mlp: nn.Module, batched: bool) -> Callable[[Array], Array]:
     gate_up, down, H = _linear(mlp.gate_up, batched=batched), _linear(mlp.down, batched=batched), mlp.down.in_features
+    if silu_mul := native.silu_mul(H, torch.get_num_threads()):  # one pass against five numpy ops
+        return lambda x: down(silu_mul(gate_up(x)))
 
     def swiglu(x: Array) -> Array:
         gu = gate_up(x)  # (N, 2H) or (2H,): gate, then up

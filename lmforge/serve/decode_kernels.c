@@ -344,3 +344,32 @@ void lmforge_attention(const float *qkv, long qkv_stride, const float *cos, cons
 #undef OUTPUT
     free(chunk_of);
 }
+
+/* out[i] = silu(gate[i]) * up[i] for M rows of gu = [gate | up] (H columns each): SwiGLU's product in one pass. */
+void lmforge_silu_mul(const float *gu, long gu_stride, float *out, long out_stride, int M, int H, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if ((long)M * H >= 1 << 16)
+    for (int i = 0; i < M; i++) {
+        const float *gate = gu + (long)i * gu_stride, *up = gate + H;
+        float *y = out + (long)i * out_stride;
+#pragma omp simd
+        for (int j = 0; j < H; j++) {
+            const float g = gate[j], e = exp_nonpositive(g < 0.0f ? g : -g); /* e^-|g|, never overflowing */
+            y[j] = (g < 0.0f ? g * e : g) / (1.0f + e) * up[j];      /* g / (1 + e^-g) either way */
+        }
+    }
+}
+
+/* y = x / sqrt(mean(x^2) + eps) * w for M rows of x (C columns): RMSNorm in one pass over each row. */
+void lmforge_rmsnorm(const float *x, long xs, const float *w, float *y, long ys, int M, int C, float eps, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if ((long)M * C >= 1 << 16)
+    for (int i = 0; i < M; i++) {
+        const float *row = x + (long)i * xs;
+        float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+        for (int c = 0; c < C; c++) squares += row[c] * row[c];
+        const float scale = 1.0f / sqrtf(squares / (float)C + eps);
+        float *out = y + (long)i * ys;
+#pragma omp simd
+        for (int c = 0; c < C; c++) out[c] = row[c] * scale * w[c];
+    }
+}

@@ -78,7 +78,10 @@ def _library() -> ctypes.CDLL | None:
     library.lmforge_attention.argtypes = [
         *(p, n, p, p, p, p, n, n, i, p, i, p, p, i, p, ctypes.c_float, p, n, i, i, i, i)
     ]
-    library.lmforge_gemv.restype = library.lmforge_gemm.restype = library.lmforge_attention.restype = None
+    library.lmforge_silu_mul.argtypes = [p, n, p, n, i, i, i]
+    library.lmforge_rmsnorm.argtypes = [p, n, p, p, n, i, i, ctypes.c_float, i]
+    for kernel in ("gemv", "gemm", "attention", "silu_mul", "rmsnorm"):
+        getattr(library, f"lmforge_{kernel}").restype = None
     return library
 
 
@@ -163,6 +166,41 @@ def matmul(w_t: np.ndarray, threads: int, reuse_output: bool = False) -> Callabl
         return y
 
     run.weight = w_t  # keeps the weight alive as long as its address is used
+    return run
+
+
+def silu_mul(hidden: int, threads: int) -> Callable[[np.ndarray], np.ndarray] | None:
+    """gu (rows, 2 H) or (2 H,), the gate's H columns then the up projection's -> silu(gate) * up, (rows, H) or (H,),
+    written to one array per shape, valid until the next call; None without the kernels."""
+    if (library := _library()) is None:
+        return None
+    kernel, output = library.lmforge_silu_mul, _Outputs(hidden, reuse=True)
+
+    def run(gu: np.ndarray) -> np.ndarray:
+        gu, rows, gu_stride = _rows(gu, 2 * hidden, "SwiGLU's gate and up")
+        y, y_address = output(rows, gu.ndim == 1)
+        kernel(gu.ctypes.data, gu_stride, y_address, hidden, rows, hidden, threads)
+        return y
+
+    return run
+
+
+def rmsnorm(weight: np.ndarray, eps: float, threads: int) -> Callable[[np.ndarray], np.ndarray] | None:
+    """x (rows, C) or (C,) -> x / sqrt(mean(x^2) + eps) * weight, written to one array per shape, valid until the next
+    call; None without the kernels."""
+    if (library := _library()) is None:
+        return None
+    weight = np.ascontiguousarray(weight, np.float32)
+    (C,) = weight.shape
+    kernel, address, output = library.lmforge_rmsnorm, weight.ctypes.data, _Outputs(C, reuse=True)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        x, rows, x_stride = _rows(x, C, "RMSNorm's input")
+        y, y_address = output(rows, x.ndim == 1)
+        kernel(x.ctypes.data, x_stride, address, y_address, C, rows, C, eps, threads)
+        return y
+
+    run.weight = weight  # keeps the weight alive as long as its address is used
     return run
 
 

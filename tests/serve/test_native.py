@@ -69,6 +69,21 @@ def test_reused_output_is_overwritten_by_the_next_call():
     np.testing.assert_allclose(three, np.stack([b, a, b]), rtol=1e-6)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 70])
+def test_silu_mul_and_rmsnorm_match_numpy(rows):
+    # 70 x 1000 elements: past the size where the rows are split over the threads
+    gu = randn(rows, 2000) * 20  # gates far into both tails: e^-g must neither overflow nor lose the sign
+    gate, up = gu[:, :1000].astype(np.float64), gu[:, 1000:]
+    expected = gate / (1 + np.exp(-gate)) * up
+    np.testing.assert_allclose(native.silu_mul(1000, 2)(gu), expected, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(native.silu_mul(1000, 2)(gu[0]), expected[0], rtol=1e-5, atol=1e-4)  # a vector
+    x, w = randn(rows, 1000) * 3, randn(1000)
+    x64 = x.astype(np.float64)
+    expected = x64 / np.sqrt((x64 * x64).mean(axis=1, keepdims=True) + 1e-5) * w
+    np.testing.assert_allclose(native.rmsnorm(w, 1e-5, 2)(x), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(native.rmsnorm(w, 1e-5, 1)(x[-1]), expected[-1], rtol=1e-5, atol=1e-5)
+
+
 def reference_attention(q, keys, values, positions, slopes=None):
     """q (T, Hq, D) at these positions; keys and values (Hkv, S, D) -> (T, Hq * D) in float64: each query attends
     causally up to its own position, softmax(q k / sqrt(D) + ALiBi bias) v."""
@@ -222,6 +237,10 @@ def test_kernels_refuse_what_they_cannot_read():
         native.matmul(randn(4, 3), 1)(randn(2, 5))
     with pytest.raises(ValueError, match=r"not float64 \(2, 4\)"):
         native.matmul(randn(4, 3), 1)(randn(2, 4).astype(np.float64))
+    with pytest.raises(ValueError, match=r"SwiGLU's gate and up must be fp32 of shape \(rows, 8\)"):
+        native.silu_mul(4, 1)(randn(2, 6))
+    with pytest.raises(ValueError, match=r"RMSNorm's input must be fp32 of shape \(rows, 4\)"):
+        native.rmsnorm(randn(4), 1e-5, 1)(randn(4).astype(np.float64))
     with pytest.raises(ValueError, match="ALiBi slopes"):
         native.attention(4, 2, 8, np.ones(3, np.float32), None, 1)
     with pytest.raises(ValueError, match="cannot share 3 kv heads"):
@@ -272,6 +291,7 @@ def test_a_failing_compiler_means_numpy_alone(fresh_build, monkeypatch):
     assert not native.available()
     assert native.matvec(randn(2, 2), 1) is None and native.matmul(randn(2, 2), 1) is None
     assert native.attention(2, 1, 4, None, None, 1) is None
+    assert native.silu_mul(2, 1) is None and native.rmsnorm(randn(2), 1e-5, 1) is None
     kv = PagedKV(PagedKVStore(config(2, 1, 4), 2, 4), [0])
     assert kv.pools == [] and kv.chunks is None  # no addresses taken for the numpy path
     assert not fresh_build.exists() or not any(fresh_build.iterdir())
