@@ -13,16 +13,21 @@
 #else
 #define VW 8
 #endif
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
 #define MR 6 /* token rows per tile: 6 rows x 4 vectors = 24 accumulators, within AVX-512's 32 registers */
 #define AHEAD 8 /* rows of W^T prefetched ahead on a panel's first pass, which streams it from memory */
 typedef float vec __attribute__((vector_size(VW * 4), aligned(4)));
 
 /* y[i, 0 : nv VW] = sum_k x[i, k] w[k, 0 : nv VW] for mr rows of x: each step over k loads nv vectors of one row of W
  * and broadcasts one element of each row of x into nv fused multiply-adds. Inlined with constant mr and nv, so the
- * accumulators stay in registers. first: the panel's first pass, which prefetches the rows ahead (the hardware
- * prefetcher follows these short strided reads too slowly: 2x slower at 8-16 rows of x with the weights in memory). */
+ * accumulators stay in registers.
+ * The weights come from memory on a panel's first pass (first), which prefetches the rows ahead: the hardware
+ * prefetcher follows these short strided reads too slowly (2x slower at 8-16 rows of x). Later passes read the panel
+ * from cache, and fetch `lines` of the 64-byte lines of each row of the next panel (from line0 on) into L2, so that
+ * the next first pass finds it there: memory and arithmetic overlap (~1.3x at 16-24 rows). */
 static inline __attribute__((always_inline)) void tile(const int mr, const int nv, const int first, const float *x,
-                                                        long xs, const float *w, long ws, float *y, long ys, int K) {
+                                                        long xs, const float *w, long ws, float *y, long ys, int K,
+                                                        const float *next, int lines, int line0) {
     vec acc[MR][16];
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nv; j++) acc[i][j] = (vec){0};
@@ -31,6 +36,8 @@ static inline __attribute__((always_inline)) void tile(const int mr, const int n
         vec b[16];
         if (first)
             for (int j = 0; j < nv; j++) __builtin_prefetch(wk + AHEAD * ws + j * VW);
+        else
+            for (int j = 0; j < lines; j++) __builtin_prefetch(next + (long)k * ws + (line0 + j) * 16, 0, 2);
         for (int j = 0; j < nv; j++) memcpy(&b[j], wk + j * VW, sizeof(vec));
         for (int i = 0; i < mr; i++) {
             const float a = x[(long)i * xs + k];
@@ -51,17 +58,24 @@ static void edge(int M, int nr, const float *x, long xs, const float *w, long ws
         }
 }
 
-#define ROW_TILES(NV)                                                                                                 \
-    for (int m0 = 0; m0 < M; m0 += MR) {                                                                              \
-        const float *xt = x + (long)m0 * xs;                                                                          \
-        float *yt = y + (long)m0 * ys + n;                                                                            \
-        switch (M - m0 < MR ? M - m0 : MR) {                                                                          \
-        case 1: tile(1, NV, m0 == 0, xt, xs, w + n, ws, yt, ys, K); break;                                                     \
-        case 2: tile(2, NV, m0 == 0, xt, xs, w + n, ws, yt, ys, K); break;                                                     \
-        case 3: tile(3, NV, m0 == 0, xt, xs, w + n, ws, yt, ys, K); break;                                                     \
-        case 4: tile(4, NV, m0 == 0, xt, xs, w + n, ws, yt, ys, K); break;                                                     \
-        case 5: tile(5, NV, m0 == 0, xt, xs, w + n, ws, yt, ys, K); break;                                                     \
-        default: tile(6, NV, m0 == 0, xt, xs, w + n, ws, yt, ys, K); break;                                                    \
+/* Every 6-row tile of x over the panel of NV vectors at column n; NEXT: the thread's next panel, or NULL. The tiles
+ * after the first share the prefetching of NEXT's lines between them. */
+#define ROW_TILES(NV, NEXT)                                                                                           \
+    {                                                                                                                 \
+        const int tiles = (M + MR - 1) / MR, lines = NV * VW / 16;                                                    \
+        const int share = tiles > 1 && (NEXT) ? (lines + tiles - 2) / (tiles - 1) : 0;                               \
+        for (int m0 = 0, i = 0; m0 < M; m0 += MR, i++) {                                                              \
+            const float *xt = x + (long)m0 * xs;                                                                      \
+            float *yt = y + (long)m0 * ys + n;                                                                        \
+            const int line0 = i ? (i - 1) * share : 0, count = i && line0 < lines ? MIN(share, lines - line0) : 0;    \
+            switch (MIN(M - m0, MR)) {                                                                                \
+            case 1: tile(1, NV, i == 0, xt, xs, w + n, ws, yt, ys, K, NEXT, count, line0); break;                     \
+            case 2: tile(2, NV, i == 0, xt, xs, w + n, ws, yt, ys, K, NEXT, count, line0); break;                     \
+            case 3: tile(3, NV, i == 0, xt, xs, w + n, ws, yt, ys, K, NEXT, count, line0); break;                     \
+            case 4: tile(4, NV, i == 0, xt, xs, w + n, ws, yt, ys, K, NEXT, count, line0); break;                     \
+            case 5: tile(5, NV, i == 0, xt, xs, w + n, ws, yt, ys, K, NEXT, count, line0); break;                     \
+            default: tile(6, NV, i == 0, xt, xs, w + n, ws, yt, ys, K, NEXT, count, line0); break;                    \
+            }                                                                                                         \
         }                                                                                                             \
     }
 
@@ -124,8 +138,9 @@ void lmforge_gemm(const float *x, long xs, const float *w, long ws, float *y, lo
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         const int end = (int)((long)units * (t + 1) / nt) * VW;
-        for (int n = (int)((long)units * t / nt) * VW; n + 4 * VW <= end; n += 4 * VW) ROW_TILES(4)
-        for (int n = end - (end - (int)((long)units * t / nt) * VW) % (4 * VW); n < end; n += VW) ROW_TILES(1)
+        const int start = (int)((long)units * t / nt) * VW, panels_end = end - (end - start) % (4 * VW);
+        for (int n = start; n < panels_end; n += 4 * VW) ROW_TILES(4, n + 4 * VW < panels_end ? w + n + 4 * VW : NULL)
+        for (int n = panels_end; n < end; n += VW) ROW_TILES(1, NULL)
     }
     if (N % VW) edge(M, N % VW, x, xs, w + (long)units * VW, ws, y + (long)units * VW, ys, K);
 }
