@@ -109,22 +109,22 @@ def _rows(a: np.ndarray, width: int, what: str) -> tuple[np.ndarray, int, int]:
 
 
 class _Outputs:
-    """Where a kernel writes: a new array per call, or (reuse) one array whose every call overwrites the last, made
-    anew only when the shape changes. Its address is then taken once: numpy's `.ctypes.data` costs ~1.7 us, a few
-    percent of a batch-1 decode step."""
+    """Where a kernel writes: a new array per call, or (reuse) the first rows of one buffer, which every call
+    overwrites and which grows to the most rows asked for. Its address is then taken once (numpy's `.ctypes.data`
+    costs ~1.7 us, a few percent of a batch-1 decode step), and an engine step whose row count differs from the last
+    does not map fresh pages (a 512-token prompt step would fault in ~70 MB of them)."""
 
     def __init__(self, width: int, reuse: bool):
-        self.width, self.reuse, self.shape, self.buffer, self.address = width, reuse, (), None, 0
+        self.width, self.reuse, self.buffer, self.address = width, reuse, np.empty((0, width), np.float32), 0
 
     def __call__(self, rows: int, vector: bool) -> tuple[np.ndarray, int]:
-        shape = (self.width,) if vector else (rows, self.width)
         if not self.reuse:
-            y = np.empty(shape, np.float32)
+            y = np.empty((self.width,) if vector else (rows, self.width), np.float32)
             return y, y.ctypes.data
-        if shape != self.shape:
-            self.shape, self.buffer = shape, np.empty(shape, np.float32)
+        if rows > len(self.buffer):
+            self.buffer = np.empty((rows, self.width), np.float32)
             self.address = self.buffer.ctypes.data
-        return self.buffer, self.address
+        return (self.buffer[0] if vector else self.buffer[:rows]), self.address
 
 
 def matvec(w: np.ndarray, threads: int, reuse_output: bool = False) -> Callable[[np.ndarray], np.ndarray] | None:

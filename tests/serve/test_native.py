@@ -57,16 +57,20 @@ def test_reused_output_is_overwritten_by_the_next_call():
     w, x1, x2 = randn(8, 5), randn(5), randn(5)
     fresh, reused = native.matvec(w, 1), native.matvec(w, 1, reuse_output=True)
     a, b = fresh(x1), fresh(x2)
-    assert a is not b and not np.allclose(a, b)
+    assert not np.shares_memory(a, b) and not np.allclose(a, b)
     first = reused(x1)
     np.testing.assert_allclose(first, a, rtol=1e-6)
-    assert reused(x2) is first  # the same array, now holding W x2
+    assert np.shares_memory(reused(x2), first)  # the same memory, now holding W x2
     np.testing.assert_allclose(first, b, rtol=1e-6)
     products = native.matmul(w.T.copy(), 1, reuse_output=True)
     three = products(np.stack([x1, x2, x1]))
-    assert products(np.stack([x2, x1, x2])) is three  # the same shape: the same array
-    assert products(np.stack([x1, x2])) is not three  # another shape: another array
-    np.testing.assert_allclose(three, np.stack([b, a, b]), rtol=1e-6)
+    np.testing.assert_allclose(three, np.stack([a, b, a]), rtol=1e-6)
+    two = products(np.stack([x2, x1]))  # fewer rows: the first rows of the same buffer
+    assert two.shape == (2, 8) and np.shares_memory(two, three)
+    np.testing.assert_allclose(three[:2], np.stack([b, a]), rtol=1e-6)
+    four = products(np.stack([x1, x1, x2, x2]))  # more rows than ever: a larger buffer, the old one left alone
+    assert four.shape == (4, 8) and not np.shares_memory(four, three)
+    np.testing.assert_allclose(three[:2], np.stack([b, a]), rtol=1e-6)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 70])
