@@ -1,16 +1,18 @@
-"""The C kernels of batch-1 CPU decode (decode_kernels.c), compiled on first use with the machine's C compiler and
-loaded with ctypes: a matrix-vector product, and one layer's attention for the newest token over a paged KV cache.
+"""The C kernels of CPU decode (decode_kernels.c), compiled on first use with the machine's C compiler and loaded with
+ctypes: matrix products for one token row (matvec, over nn.Linear's row-major weight) and for many (matmul, over a
+column-major one), attention of a step's new tokens over a paged KV cache, SwiGLU's product and RMSNorm.
 
-Why: numpy's OpenBLAS runs a matrix-vector product on one thread below ~460k weights, so on the 2-core dev box most
-of a small model's weights (a 384 x 1152 qkv, a 1024 x 384 down projection) are read by one core. The C kernel splits
-the rows of every weight over torch's thread count: the 25 weights of benchmarks/bench_decode.py's model take 1.5-2.1
-ms a token against 2.8-3.2 ms for OpenBLAS on 2 threads, and about as long on one thread. The attention kernel does in
-one call (RoPE, the cache write, attention over the blocks in place) what takes numpy ~20 small ops and a gather.
+Why: at decode's shapes torch and numpy run these poorly. OpenBLAS runs a matrix-vector product on one thread below
+~460k weights, and torch's MKL multiplies 4-32 token rows by a weight at 10-50 GFLOP/s; the C kernels split every
+weight over torch's thread count (batch-1 decode at 77-87% of the memory-bandwidth roofline) and stream the rows of a
+column-major weight past tiles of 6 token rows (2-3x MKL at 8-32 rows, ~200 GFLOP/s at 256). The attention kernel does
+in one call per layer (RoPE, the cache writes, causal attention over each sequence's blocks where they lie) what takes
+torch a gather and a padded SDPA per step.
 
-Where no C compiler with OpenMP is found, compilation fails, or LMFORGE_NATIVE=0, `available()` is False, `matvec` and
-`attention` give None, and the decoder runs on numpy alone. The library is cached under ~/.cache/lmforge/native
-(XDG_CACHE_HOME), named by a hash of the source, the compiler and the CPU's flags, written to a temporary name and
-renamed.
+Where no C compiler with OpenMP is found, compilation fails, or LMFORGE_NATIVE=0, `available()` is False, every
+factory here gives None, and the decoder runs on numpy alone (batch-1 steps; the engine's many-row steps run in torch).
+The library is cached under ~/.cache/lmforge/native (XDG_CACHE_HOME), named by a hash of the source, the compiler and
+the CPU's flags, written to a temporary name and renamed.
 """
 
 from __future__ import annotations

@@ -190,6 +190,8 @@ def test_bad_requests_are_refused(tokenizer):
     engine.add("b", [1, 2], GREEDY)
     with pytest.raises(EngineFull):
         engine.add("c", [1, 2], GREEDY)
+    with pytest.raises(LmforgeError, match="backend='numpy' is not one of auto, torch"):
+        Engine(tiny_model(), tokenizer, EngineConfig(backend="numpy"))
 
 
 @pytest.mark.parametrize("draft_seed", [0, 1])
