@@ -1,14 +1,16 @@
 """Serving throughput: lmforge's continuous-batching engine vs transformers' static batching `generate`, same weights.
 
     .venv/bin/python benchmarks/bench_serve.py                 # 32 requests, Llama 8192/384/6 layers, ~2 min
+    .venv/bin/python benchmarks/bench_serve.py --rounds 4      # best of 4 alternating rounds (2 by default)
     .venv/bin/python benchmarks/bench_serve.py --requests 64
     .venv/bin/python benchmarks/bench_serve.py --threads 1     # all cores by default
 
 The workload is what a server sees: 32 requests with prompts of 8-64 tokens, each wanting its own number of new
 tokens (16-128). Static batching pads the prompts, runs one batch until its longest request is done and counts only
-the tokens each request asked for; the engine admits, decodes and retires every request on its own. Also printed:
-single-stream decode (one request), time to first token p50/p99 with all requests arriving at once, and the
-KV-cache waste of paged blocks vs a contiguous max-length cache per sequence (vLLM's comparison).
+the tokens each request asked for; the engine admits, decodes and retires every request on its own. The engine runs
+as a server runs it: made once and warmed up (prefix caching off, so one round cannot reuse another's blocks).
+Also printed: single-stream decode (one request), time to first token p50/p99 with all requests arriving at once, and
+the KV-cache waste of paged blocks vs a contiguous max-length cache per sequence (vLLM's comparison).
 """
 
 from __future__ import annotations
