@@ -173,7 +173,7 @@ def matmul(w_t: np.ndarray, threads: int, reuse_output: bool = False) -> Callabl
 
 def silu_mul(hidden: int, threads: int) -> Callable[[np.ndarray], np.ndarray] | None:
     """gu (rows, 2 H) or (2 H,), the gate's H columns then the up projection's -> silu(gate) * up, (rows, H) or (H,),
-    written to one array per shape, valid until the next call; None without the kernels."""
+    written to one reused buffer, valid until the next call; None without the kernels."""
     if (library := _library()) is None:
         return None
     kernel, output = library.lmforge_silu_mul, _Outputs(hidden, reuse=True)
@@ -188,7 +188,7 @@ def silu_mul(hidden: int, threads: int) -> Callable[[np.ndarray], np.ndarray] | 
 
 
 def rmsnorm(weight: np.ndarray, eps: float, threads: int) -> Callable[[np.ndarray], np.ndarray] | None:
-    """x (rows, C) or (C,) -> x / sqrt(mean(x^2) + eps) * weight, written to one array per shape, valid until the next
+    """x (rows, C) or (C,) -> x / sqrt(mean(x^2) + eps) * weight, written to one reused buffer, valid until the next
     call; None without the kernels."""
     if (library := _library()) is None:
         return None
