@@ -58,17 +58,18 @@ static void edge(int M, int nr, const float *x, long xs, const float *w, long ws
         }
 }
 
-/* Every 6-row tile of x over the panel of NV vectors at column n; NEXT: the thread's next panel, or NULL. The tiles
- * after the first share the prefetching of NEXT's lines between them. */
+/* Every tile of x over the panel of NV vectors at column n, the rows dealt evenly (8 rows: 4 + 4, not 6 + 2); NEXT:
+ * the thread's next panel, or NULL. The tiles after the first share the prefetching of NEXT's lines between them. */
 #define ROW_TILES(NV, NEXT)                                                                                           \
     {                                                                                                                 \
         const int tiles = (M + MR - 1) / MR, lines = NV * VW / 16;                                                    \
         const int share = tiles > 1 && (NEXT) ? (lines + tiles - 2) / (tiles - 1) : 0;                               \
-        for (int m0 = 0, i = 0; m0 < M; m0 += MR, i++) {                                                              \
+        for (int m0 = 0, i = 0, rows; m0 < M; m0 += rows, i++) {                                                      \
             const float *xt = x + (long)m0 * xs;                                                                      \
             float *yt = y + (long)m0 * ys + n;                                                                        \
             const int line0 = i ? (i - 1) * share : 0, count = i && line0 < lines ? MIN(share, lines - line0) : 0;    \
-            switch (MIN(M - m0, MR)) {                                                                                \
+            rows = (M - m0 + tiles - i - 1) / (tiles - i); /* the rows left over the tiles left, rounded up */        \
+            switch (rows) {                                                                                           \
             case 1: tile(1, NV, i == 0, xt, xs, w + n, ws, yt, ys, K, NEXT, count, line0); break;                     \
             case 2: tile(2, NV, i == 0, xt, xs, w + n, ws, yt, ys, K, NEXT, count, line0); break;                     \
             case 3: tile(3, NV, i == 0, xt, xs, w + n, ws, yt, ys, K, NEXT, count, line0); break;                     \
