@@ -315,8 +315,11 @@ class NumpyDecoder:
         tokens = [t for c in chunks for t in c.tokens]
         positions = [p for c, n in zip(chunks, counts, strict=True) for p in range(c.start, c.start + n)]
         logits = self._logits(tokens, np.array(positions), attend, picked)
-        sizes = [n if every else 1 for n, every in zip(counts, all_rows, strict=True)]
-        return np.split(logits, np.cumsum(sizes)[:-1])
+        split, row = [], 0
+        for n, every in zip(counts, all_rows, strict=True):
+            split.append(logits[row : row + (n if every else 1)])
+            row += n if every else 1
+        return split
 
     def _attend_natively(self, pools: list[native.KVPool], chunks: native.Chunks) -> Callable[[int, Array], Array]:
         attention = self.attention

@@ -340,6 +340,7 @@ void lmforge_attention(const float *qkv, long qkv_stride, const float *cos, cons
             HEAD_SIZES(SCORES)
             if (slopes)
                 for (int s = 0; s < S; s++) scores[s] += slopes[h] * (float)(s - pos);
+#pragma omp simd reduction(max : top)
             for (int s = 0; s < S; s++) top = scores[s] > top ? scores[s] : top;
             float total = 0.0f;
 #pragma omp simd reduction(+ : total)

@@ -247,7 +247,7 @@ class Chunks:
         self.tables = np.array([t + [0] * (width - len(t)) for t in tables], np.int32)  # (B, width)
         self.first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)  # (B + 1,)
         self.ends = np.array(ends, np.int32)
-        self.rows, self.width, self.block_size = int(self.first[-1]), width, block_size
+        self.rows, self.width, self.block_size, self.longest = int(self.first[-1]), width, block_size, max(ends)
         self.addresses = (self.tables.ctypes.data, width, self.first.ctypes.data, self.ends.ctypes.data, len(ends))
 
     @staticmethod
@@ -258,7 +258,7 @@ class Chunks:
     def advance_to(self, end: int) -> None:
         """One chunk of one token: now the token at position end - 1."""
         self._check(1, end, self.capacity[0])
-        self.ends[0] = end
+        self.ends[0] = self.longest = end
 
 
 def attention(
@@ -301,7 +301,7 @@ def attention(
             raise ValueError(f"qkv has {rows} rows for chunks of {chunks.rows} tokens")
         if pool.block_size != chunks.block_size:
             raise ValueError(f"the chunks count blocks of {chunks.block_size}, the pool's are {pool.block_size}")
-        if positions is not None and chunks.ends.max() > positions:
+        if positions is not None and chunks.longest > positions:
             raise ValueError(f"a position past RoPE's table of {positions}")
         if out is None:
             out, out_address = output(rows, qkv.ndim == 1)
