@@ -117,14 +117,15 @@ static void columns_gemv(const float *x, const float *w, long ws, float *y, int 
         for (int j = 0; j < N; j++) acc[j] += a * r[j];
     }
 #pragma omp barrier
+    const int j0 = (int)((long)N * t / nt), j1 = (int)((long)N * (t + 1) / nt); /* this thread's share of the sum */
     for (int u = 1; u < nt; u++)
-        for (int j = (int)((long)N * t / nt); j < (int)((long)N * (t + 1) / nt); j++) y[j] += partials[(long)(u - 1) * N + j];
+        for (int j = j0; j < j1; j++) y[j] += partials[(long)(u - 1) * N + j];
 }
 
 /* y = x W^T for M rows of x (M, K) and an nn.Linear weight W (N, K) stored column-major, given as W^T: a (K, N)
- * matrix with row stride ws. One row is a matrix-vector product (columns_gemv above). Otherwise each thread takes an even
- * share of the columns, walked in panels of 4 vectors (one vector at its share's end) whose rows stay in cache while
- * every 6-row tile of x passes over them. */
+ * matrix with row stride ws. One row is a matrix-vector product (columns_gemv above). Otherwise each thread takes an
+ * even share of the columns, walked in panels of 4 vectors (one vector at its share's end) whose rows stay in cache
+ * while every tile of x passes over them. */
 void lmforge_gemm(const float *x, long xs, const float *w, long ws, float *y, long ys, int M, int K, int N,
                   int threads) {
     if (M == 1) {
@@ -146,7 +147,8 @@ void lmforge_gemm(const float *x, long xs, const float *w, long ws, float *y, lo
     if (N % VW) edge(M, N % VW, x, xs, w + (long)units * VW, ws, y + (long)units * VW, ys, K);
 }
 
-/* y = x rotated by RoPE's half-split layout (cos, sin: the (D,) rows of its position; NULL: no rotation), times scale. */
+/* y = x rotated by RoPE's half-split layout (cos, sin: the (D,) rows of its position; NULL: no rotation), times
+ * scale. */
 static void rotate(const float *x, const float *cos, const float *sin, float *y, int D, float scale) {
     const int half = D / 2;
     if (!cos) {
@@ -160,7 +162,7 @@ static void rotate(const float *x, const float *cos, const float *sin, float *y,
 /* e^x for x <= 0 (softmax after subtracting the largest score), to ~1e-7 relative: Cody-Waite range reduction and
  * Cephes' polynomial, plain arithmetic, so a loop over scores is vectorized (libm's expf is a call per element). */
 static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x; /* e^-87 ~ 1.6e-38, still a normal float; the largest score contributes 1 */
+    x = x < -87.0f ? -87.0f : x; /* e^-87 ~ 1.6e-38, still a normal float, against the 1 of the largest score */
     const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f; /* round(x / ln 2): the 1.5 * 2^23 trick */
     const float r = x - n * 0.693359375f + n * 2.12194440e-4f;      /* x - n ln 2, ln 2 in two parts */
     float p = 1.9875691500e-4f;
