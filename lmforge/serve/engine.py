@@ -324,7 +324,7 @@ class Engine:
 
     def _numpy_decoder(self, model: Decoder, store: PagedKVStore) -> tuple[NumpyDecoder, list[native.KVPool]] | None:
         """The numpy steps of `model` (cpu_decode.py) with its pool's layers for the C kernels; None if it cannot run
-        them. Made on first use: the speculative draft model has its own."""
+        them. Made once per model: the engine's own at start-up, a speculative draft's on its first step."""
         if id(model) not in self._decoders:
             runs = self.cfg.backend == "auto" and unsupported_reason(model) is None and store.k.device.type == "cpu"
             pools = native.pools(store.k.numpy(), store.v.numpy()) if runs and native.available() else []
