@@ -60,16 +60,14 @@ def _view(t: torch.Tensor) -> Array:
 def _linear(linear: nn.Linear, reuse_output: bool = True, batched: bool = False) -> Callable[[Array], Array]:
     """x (in,) or (N, in) -> linear(x). reuse_output: the C kernels write every product into one array (per shape),
     valid until the next call (every layer's outputs are consumed before the next step; not the logits, which the
-    caller keeps). batched: the serving engine's steps, whose many rows the C kernels take column-major."""
+    caller keeps). batched: the serving engine's steps, whose many rows go through a packed copy of the weight."""
     weight, threads = linear.weight.detach(), torch.get_num_threads()
     w_t = _view(weight.t())  # (in, out)
-    if native.available() and w_t.flags.c_contiguous:  # column-major: the matrix-product kernel's own layout
-        matmul = native.matmul(w_t, threads, reuse_output)
-    elif native.available() and weight.stride(1) == 1:
+    if native.available() and weight.stride(1) == 1:
         # row-major, as nn.Linear keeps it: the fastest layout for one row (batch-1 decode), through matvec; many rows
-        # go through a column-major copy (2x the weight's memory, for the engine only), at 2-3x torch's speed
+        # go through a copy packed in panels of columns (2x the weight's memory, for the engine only), ~3x torch's speed
         matvec = native.matvec(weight.numpy(), threads, reuse_output)
-        rows = native.matmul(np.ascontiguousarray(w_t), threads, reuse_output) if batched else w_t.__rmatmul__
+        rows = native.matmul(w_t, threads, reuse_output) if batched else w_t.__rmatmul__
 
         def matmul(x: Array) -> Array:
             return matvec(x) if x.ndim == 1 else rows(x)

@@ -15,16 +15,17 @@
 #endif
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 #define MR 6 /* token rows per tile: 6 rows x 4 vectors = 24 accumulators, within AVX-512's 32 registers */
-#define AHEAD 8 /* rows of W^T prefetched ahead on a panel's first pass, which streams it from memory */
+#define PW (4 * VW) /* columns of W^T per panel: a tile's 4 vectors */
+#define AHEAD 32 /* rows of a panel prefetched ahead on its first pass, which streams it from memory */
 typedef float vec __attribute__((vector_size(VW * 4), aligned(4)));
 
-/* y[i, 0 : nv VW] = sum_k x[i, k] w[k, 0 : nv VW] for mr rows of x: each step over k loads nv vectors of one row of W
- * and broadcasts one element of each row of x into nv fused multiply-adds. Inlined with constant mr and nv, so the
- * accumulators stay in registers.
- * The weights come from memory on a panel's first pass (first), which prefetches the rows ahead: the hardware
- * prefetcher follows these short strided reads too slowly (2x slower at 8-16 rows of x). Later passes read the panel
- * from cache, and fetch `lines` of the 64-byte lines of each row of the next panel (from line0 on) into L2, so that
- * the next first pass finds it there: memory and arithmetic overlap (~1.3x at 16-24 rows). */
+/* y[i, 0 : nv VW] = sum_k x[i, k] w[k, 0 : nv VW] for mr rows of x, w a panel's rows ws apart: each step over k loads
+ * nv vectors of one row of the panel and broadcasts one element of each row of x into nv fused multiply-adds. Inlined
+ * with constant mr and nv, so the accumulators stay in registers.
+ * The weights come from memory on a panel's first pass (first), which prefetches AHEAD rows ahead (~8% faster at 16-32
+ * rows of x than the hardware prefetcher alone). Later passes read the panel from cache, and fetch `lines` of the
+ * 64-byte lines of each row of the next panel (from line0 on) into L2, so that the next first pass finds it there:
+ * memory and arithmetic overlap (~1.1-1.3x at 16-32 rows). */
 static inline __attribute__((always_inline)) void tile(const int mr, const int nv, const int first, const float *x,
                                                         long xs, const float *w, long ws, float *y, long ys, int K,
                                                         const float *next, int lines, int line0) {
@@ -58,9 +59,9 @@ static void edge(int M, int nr, const float *x, long xs, const float *w, long ws
         }
 }
 
-/* Every tile of x over the panel of NV vectors at column n, the rows dealt evenly (8 rows: 4 + 4, not 6 + 2); NEXT:
- * the thread's next panel, or NULL. The tiles after the first share the prefetching of NEXT's lines between them. */
-#define ROW_TILES(NV, NEXT)                                                                                           \
+/* Every tile of x over the panel of NV vectors at WP (column n of y), the rows dealt evenly (8 rows: 4 + 4, not
+ * 6 + 2); NEXT: the thread's next panel, or NULL. The tiles after the first share the prefetching of NEXT's lines. */
+#define ROW_TILES(NV, WP, NEXT)                                                                                       \
     {                                                                                                                 \
         const int tiles = (M + MR - 1) / MR, lines = NV * VW / 16;                                                    \
         const int share = tiles > 1 && (NEXT) ? (lines + tiles - 2) / (tiles - 1) : 0;                               \
@@ -70,12 +71,12 @@ static void edge(int M, int nr, const float *x, long xs, const float *w, long ws
             const int line0 = i ? (i - 1) * share : 0, count = i && line0 < lines ? MIN(share, lines - line0) : 0;    \
             rows = (M - m0 + tiles - i - 1) / (tiles - i); /* the rows left over the tiles left, rounded up */        \
             switch (rows) {                                                                                           \
-            case 1: tile(1, NV, i == 0, xt, xs, w + n, ws, yt, ys, K, NEXT, count, line0); break;                     \
-            case 2: tile(2, NV, i == 0, xt, xs, w + n, ws, yt, ys, K, NEXT, count, line0); break;                     \
-            case 3: tile(3, NV, i == 0, xt, xs, w + n, ws, yt, ys, K, NEXT, count, line0); break;                     \
-            case 4: tile(4, NV, i == 0, xt, xs, w + n, ws, yt, ys, K, NEXT, count, line0); break;                     \
-            case 5: tile(5, NV, i == 0, xt, xs, w + n, ws, yt, ys, K, NEXT, count, line0); break;                     \
-            default: tile(6, NV, i == 0, xt, xs, w + n, ws, yt, ys, K, NEXT, count, line0); break;                    \
+            case 1: tile(1, NV, i == 0, xt, xs, WP, ws, yt, ys, K, NEXT, count, line0); break;                        \
+            case 2: tile(2, NV, i == 0, xt, xs, WP, ws, yt, ys, K, NEXT, count, line0); break;                        \
+            case 3: tile(3, NV, i == 0, xt, xs, WP, ws, yt, ys, K, NEXT, count, line0); break;                        \
+            case 4: tile(4, NV, i == 0, xt, xs, WP, ws, yt, ys, K, NEXT, count, line0); break;                        \
+            case 5: tile(5, NV, i == 0, xt, xs, WP, ws, yt, ys, K, NEXT, count, line0); break;                        \
+            default: tile(6, NV, i == 0, xt, xs, WP, ws, yt, ys, K, NEXT, count, line0); break;                       \
             }                                                                                                         \
         }                                                                                                             \
     }
@@ -94,57 +95,38 @@ void lmforge_gemv(const float *w, long row_stride, const float *x, float *y, int
     }
 }
 
-/* y = x w for one row x (K,) and a row-major w (K, N) (W^T): each thread sums its contiguous share of the rows of w, 8
- * at a time, into its own partial y, and the partials are added; each thread again reads one contiguous block, though
- * ~10% slower than lmforge_gemv through W itself. */
-static void columns_gemv(const float *x, const float *w, long ws, float *y, int K, int N, float *partials) {
-    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int k_end = (int)((long)K * (t + 1) / nt);
-    float *acc = t == 0 ? y : partials + (long)(t - 1) * N;
-    for (int j = 0; j < N; j++) acc[j] = 0.0f;
-    int k = (int)((long)K * t / nt);
-    for (; k + 8 <= k_end; k += 8) {
-        const float *r = w + (long)k * ws, a0 = x[k], a1 = x[k + 1], a2 = x[k + 2], a3 = x[k + 3], a4 = x[k + 4],
-                    a5 = x[k + 5], a6 = x[k + 6], a7 = x[k + 7];
-#pragma omp simd
-        for (int j = 0; j < N; j++)
-            acc[j] += a0 * r[j] + a1 * r[ws + j] + a2 * r[2 * ws + j] + a3 * r[3 * ws + j] + a4 * r[4 * ws + j] +
-                      a5 * r[5 * ws + j] + a6 * r[6 * ws + j] + a7 * r[7 * ws + j];
-    }
-    for (; k < k_end; k++) {
-        const float a = x[k], *r = w + (long)k * ws;
-#pragma omp simd
-        for (int j = 0; j < N; j++) acc[j] += a * r[j];
-    }
-#pragma omp barrier
-    const int j0 = (int)((long)N * t / nt), j1 = (int)((long)N * (t + 1) / nt); /* this thread's share of the sum */
-    for (int u = 1; u < nt; u++)
-        for (int j = j0; j < j1; j++) y[j] += partials[(long)(u - 1) * N + j];
-}
+/* The number of columns in a panel of W^T: native.py packs the weights in panels of this width. */
+int lmforge_panel_width(void) { return PW; }
 
-/* y = x W^T for M rows of x (M, K) and an nn.Linear weight W (N, K) stored column-major, given as W^T: a (K, N)
- * matrix with row stride ws. One row is a matrix-vector product (columns_gemv above). Otherwise each thread takes an
- * even share of the columns, walked in panels of 4 vectors (one vector at its share's end) whose rows stay in cache
- * while every tile of x passes over them. */
-void lmforge_gemm(const float *x, long xs, const float *w, long ws, float *y, long ys, int M, int K, int N,
-                  int threads) {
-    if (M == 1) {
-        float *partials = threads > 1 ? malloc(sizeof(float) * (size_t)N * (size_t)(threads - 1)) : NULL;
-#pragma omp parallel num_threads(threads)
-        columns_gemv(x, w, ws, y, K, N, partials);
-        free(partials);
-        return;
-    }
+/* y = x W^T for M rows of x (M, K) and an nn.Linear weight W (N, K), W^T packed in panels of PW columns: panel p,
+ * columns p PW to p PW + PW - 1 of W^T, is one contiguous (K, PW) block (the last one padded), so its rows are read in
+ * one sequential stream, which the hardware prefetcher follows (1.3-1.9x a row-major W^T at 2-32 rows of x, whose
+ * panel rows lie a whole row of W^T apart). Each thread takes an even share of the vectors of columns, walked a panel
+ * at a time (a vector at a time where its share cuts a panel), and every tile of x passes over a panel while it stays
+ * in cache. */
+void lmforge_gemm(const float *x, long xs, const float *w, float *y, long ys, int M, int K, int N, int threads) {
     const int units = N / VW;
+    const long ws = PW, panel_stride = (long)K * PW;
 #pragma omp parallel num_threads(threads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        const int end = (int)((long)units * (t + 1) / nt) * VW;
-        const int start = (int)((long)units * t / nt) * VW, panels_end = end - (end - start) % (4 * VW);
-        for (int n = start; n < panels_end; n += 4 * VW) ROW_TILES(4, n + 4 * VW < panels_end ? w + n + 4 * VW : NULL)
-        for (int n = panels_end; n < end; n += VW) ROW_TILES(1, NULL)
+        const int start = (int)((long)units * t / nt), end = (int)((long)units * (t + 1) / nt);
+        for (int u = start; u < end;) {
+            const int n = u * VW;
+            const float *panel = w + (long)(u / 4) * panel_stride + u % 4 * VW;
+            if (u % 4 == 0 && u + 4 <= end) {
+                ROW_TILES(4, panel, u + 8 <= end ? panel + panel_stride : NULL)
+                u += 4;
+            } else {
+                ROW_TILES(1, panel, NULL)
+                u += 1;
+            }
+        }
     }
-    if (N % VW) edge(M, N % VW, x, xs, w + (long)units * VW, ws, y + (long)units * VW, ys, K);
+    if (N % VW) {
+        const int n = units * VW;
+        edge(M, N % VW, x, xs, w + (long)(n / PW) * panel_stride + n % PW, ws, y + n, ys, K);
+    }
 }
 
 /* y = x rotated by RoPE's half-split layout (cos, sin: the (D,) rows of its position; NULL: no rotation), times

@@ -76,7 +76,8 @@ def _library() -> ctypes.CDLL | None:
         return None
     p, i, n = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
     library.lmforge_gemv.argtypes = [p, n, p, p, i, i, i]
-    library.lmforge_gemm.argtypes = [p, n, p, n, p, n, i, i, i, i]
+    library.lmforge_gemm.argtypes = [p, n, p, p, n, i, i, i, i]
+    library.lmforge_panel_width.restype = i
     library.lmforge_attention.argtypes = [
         *(p, n, p, p, p, p, n, n, i, p, i, p, p, i, p, ctypes.c_float, p, n, i, i, i, i)
     ]
@@ -151,23 +152,33 @@ def matvec(w: np.ndarray, threads: int, reuse_output: bool = False) -> Callable[
     return run
 
 
+def pack_panels(w_t: np.ndarray, width: int) -> np.ndarray:
+    """(K, N) -> (panels, K, width): each `width` columns of w_t as one contiguous block, the last padded with zeros."""
+    K, N = w_t.shape
+    packed = np.zeros((-(-N // width), K, width), np.float32)
+    for p, panel in enumerate(packed):
+        panel[:, : min(width, N - p * width)] = w_t[:, p * width : (p + 1) * width]
+    return packed
+
+
 def matmul(w_t: np.ndarray, threads: int, reuse_output: bool = False) -> Callable[[np.ndarray], np.ndarray] | None:
-    """x (M, K) or (K,) -> x @ w_t (M, N) or (N,) for a fixed fp32 w_t (K, N) with unit column stride (an nn.Linear
-    weight stored column-major, transposed), on `threads` threads; None without the kernels. reuse_output: every
-    product is written to one array, valid until the next call."""
+    """x (M, K) or (K,) -> x @ w_t (M, N) or (N,) for a fixed fp32 w_t (K, N) (an nn.Linear weight, transposed), on
+    `threads` threads; None without the kernels. The kernel reads a copy of w_t packed in panels of columns (see
+    lmforge_gemm), which this makes. reuse_output: every product is written to one array, valid until the next call."""
     if (library := _library()) is None:
         return None
-    _check(w_t, "the transposed weight")
-    kernel, (K, N), address, row_stride = library.lmforge_gemm, w_t.shape, w_t.ctypes.data, w_t.strides[0] // 4
-    output = _Outputs(N, reuse_output)
+    if w_t.dtype != np.float32 or w_t.ndim != 2:
+        raise ValueError(f"the transposed weight must be a fp32 matrix, not {w_t.dtype} {w_t.shape}")
+    (K, N), packed = w_t.shape, pack_panels(w_t, library.lmforge_panel_width())
+    kernel, address, output = library.lmforge_gemm, packed.ctypes.data, _Outputs(N, reuse_output)
 
     def run(x: np.ndarray) -> np.ndarray:
         x, rows, x_stride = _rows(x, K, f"the input of a ({K}, {N}) matmul")
         y, y_address = output(rows, x.ndim == 1)
-        kernel(x.ctypes.data, x_stride, address, row_stride, y_address, N, rows, K, N, threads)
+        kernel(x.ctypes.data, x_stride, address, y_address, N, rows, K, N, threads)
         return y
 
-    run.weight = w_t  # keeps the weight alive as long as its address is used
+    run.weight = packed  # keeps the weights alive as long as their address is used
     return run
 
 
