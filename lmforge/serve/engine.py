@@ -256,8 +256,10 @@ class Engine:
             self._preempt(victim)
             if victim is seq:
                 return False
+        expected = -(-min(seq.prompt_len + seq.params.max_tokens, self.context) // self.cfg.block_size)
         for _ in range(self._blocks_needed(seq, n)):
-            seq.table.append(self.blocks.allocate())
+            after = seq.table[-1] if seq.table else None
+            seq.table.append(self.blocks.allocate(after, room=expected - len(seq.table)))
         return True
 
     def _preempt(self, seq: Sequence) -> None:
@@ -345,6 +347,8 @@ class Engine:
             seq.prompt_logprobs += [logprob_entry(r, t, seq.params.logprobs) for r, t in zip(lp, targets, strict=True)]
 
     def _register_full_blocks(self, seq: Sequence) -> None:
+        if not self.cfg.prefix_caching:
+            return  # unindexed blocks stay open for sequences laid out in a row (BlockManager)
         bs = self.cfg.block_size
         for i in range(len(seq.hashes), seq.computed // bs):
             parent = seq.hashes[-1] if seq.hashes else 0

@@ -231,13 +231,13 @@ class KVPool(NamedTuple):
 
 def pools(k: np.ndarray, v: np.ndarray) -> list[KVPool]:
     """Per layer, where the attention kernel finds k and v: (layers, Hkv, max_len, D) arrays (one block of max_len
-    positions: tables are [[0]]) or (layers, blocks, Hkv, block_size, D) pools. The caller keeps both alive."""
+    positions: tables are [[0]]) or (layers, Hkv, blocks, block_size, D) pools. The caller keeps both alive."""
     if k.shape != v.shape or k.strides != v.strides or k.dtype != np.float32 or k.ndim not in (4, 5):
         raise ValueError(f"k and v must be alike fp32 caches of 4 or 5 dims, not {k.dtype} {k.shape} / {v.shape}")
     if k.strides[-1] != 4 or k.strides[-2] != 4 * k.shape[-1]:
         raise ValueError("the positions of a block must lie one after another, each a contiguous vector")
     block_size = k.shape[-2]
-    head, block = (k.strides[2] // 4, k.strides[1] // 4) if k.ndim == 5 else (k.strides[1] // 4, 0)
+    head, block = k.strides[1] // 4, (k.strides[2] // 4 if k.ndim == 5 else 0)
     keys, values = k.ctypes.data, v.ctypes.data
     return [
         KVPool(keys + offset, values + offset, head, block, block_size)

@@ -158,8 +158,8 @@ def test_paged_reads_are_the_blocks_in_table_order(table):
     store.v.normal_(generator=torch.Generator().manual_seed(1))
     kv = PagedKV(store, table)
     keys, values = kv.read(1, 10)
-    expected = torch.cat([store.k[1, b] for b in table], dim=1)[:, :10]  # (Hkv, S, D)
+    expected = torch.cat([store.k[1, :, b] for b in table], dim=1)[:, :10]  # (Hkv, S, D)
     np.testing.assert_array_equal(keys, expected.numpy())
-    np.testing.assert_array_equal(values, torch.cat([store.v[1, b] for b in table], dim=1)[:, :10].numpy())
+    np.testing.assert_array_equal(values, torch.cat([store.v[1, :, b] for b in table], dim=1)[:, :10].numpy())
     kv.write(1, 9, np.ones((2, 8), np.float32), np.zeros((2, 8), np.float32))  # position 9: block table[2], slot 1
-    assert store.k[1, table[2], :, 1].eq(1).all() and store.v[1, table[2], :, 1].eq(0).all()
+    assert store.k[1, :, table[2], 1].eq(1).all() and store.v[1, :, table[2], 1].eq(0).all()

@@ -45,9 +45,12 @@ def alone(model, prompt: list[int], params: SamplingParams, eos: int) -> list[in
 
 
 def assert_no_leak(engine: Engine) -> None:
+    blocks = engine.blocks
     assert not engine.has_work()
-    assert engine.blocks.num_free == engine.blocks.num_blocks
-    assert all(r == 0 for r in engine.blocks.refs)
+    assert blocks.num_free == blocks.num_blocks
+    assert all(r == 0 for r in blocks.refs)
+    assert not blocks.claims and not blocks.claimed.any()  # every claim ended with its sequence
+    assert blocks.open[:-1].tolist() == [b not in blocks.hash_of for b in range(blocks.num_blocks)]
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -114,6 +117,17 @@ def test_no_block_leaks_under_random_cancellation(tokenizer):
                 live.remove(out.request_id)
     assert not live and finished > 500
     assert engine.abort("r0") is False  # already gone
+    assert_no_leak(engine)
+
+
+def test_concurrent_sequences_keep_their_blocks_in_a_row(tokenizer):
+    engine = Engine(tiny_model(), tokenizer, EngineConfig(block_size=4, max_num_seqs=8, prefix_caching=False))
+    for i, prompt in enumerate(prompts(8, seed=5)):
+        engine.add(str(i), prompt, SamplingParams(max_tokens=30, temperature=0.0))
+    while engine.has_work():
+        engine.step()  # every running sequence grows a block every 4 decodes, in turn with the others
+        for seq in engine.running:
+            assert seq.table == list(range(seq.table[0], seq.table[0] + len(seq.table)))
     assert_no_leak(engine)
 
 

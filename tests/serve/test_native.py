@@ -187,9 +187,9 @@ def test_attention_reads_paged_blocks_in_place(table):
     kv, qkv = PagedKV(store, table), randn((Hq + 2 * Hkv) * D)
     kv.chunks.advance_to(S)
     got = native.attention(Hq, Hkv, D, None, None, 2)(qkv, kv.pools[1], kv.chunks)
-    np.testing.assert_array_equal(store.k[1, table[2], :, 1].numpy(), split_qkv(qkv[None], Hq, Hkv, D)[1][0])
-    keys = torch.cat([store.k[1, b] for b in table], dim=1)[:, :S].numpy()  # (Hkv, S, D)
-    values = torch.cat([store.v[1, b] for b in table], dim=1)[:, :S].numpy()
+    np.testing.assert_array_equal(store.k[1, :, table[2], 1].numpy(), split_qkv(qkv[None], Hq, Hkv, D)[1][0])
+    keys = torch.cat([store.k[1, :, b] for b in table], dim=1)[:, :S].numpy()  # (Hkv, S, D)
+    values = torch.cat([store.v[1, :, b] for b in table], dim=1)[:, :S].numpy()
     q = split_qkv(qkv[None], Hq, Hkv, D)[0]
     np.testing.assert_allclose(got, reference_attention(q, keys, values, [S - 1])[0], rtol=1e-4)
 
@@ -219,8 +219,8 @@ def test_attention_of_a_step_with_prompt_chunks_and_decodes(pos, threads):
         if rope:
             cos, sin = rope.cos[where][:, None], rope.sin[where][:, None]
             q, k = rope_rotate(q, cos, sin), rope_rotate(k, cos, sin)
-        keys = torch.cat([store.k[1, b] for b in table], dim=1)[:, :end].numpy()  # (Hkv, end, D)
-        values = torch.cat([store.v[1, b] for b in table], dim=1)[:, :end].numpy()
+        keys = torch.cat([store.k[1, :, b] for b in table], dim=1)[:, :end].numpy()  # (Hkv, end, D)
+        values = torch.cat([store.v[1, :, b] for b in table], dim=1)[:, :end].numpy()
         np.testing.assert_allclose(keys[:, end - count :], k.transpose(1, 0, 2), rtol=1e-5, atol=1e-6)  # written
         np.testing.assert_array_equal(values[:, end - count :], v.transpose(1, 0, 2))
         expected = reference_attention(q, keys, values, where, slopes)
