@@ -6,7 +6,8 @@ Why numpy: a step is ~4 matrix products per layer plus ~20-200 small ops, and a 
 against 5-40 us for a torch op (nn.RMSNorm ~37 us). The matrix products and the attention go through the C kernels of
 serve/native.py where they are built (on 2 cores 347-642 tok/s batch-1 against 92-118 for transformers on
 benchmarks/bench_decode.py's model), else through numpy's OpenBLAS (~290 tok/s, batch 1 only); the rest stays in
-numpy.
+numpy. For Llama-style layers (RMSNorm, SwiGLU, no biases) an engine step goes through all layers in one kernel
+call (native.layers).
 
     decoder, kv = NumpyDecoder(model), CacheKV(cache)   # after model(prompt, cache=cache)
     logits = decoder.step(token, cache.pos, kv)         # (V,); then cache.advance(1)
@@ -258,8 +259,8 @@ class NumpyDecoder:
     """Steps of `model` in numpy on as many threads as torch uses, through the C kernels where they are built
     (serve/native.py): `step` decodes one token of one sequence over a CacheKV or PagedKV (numpy alone without the
     kernels); `forward`, with the kernels only, runs an engine step's packed chunks over the paged pool. batched: for
-    forward's many rows, keep a column-major copy of every row-major weight. Its layers write into buffers of their
-    own, so one decoder runs one step at a time (make one per thread)."""
+    forward's many rows, keep a copy of every weight packed for the matrix-product kernel. Its layers write into
+    buffers of their own, so one decoder runs one step at a time (make one per thread)."""
 
     def __init__(self, model: Decoder, batched: bool = False):
         cfg = model.cfg
@@ -267,23 +268,32 @@ class NumpyDecoder:
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self.embed = _view(model.embed.weight)  # (V, C)
         self.positions = POSITIONS[cfg.pos](model.positions)
-        norm = NORMS[cfg.norm]
+        self.threads = torch.get_num_threads()
+        H, positions = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim), self.positions
+        # None without the kernels: step() attends in numpy, forward() is not there
+        self.attention = native.attention(*H, positions.slopes, positions.tables, self.threads, reuse_output=True)
+        # forward's many rows through every layer in one kernel call, for Llama-style layers; it packs their weights
+        self.all_layers = None
+        if batched and self.attention and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and not cfg.bias:
+            weights = [
+                native.LayerWeights(*(_view(m.weight) for m in (b.attn_norm, b.attn.qkv, b.attn.proj)),
+                                    *(_view(m.weight) for m in (b.mlp_norm, b.mlp.gate_up, b.mlp.down)))
+                for b in model.layers
+            ]  # fmt: skip
+            self.all_layers = native.layers(weights, cfg.norm_eps, *H, positions.slopes, positions.tables, self.threads)
+        norm, many = NORMS[cfg.norm], batched and not self.all_layers  # with all_layers, these serve single rows
         self.layers = [
             (
                 norm(block.attn_norm, cfg.norm_eps),
-                _linear(block.attn.qkv, batched=batched),
-                _linear(block.attn.proj, batched=batched),
+                _linear(block.attn.qkv, batched=many),
+                _linear(block.attn.proj, batched=many),
                 norm(block.mlp_norm, cfg.norm_eps),
-                MLPS[cfg.mlp](block.mlp, batched),
+                MLPS[cfg.mlp](block.mlp, many),
             )
             for block in model.layers
         ]
         self.norm = norm(model.norm, cfg.norm_eps)
         self.lm_head = _linear(model.lm_head, reuse_output=False, batched=batched)  # the logits are handed out
-        self.threads = torch.get_num_threads()
-        H, positions = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim), self.positions
-        # None without the kernels: step() attends in numpy, forward() is not there
-        self.attention = native.attention(*H, positions.slopes, positions.tables, self.threads, reuse_output=True)
 
     def step(self, token: int, pos: int, kv: CacheKV | PagedKV) -> Array:
         """Logits (V,) after `token` at position `pos`, whose keys and values are written to `kv`."""
@@ -296,7 +306,7 @@ class NumpyDecoder:
             def attend(layer: int, qkv: Array) -> Array:
                 return self._attend_in_numpy(layer, qkv, pos, kv)
 
-        return self._logits(token, pos, attend)
+        return self._logits(token, pos, self._each_layer(attend))
 
     def forward(self, chunks: list[Chunk], pools: list[native.KVPool], block_size: int, all_rows: list[bool]):
         """One engine step with the C kernels: the chunks' tokens packed in rows, their keys and values written to the
@@ -308,12 +318,21 @@ class NumpyDecoder:
         for n, every in zip(counts, all_rows, strict=True):
             last += n
             picked += range(last - n, last) if every else [last - 1]
-        attend = self._attend_natively(pools, native.Chunks(tables, ends, counts, block_size))
+        where = native.Chunks(tables, ends, counts, block_size)
         if len(picked) == last == 1:  # one token of one sequence: a vector throughout, as in step()
-            return [self._logits(chunks[0].tokens[0], chunks[0].start, attend)[None]]
+            layers = self._each_layer(self._attend_natively(pools, where))
+            return [self._logits(chunks[0].tokens[0], chunks[0].start, layers)[None]]
+        if self.all_layers:
+
+            def layers(x: Array) -> Array:  # x: a new array of the embeddings (a gather), free to write in place
+                self.all_layers(x, pools, where)
+                return x
+
+        else:
+            layers = self._each_layer(self._attend_natively(pools, where))
         tokens = [t for c in chunks for t in c.tokens]
         positions = [p for c, n in zip(chunks, counts, strict=True) for p in range(c.start, c.start + n)]
-        logits = self._logits(tokens, np.array(positions), attend, picked)
+        logits = self._logits(tokens, np.array(positions), layers, picked)
         split, row = [], 0
         for n, every in zip(counts, all_rows, strict=True):
             split.append(logits[row : row + (n if every else 1)])
@@ -325,17 +344,25 @@ class NumpyDecoder:
         # the output stays valid until the next layer's: proj consumes it first
         return lambda layer, qkv: attention(qkv, pools[layer], chunks)
 
-    def _logits(self, tokens: list[int] | int, positions: Array | int, attend: Callable, rows: list[int] = ()) -> Array:
-        """The logits (len(rows), V) of these rows of the tokens at these positions, or (V,) for one token. attend: a
-        layer's qkv (N, W) or (W,) -> its attention output (N, Hq D) or (Hq D,) over the cache, where it writes their
-        keys and values."""
+    def _logits(self, tokens: list[int] | int, positions: Array | int, layers: Callable, rows: list[int] = ()) -> Array:
+        """The logits (len(rows), V) of these rows of the tokens at these positions, or (V,) for one token. layers:
+        the embeddings (N, C) or (C,) -> the last layer's output, writing the keys and values to the cache."""
         # the BLAS limit is set per step (~10 us), so it never outlives a step while the generator waits
         with _threadpools().limit(limits=self.threads, user_api="blas"), np.errstate(over="ignore"):
-            x = self.positions.embed(self.embed[tokens], positions)  # never written in place: maybe a table's row
+            x = layers(self.positions.embed(self.embed[tokens], positions))
+            return self.lm_head(self.norm(x[rows] if x.ndim == 2 and len(rows) < len(x) else x))
+
+    def _each_layer(self, attend: Callable[[int, Array], Array]) -> Callable[[Array], Array]:
+        """The layers one after another. attend: a layer's qkv (N, W) or (W,) -> its attention output (N, Hq D) or
+        (Hq D,) over the cache, where it writes their keys and values."""
+
+        def layers(x: Array) -> Array:  # x is never written in place: for one token, maybe a table's row
             for layer, (attn_norm, qkv, proj, mlp_norm, mlp) in enumerate(self.layers):
                 x = x + proj(attend(layer, qkv(attn_norm(x))))
                 x = x + mlp(mlp_norm(x))
-            return self.lm_head(self.norm(x[rows] if x.ndim == 2 and len(rows) < len(x) else x))
+            return x
+
+        return layers
 
     def _attend_in_numpy(self, layer: int, qkv: Array, pos: int, kv: CacheKV | PagedKV) -> Array:
         """qkv: ((Hq + 2 Hkv) D,) of the newest token -> its attention output (Hq D,) over the cache."""

@@ -28,7 +28,7 @@ typedef float vec __attribute__((vector_size(VW * 4), aligned(4)));
  * memory and arithmetic overlap (~1.1-1.3x at 16-32 rows). */
 static inline __attribute__((always_inline)) void tile(const int mr, const int nv, const int first, const float *x,
                                                         long xs, const float *w, long ws, float *y, long ys, int K,
-                                                        const float *next, int lines, int line0) {
+                                                        const float *next, int lines, int line0, int add) {
     vec acc[MR][16];
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nv; j++) acc[i][j] = (vec){0};
@@ -46,16 +46,24 @@ static inline __attribute__((always_inline)) void tile(const int mr, const int n
         }
     }
     for (int i = 0; i < mr; i++)
-        for (int j = 0; j < nv; j++) memcpy(y + (long)i * ys + j * VW, &acc[i][j], sizeof(vec));
+        for (int j = 0; j < nv; j++) {
+            float *yij = y + (long)i * ys + j * VW;
+            if (add) {
+                vec old;
+                memcpy(&old, yij, sizeof(vec));
+                acc[i][j] = old + acc[i][j];
+            }
+            memcpy(yij, &acc[i][j], sizeof(vec));
+        }
 }
 
 /* The columns of y right of the last whole vector. */
-static void edge(int M, int nr, const float *x, long xs, const float *w, long ws, float *y, long ys, int K) {
+static void edge(int M, int nr, const float *x, long xs, const float *w, long ws, float *y, long ys, int K, int add) {
     for (int i = 0; i < M; i++)
         for (int n = 0; n < nr; n++) {
             float s = 0.0f;
             for (int k = 0; k < K; k++) s += x[(long)i * xs + k] * w[(long)k * ws + n];
-            y[(long)i * ys + n] = s;
+            y[(long)i * ys + n] = add ? y[(long)i * ys + n] + s : s;
         }
 }
 
@@ -71,12 +79,12 @@ static void edge(int M, int nr, const float *x, long xs, const float *w, long ws
             const int line0 = i ? (i - 1) * share : 0, count = i && line0 < lines ? MIN(share, lines - line0) : 0;    \
             rows = (M - m0 + tiles - i - 1) / (tiles - i); /* the rows left over the tiles left, rounded up */        \
             switch (rows) {                                                                                           \
-            case 1: tile(1, NV, i == 0, xt, xs, WP, ws, yt, ys, K, NEXT, count, line0); break;                        \
-            case 2: tile(2, NV, i == 0, xt, xs, WP, ws, yt, ys, K, NEXT, count, line0); break;                        \
-            case 3: tile(3, NV, i == 0, xt, xs, WP, ws, yt, ys, K, NEXT, count, line0); break;                        \
-            case 4: tile(4, NV, i == 0, xt, xs, WP, ws, yt, ys, K, NEXT, count, line0); break;                        \
-            case 5: tile(5, NV, i == 0, xt, xs, WP, ws, yt, ys, K, NEXT, count, line0); break;                        \
-            default: tile(6, NV, i == 0, xt, xs, WP, ws, yt, ys, K, NEXT, count, line0); break;                       \
+            case 1: tile(1, NV, i == 0, xt, xs, WP, ws, yt, ys, K, NEXT, count, line0, add); break;                   \
+            case 2: tile(2, NV, i == 0, xt, xs, WP, ws, yt, ys, K, NEXT, count, line0, add); break;                   \
+            case 3: tile(3, NV, i == 0, xt, xs, WP, ws, yt, ys, K, NEXT, count, line0, add); break;                   \
+            case 4: tile(4, NV, i == 0, xt, xs, WP, ws, yt, ys, K, NEXT, count, line0, add); break;                   \
+            case 5: tile(5, NV, i == 0, xt, xs, WP, ws, yt, ys, K, NEXT, count, line0, add); break;                   \
+            default: tile(6, NV, i == 0, xt, xs, WP, ws, yt, ys, K, NEXT, count, line0, add); break;                  \
             }                                                                                                         \
         }                                                                                                             \
     }
@@ -98,13 +106,14 @@ void lmforge_gemv(const float *w, long row_stride, const float *x, float *y, int
 /* The number of columns in a panel of W^T: native.py packs the weights in panels of this width. */
 int lmforge_panel_width(void) { return PW; }
 
-/* y = x W^T for M rows of x (M, K) and an nn.Linear weight W (N, K), W^T packed in panels of PW columns: panel p,
- * columns p PW to p PW + PW - 1 of W^T, is one contiguous (K, PW) block (the last one padded), so its rows are read in
- * one sequential stream, which the hardware prefetcher follows (1.3-1.9x a row-major W^T at 2-32 rows of x, whose
- * panel rows lie a whole row of W^T apart). Each thread takes an even share of the vectors of columns, walked a panel
- * at a time (a vector at a time where its share cuts a panel), and every tile of x passes over a panel while it stays
- * in cache. */
-void lmforge_gemm(const float *x, long xs, const float *w, float *y, long ys, int M, int K, int N, int threads) {
+/* y = x W^T (add: y += x W^T) for M rows of x (M, K) and an nn.Linear weight W (N, K), W^T packed in panels of PW
+ * columns: panel p, columns p PW to p PW + PW - 1 of W^T, is one contiguous (K, PW) block (the last one padded), so
+ * its rows are read in one sequential stream, which the hardware prefetcher follows (1.3-1.9x a row-major W^T at 2-32
+ * rows of x, whose panel rows lie a whole row of W^T apart). Each thread takes an even share of the vectors of
+ * columns, walked a panel at a time (a vector at a time where its share cuts a panel), and every tile of x passes over
+ * a panel while it stays in cache. */
+static void gemm(const float *x, long xs, const float *w, float *y, long ys, int M, int K, int N, int add,
+                 int threads) {
     const int units = N / VW;
     const long ws = PW, panel_stride = (long)K * PW;
 #pragma omp parallel num_threads(threads)
@@ -125,8 +134,12 @@ void lmforge_gemm(const float *x, long xs, const float *w, float *y, long ys, in
     }
     if (N % VW) {
         const int n = units * VW;
-        edge(M, N % VW, x, xs, w + (long)(n / PW) * panel_stride + n % PW, ws, y + n, ys, K);
+        edge(M, N % VW, x, xs, w + (long)(n / PW) * panel_stride + n % PW, ws, y + n, ys, K, add);
     }
+}
+
+void lmforge_gemm(const float *x, long xs, const float *w, float *y, long ys, int M, int K, int N, int threads) {
+    gemm(x, xs, w, y, ys, M, K, N, 0, threads);
 }
 
 /* y = x rotated by RoPE's half-split layout (cos, sin: the (D,) rows of its position; NULL: no rotation), times
@@ -372,5 +385,31 @@ void lmforge_rmsnorm(const float *x, long xs, const float *w, float *y, long ys,
         float *out = y + (long)i * ys;
 #pragma omp simd
         for (int c = 0; c < C; c++) out[c] = row[c] * scale * w[c];
+    }
+}
+
+/* Every layer of a Llama-style decoder (RMSNorm, SwiGLU, no biases) over the M rows of x (M, C), in place: per layer
+ * x += proj(attention(qkv(norm(x)))), then x += down(silu(gate) * up(norm(x))). weights: per layer six addresses, the
+ * attention norm's (C,) weight, packed W^T of qkv and proj, the MLP norm's weight, packed W^T of gate_up and down;
+ * caches: per layer the keys' and the values' pool; the step's chunks and the positions as for lmforge_attention.
+ * scratch: M (C + (Hq + 2 Hkv) D + Hq D + 3 H) floats. One call a step instead of ~10 per layer from Python. */
+void lmforge_layers(float *x, int M, int C, int L, const float *const *weights, float *const *caches, long head_stride,
+                    long block_stride, int block_size, const int *tables, int width, const int *first, const int *ends,
+                    int B, const float *cos, const float *sin, const float *slopes, float scale, float eps, int Hq,
+                    int Hkv, int D, int H, float *scratch, int threads) {
+    const int W = (Hq + 2 * Hkv) * D, A = Hq * D;
+    float *normed = scratch, *qkv = normed + (long)M * C, *attended = qkv + (long)M * W;
+    float *gate_up = attended + (long)M * A, *hidden = gate_up + (long)M * 2 * H;
+    for (int l = 0; l < L; l++) {
+        const float *const *w = weights + 6L * l;
+        lmforge_rmsnorm(x, C, w[0], normed, C, M, C, eps, threads);
+        gemm(normed, C, w[1], qkv, W, M, C, W, 0, threads);
+        lmforge_attention(qkv, W, cos, sin, caches[2 * l], caches[2 * l + 1], head_stride, block_stride, block_size,
+                          tables, width, first, ends, B, slopes, scale, attended, A, Hq, Hkv, D, threads);
+        gemm(attended, A, w[2], x, C, M, A, C, 1, threads);
+        lmforge_rmsnorm(x, C, w[3], normed, C, M, C, eps, threads);
+        gemm(normed, C, w[4], gate_up, 2L * H, M, C, 2 * H, 0, threads);
+        lmforge_silu_mul(gate_up, 2L * H, hidden, H, M, H, threads);
+        gemm(hidden, H, w[5], x, C, M, H, C, 1, threads);
     }
 }

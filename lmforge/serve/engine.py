@@ -8,8 +8,8 @@ running sequence needs a block and none is free, the newest running sequence is 
 and it waits at the front of the queue to be recomputed.
 
 On the CPU in fp32 a step runs in numpy with the C kernels of serve/native.py (cpu_decode.NumpyDecoder.forward; the
-engine keeps a column-major copy of each weight for its many-row products, twice the weights' memory); elsewhere, or
-with EngineConfig(backend="torch"), it is one packed torch forward pass (paged.PagedBatch).
+engine keeps a copy of each weight packed for its many-row products, twice the weights' memory); elsewhere, or with
+EngineConfig(backend="torch"), it is one packed torch forward pass (paged.PagedBatch).
 
     engine = Engine(model, tokenizer, EngineConfig())
     outputs = engine.generate([ids_a, ids_b], SamplingParams(max_tokens=32, temperature=0))

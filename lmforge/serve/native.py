@@ -1,13 +1,15 @@
 """The C kernels of CPU decode (decode_kernels.c), compiled on first use with the machine's C compiler and loaded with
-ctypes: matrix products for one token row (matvec, over nn.Linear's row-major weight) and for many (matmul, over a
-column-major one), attention of a step's new tokens over a paged KV cache, SwiGLU's product and RMSNorm.
+ctypes: matrix products for one token row (matvec, over nn.Linear's row-major weight) and for many (matmul, over a copy
+packed in panels of columns), attention of a step's new tokens over a paged KV cache, SwiGLU's product and RMSNorm,
+and all the layers of a Llama-style decoder in one call (layers).
 
 Why: at decode's shapes torch and numpy run these poorly. OpenBLAS runs a matrix-vector product on one thread below
 ~460k weights, and torch's MKL multiplies 4-32 token rows by a weight at 10-50 GFLOP/s; the C kernels split every
-weight over torch's thread count (batch-1 decode at 77-87% of the memory-bandwidth roofline) and stream the rows of a
-column-major weight past tiles of 6 token rows (2-3x MKL at 8-32 rows, ~200 GFLOP/s at 256). The attention kernel does
-in one call per layer (RoPE, the cache writes, causal attention over each sequence's blocks where they lie) what takes
-torch a gather and a padded SDPA per step.
+weight over torch's thread count (batch-1 decode at 77-87% of the memory-bandwidth roofline) and stream packed panels
+of the weights past tiles of 6 token rows (~170-190 GFLOP/s at 16-32 rows, ~200 at 256 on 2 cores, the FMA units'
+peak). The attention kernel does in one call per layer (RoPE, the cache writes, causal attention over each sequence's
+blocks where they lie) what takes torch a gather and a padded SDPA per step. `layers` runs them all for a step from
+one call: ~8% of a 32-request serving run went to Python between the kernels.
 
 Where no C compiler with OpenMP is found, compilation fails, or LMFORGE_NATIVE=0, `available()` is False, every
 factory here gives None, and the decoder runs on numpy alone (batch-1 steps; the engine's many-row steps run in torch).
@@ -81,9 +83,12 @@ def _library() -> ctypes.CDLL | None:
     library.lmforge_attention.argtypes = [
         *(p, n, p, p, p, p, n, n, i, p, i, p, p, i, p, ctypes.c_float, p, n, i, i, i, i)
     ]
+    library.lmforge_layers.argtypes = [
+        *(p, i, i, i, p, p, n, n, i, p, i, p, p, i, p, p, p, ctypes.c_float, ctypes.c_float, i, i, i, i, p, i)
+    ]
     library.lmforge_silu_mul.argtypes = [p, n, p, n, i, i, i]
     library.lmforge_rmsnorm.argtypes = [p, n, p, p, n, i, i, ctypes.c_float, i]
-    for kernel in ("gemv", "gemm", "attention", "silu_mul", "rmsnorm"):
+    for kernel in ("gemv", "gemm", "attention", "silu_mul", "rmsnorm", "layers"):
         getattr(library, f"lmforge_{kernel}").restype = None
     return library
 
@@ -290,30 +295,17 @@ def attention(
     if (library := _library()) is None:
         return None
     Hq, Hkv, D = n_heads, n_kv_heads, head_dim
-    if Hq % Hkv or D % 2:
-        raise ValueError(f"{Hq} query heads of {D} cannot share {Hkv} kv heads evenly with an even head size")
-    if slopes is not None:
-        if slopes.dtype != np.float32 or slopes.shape != (Hq,):
-            raise ValueError(f"ALiBi slopes must be a ({Hq},) fp32 array, not {slopes.dtype} {slopes.shape}")
-        slopes = np.ascontiguousarray(slopes)
-    positions = None
-    if rope is not None:
-        rope = tuple(np.ascontiguousarray(t, np.float32) for t in rope)
-        if rope[0].shape != rope[1].shape or rope[0].ndim != 2 or rope[0].shape[1] != D:
-            raise ValueError(f"RoPE's cos and sin must be two (positions, {D}) tables, not {[t.shape for t in rope]}")
-        positions = len(rope[0])
-    kernel, slopes_address = library.lmforge_attention, None if slopes is None else slopes.ctypes.data
-    cos, sin = (None, None) if rope is None else (rope[0].ctypes.data, rope[1].ctypes.data)
-    scale, output, width = 1.0 / math.sqrt(D), _Outputs(Hq * D, reuse_output), (Hq + 2 * Hkv) * D
+    where = _Positions(Hq, Hkv, D, slopes, rope)
+    kernel, scale, output, width = (
+        library.lmforge_attention,
+        1.0 / math.sqrt(D),
+        _Outputs(Hq * D, reuse_output),
+        where.width,
+    )
 
     def run(qkv: np.ndarray, pool: KVPool, chunks: Chunks, out: np.ndarray | None = None) -> np.ndarray:
         qkv, rows, qkv_stride = _rows(qkv, width, "qkv")
-        if rows != chunks.rows:
-            raise ValueError(f"qkv has {rows} rows for chunks of {chunks.rows} tokens")
-        if pool.block_size != chunks.block_size:
-            raise ValueError(f"the chunks count blocks of {chunks.block_size}, the pool's are {pool.block_size}")
-        if positions is not None and chunks.longest > positions:
-            raise ValueError(f"a position past RoPE's table of {positions}")
+        where.check(rows, pool, chunks)
         if out is None:
             out, out_address = output(rows, qkv.ndim == 1)
         else:
@@ -321,11 +313,109 @@ def attention(
                 raise ValueError(f"attention writes a ({rows}, {Hq * D}) fp32 out, not {out.dtype} {out.shape}")
             out_address = out.ctypes.data
         kernel(
-            qkv.ctypes.data, qkv_stride, cos, sin, pool.keys, pool.values, pool.head_stride, pool.block_stride,
-            pool.block_size, *chunks.addresses, slopes_address, scale, out_address, Hq * D if out.ndim == 1 else
-            out.strides[0] // 4, Hq, Hkv, D, threads,
+            qkv.ctypes.data, qkv_stride, where.cos, where.sin, pool.keys, pool.values, pool.head_stride,
+            pool.block_stride, pool.block_size, *chunks.addresses, where.slopes, scale, out_address,
+            Hq * D if out.ndim == 1 else out.strides[0] // 4, Hq, Hkv, D, threads,
         )  # fmt: skip
         return out
 
-    run.keep = (slopes, rope)  # alive as long as their addresses are used
+    run.keep = where  # alive as long as its addresses are used
+    return run
+
+
+class _Positions:
+    """The heads and the position information of the attention kernel: ALiBi's (Hq,) slopes and RoPE's (positions, D)
+    cos and sin tables (either or both None), checked, with their addresses."""
+
+    def __init__(self, Hq: int, Hkv: int, D: int, slopes: np.ndarray | None, rope: tuple | None):
+        if Hq % Hkv or D % 2:
+            raise ValueError(f"{Hq} query heads of {D} cannot share {Hkv} kv heads evenly with an even head size")
+        self.width = (Hq + 2 * Hkv) * D  # a row of qkv
+        self.slopes = self.cos = self.sin = self.limit = None
+        if slopes is not None:
+            if slopes.dtype != np.float32 or slopes.shape != (Hq,):
+                raise ValueError(f"ALiBi slopes must be a ({Hq},) fp32 array, not {slopes.dtype} {slopes.shape}")
+            self.keep_slopes = np.ascontiguousarray(slopes)
+            self.slopes = self.keep_slopes.ctypes.data
+        if rope is not None:
+            self.keep_rope = tuple(np.ascontiguousarray(t, np.float32) for t in rope)
+            cos, sin = self.keep_rope
+            if cos.shape != sin.shape or cos.ndim != 2 or cos.shape[1] != D:
+                raise ValueError(
+                    f"RoPE's cos and sin must be two (positions, {D}) tables, not {[cos.shape, sin.shape]}"
+                )
+            self.cos, self.sin, self.limit = cos.ctypes.data, sin.ctypes.data, len(cos)
+
+    def check(self, rows: int, pool: KVPool, chunks: Chunks) -> None:
+        if rows != chunks.rows:
+            raise ValueError(f"qkv has {rows} rows for chunks of {chunks.rows} tokens")
+        if pool.block_size != chunks.block_size:
+            raise ValueError(f"the chunks count blocks of {chunks.block_size}, the pool's are {pool.block_size}")
+        if self.limit is not None and chunks.longest > self.limit:
+            raise ValueError(f"a position past RoPE's table of {self.limit}")
+
+
+class LayerWeights(NamedTuple):
+    """A Llama-style decoder layer for `layers`: the norms' (C,) weights and the linear layers' weights W (out, in)."""
+
+    attn_norm: np.ndarray
+    qkv: np.ndarray
+    proj: np.ndarray
+    mlp_norm: np.ndarray
+    gate_up: np.ndarray
+    down: np.ndarray
+
+
+def layers(
+    weights: list[LayerWeights],
+    eps: float,
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    slopes: np.ndarray | None,
+    rope: tuple[np.ndarray, np.ndarray] | None,
+    threads: int,
+) -> Callable[[np.ndarray, list[KVPool], Chunks], None] | None:
+    """(x, pools, chunks) -> None: every layer of a Llama-style decoder (RMSNorm, SwiGLU's gate then up in one
+    projection, no biases) applied in place to x, the (rows, C) fp32 hidden states of a step's new tokens, in one
+    kernel call; pools: every layer's (see `pools`); chunks, slopes and rope as for `attention`. It keeps the linear
+    weights packed as `matmul` does. None without the kernels."""
+    if (library := _library()) is None:
+        return None
+    Hq, Hkv, D = n_heads, n_kv_heads, head_dim
+    where = _Positions(Hq, Hkv, D, slopes, rope)
+    C, H = len(weights[0].attn_norm), len(weights[0].down[0])
+    shapes = LayerWeights((C,), (where.width, C), (C, Hq * D), (C,), (2 * H, C), (C, H))
+    width = library.lmforge_panel_width()
+    kept = []
+    for layer in weights:
+        for name, array, shape in zip(LayerWeights._fields, layer, shapes, strict=True):
+            if array.dtype != np.float32 or array.shape != shape:
+                raise ValueError(f"a layer's {name} weight must be fp32 {shape}, not {array.dtype} {array.shape}")
+            kept.append(np.ascontiguousarray(array) if array.ndim == 1 else pack_panels(array.T, width))
+    addresses = (ctypes.c_void_p * len(kept))(*(a.ctypes.data for a in kept))
+    per_row = C + where.width + Hq * D + 3 * H
+    kernel, scratch, caches = library.lmforge_layers, np.empty(0, np.float32), (None, None)
+
+    def run(x: np.ndarray, pools: list[KVPool], chunks: Chunks) -> None:
+        nonlocal scratch, caches
+        if x.dtype != np.float32 or x.ndim != 2 or x.shape[1] != C or not x.flags.c_contiguous:
+            raise ValueError(
+                f"the hidden states must be a C-contiguous fp32 (rows, {C}) array, not {x.dtype} {x.shape}"
+            )
+        if caches[0] is not pools:  # a ctypes array of the pools' addresses, made once per list of pools
+            if len(pools) != len(weights) or len({(p.head_stride, p.block_stride, p.block_size) for p in pools}) != 1:
+                raise ValueError(f"{len(weights)} layers need as many pools of one layout, not {len(pools)}")
+            caches = (pools, (ctypes.c_void_p * (2 * len(pools)))(*(a for p in pools for a in (p.keys, p.values))))
+        where.check(len(x), pools[0], chunks)
+        if len(scratch) < len(x) * per_row:
+            scratch = np.empty(len(x) * per_row, np.float32)
+        pool = pools[0]
+        kernel(
+            x.ctypes.data, len(x), C, len(weights), addresses, caches[1], pool.head_stride, pool.block_stride,
+            pool.block_size, *chunks.addresses, where.cos, where.sin, where.slopes, 1.0 / math.sqrt(D), eps, Hq, Hkv,
+            D, H, scratch.ctypes.data, threads,
+        )  # fmt: skip
+
+    run.keep = (kept, where)  # alive as long as their addresses are used
     return run

@@ -85,12 +85,13 @@ def test_numpy_steps_equal_torch_cached_decode(variant, layout, kernels):
 @torch.inference_mode()
 def test_engine_steps_in_numpy_equal_the_packed_torch_step(variant, layout):
     # two engine steps over blocks scattered in one pool: prompt chunks (one after 4 cached tokens, with every row's
-    # logits) beside a decode, then three decodes; NumpyDecoder.forward (C kernels; a column-major copy of row-major
-    # weights for the many rows) against the model's own forward over PagedBatch
+    # logits) beside a decode, then three decodes; NumpyDecoder.forward (C kernels over packed copies of the weights;
+    # Llama's layers in one call) against the model's own forward over PagedBatch
     model = tiny_model(variant)
     if layout == "column-major":
         column_major(model)
     decoder = NumpyDecoder(model, batched=True)
+    assert (decoder.all_layers is not None) == variant.startswith("llama")
     tables = [[0, 5, 2, 8], [7, 1, 9], [3, 6, 4]]
     steps = [
         ([Chunk([1, 2, 3, 4], 0, tables[0]), Chunk([9] * 7, 0, tables[1]), Chunk([5, 6, 7], 0, tables[2])], None),

@@ -4,6 +4,8 @@ cached by hash, nothing half-written, and None (numpy fallback) when no compiler
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ import torch
 from lmforge.models import KVCache, ModelConfig, build_model
 from lmforge.serve import native
 from lmforge.serve.cpu_decode import CacheKV, PagedKV, _RotaryPositions
-from lmforge.serve.paged import PagedKVStore
+from lmforge.serve.paged import Chunk, PagedBatch, PagedKVStore
 
 RNG = np.random.default_rng(0)
 
@@ -226,6 +228,61 @@ def test_attention_of_a_step_with_prompt_chunks_and_decodes(pos, threads):
         expected = reference_attention(q, keys, values, where, slopes)
         np.testing.assert_allclose(got[first : first + count], expected, rtol=1e-4, atol=1e-5)
         first += count
+
+
+def llama(pos: str):
+    cfg = ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=32)
+    return build_model(dataclasses.replace(cfg, pos=pos), seed=0).eval()  # RMSNorm, SwiGLU, no biases: Llama's
+
+
+def layer_weights(model) -> list[native.LayerWeights]:
+    return [
+        native.LayerWeights(*(m.weight.detach().numpy() for m in (b.attn_norm, b.attn.qkv, b.attn.proj, b.mlp_norm)),
+                            b.mlp.gate_up.weight.detach().numpy(), b.mlp.down.weight.detach().numpy())
+        for b in model.layers
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("pos", ["rope", "alibi"])
+@torch.inference_mode()
+def test_all_layers_in_one_call_equal_the_models_layers(pos, threads):
+    # the step of test_attention_of_a_step_with_prompt_chunks_and_decodes through both layers of a Llama-style model,
+    # in place, against its torch forward pass over a PagedBatch of the same chunks: hidden states and written caches
+    model = llama(pos)
+    rope = _RotaryPositions(model.positions).tables if pos == "rope" else None
+    slopes = model.positions.slopes.float().numpy() if pos == "alibi" else None
+    layers = native.layers(layer_weights(model), model.cfg.norm_eps, 4, 2, 8, slopes, rope, threads)
+    stores = [PagedKVStore(model.cfg, num_blocks=12, block_size=4) for _ in range(2)]
+    cached = torch.randn((2, *stores[0].k.shape), generator=torch.Generator().manual_seed(0))
+    for store in stores:  # the same cached tokens before the step in both
+        store.k.copy_(cached[0]), store.v.copy_(cached[1])
+    tables, ends, counts = [[7, 2, 9], [0, 11], [4, 1]], [11, 6, 7], [5, 1, 7]
+    tokens = torch.randint(50, (sum(counts),), generator=torch.Generator().manual_seed(1)).split(counts)
+    batch = PagedBatch(
+        stores[1], [Chunk(t.tolist(), e - len(t), b) for t, e, b in zip(tokens, ends, tables, strict=True)]
+    )
+    expected = model.hidden_states(batch.ids, batch)[0].numpy()
+    x = model.embed.weight.detach().numpy()[batch.ids[0].numpy()]  # RoPE and ALiBi add nothing to the embeddings
+    pools = native.pools(stores[0].k.numpy(), stores[0].v.numpy())
+    assert layers(x, pools, native.Chunks(tables, ends, counts, 4)) is None
+    np.testing.assert_allclose(x, expected, rtol=1e-4, atol=1e-4)  # x now holds the last layer's output
+    torch.testing.assert_close(stores[0].k, stores[1].k, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stores[0].v, stores[1].v, rtol=1e-5, atol=1e-5)
+
+
+def test_all_layers_refuse_what_they_cannot_read():
+    model, kv = llama("learned"), filled_cache(4, 2, 8, 16)
+    weights = layer_weights(model)
+    layers = native.layers(weights, 1e-5, 4, 2, 8, None, None, 1)
+    with pytest.raises(ValueError, match=r"a layer's proj weight must be fp32 \(32, 32\), not float32 \(32, 31\)"):
+        native.layers([weights[0]._replace(proj=randn(32, 31)), *weights[1:]], 1e-5, 4, 2, 8, None, None, 1)
+    with pytest.raises(ValueError, match=r"must be a C-contiguous fp32 \(rows, 32\) array, not float32 \(32, 1\)"):
+        layers(randn(1, 32).T, kv.pools, kv.chunks)
+    with pytest.raises(ValueError, match="2 layers need as many pools of one layout, not 1"):
+        layers(randn(1, 32), kv.pools[:1], kv.chunks)
+    with pytest.raises(ValueError, match="qkv has 2 rows for chunks of 1 tokens"):
+        layers(randn(2, 32), kv.pools, kv.chunks)
 
 
 def test_kernels_refuse_what_they_cannot_read():
