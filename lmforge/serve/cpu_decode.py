@@ -247,8 +247,8 @@ class PagedKV:
     def read(self, layer: int, length: int) -> tuple[Array, Array]:
         blocks = self.table[: -(-length // self.block_size)]
         first = blocks[0]
-        # a lone sequence's blocks usually come off the free list in order: then a slice is a view, not a gather
-        # (the copy costs ~0.3 ms per token for 256 positions of the benchmark model)
+        # a sequence's blocks usually lie in a row (paged.BlockManager): then a slice is a view, not a gather (the
+        # copy costs ~0.3 ms per token for 256 positions of the benchmark model)
         where = slice(first, first + len(blocks)) if blocks == list(range(first, first + len(blocks))) else blocks
         Hkv, D = self.k.shape[1], self.k.shape[-1]
         keys = self.k[layer][:, where].reshape(Hkv, -1, D)[:, :length]  # (Hkv, S, D)

@@ -295,13 +295,9 @@ def attention(
     if (library := _library()) is None:
         return None
     Hq, Hkv, D = n_heads, n_kv_heads, head_dim
-    where = _Positions(Hq, Hkv, D, slopes, rope)
-    kernel, scale, output, width = (
-        library.lmforge_attention,
-        1.0 / math.sqrt(D),
-        _Outputs(Hq * D, reuse_output),
-        where.width,
-    )
+    where = _HeadsAndPositions(Hq, Hkv, D, slopes, rope)
+    kernel, scale, output = library.lmforge_attention, 1.0 / math.sqrt(D), _Outputs(Hq * D, reuse_output)
+    width = where.width
 
     def run(qkv: np.ndarray, pool: KVPool, chunks: Chunks, out: np.ndarray | None = None) -> np.ndarray:
         qkv, rows, qkv_stride = _rows(qkv, width, "qkv")
@@ -323,7 +319,7 @@ def attention(
     return run
 
 
-class _Positions:
+class _HeadsAndPositions:
     """The heads and the position information of the attention kernel: ALiBi's (Hq,) slopes and RoPE's (positions, D)
     cos and sin tables (either or both None), checked, with their addresses."""
 
@@ -383,7 +379,7 @@ def layers(
     if (library := _library()) is None:
         return None
     Hq, Hkv, D = n_heads, n_kv_heads, head_dim
-    where = _Positions(Hq, Hkv, D, slopes, rope)
+    where = _HeadsAndPositions(Hq, Hkv, D, slopes, rope)
     C, H = len(weights[0].attn_norm), len(weights[0].down[0])
     shapes = LayerWeights((C,), (where.width, C), (C, Hq * D), (C,), (2 * H, C), (C, H))
     width = library.lmforge_panel_width()
