@@ -137,7 +137,7 @@ class Engine:
         weight = model.lm_head.weight
         self.device, dtype = weight.device, weight.dtype
         num_blocks = cfg.kv_blocks or cfg.max_num_seqs * math.ceil(self.context / cfg.block_size)
-        self.blocks = BlockManager(num_blocks, cfg.block_size)
+        self.blocks = BlockManager(num_blocks, cfg.block_size, move=self._move_block)
         self.store = PagedKVStore(model.cfg, num_blocks, cfg.block_size, self.device, dtype)
         self._decoders: dict[int, tuple[NumpyDecoder, list[native.KVPool]] | None] = {}  # by id of the model
         self._numpy_decoder(model, self.store)  # made here, at start-up, not in a request's first step
@@ -332,6 +332,12 @@ class Engine:
             pools = native.pools(store.k.numpy(), store.v.numpy()) if runs and native.available() else []
             self._decoders[id(model)] = (NumpyDecoder(model, batched=bool(pools)), pools) if runs else None
         return self._decoders[id(model)]
+
+    def _move_block(self, source: int, target: int) -> None:
+        """Copy a cached prefix's keys and values to another block (BlockManager). A speculative draft's cache needs
+        no copy: the draft computes every sequence's positions itself, from the first."""
+        for pool in (self.store.k, self.store.v):
+            pool[:, :, target] = pool[:, :, source]
 
     def _wants_prompt(self, seq: Sequence) -> bool:
         return seq.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.prompt_len

@@ -10,6 +10,7 @@ same prefix reuses them (prefix caching); unreferenced cached blocks are evicted
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,18 +26,21 @@ class BlockManager:
     """Which blocks are free, how many sequences use each, and which full blocks hold which token prefix.
 
     Where the pool allows, a sequence's blocks lie one after another: its first block starts a run of open blocks
-    (free, holding no cached prefix) long enough for all it expects to need, which it claims, and each next block is
-    the one after its last. The C attention kernel then reads a sequence's keys of a head as one stream, ~1.7x faster
-    than from blocks all over the pool (random 1 KB pieces: ~11-15 GB/s on a 2-core EPYC, against ~30-40 in a row).
-    Claims only steer where sequences start: when no open block is left, any free block is taken, least recently
-    freed first, and a cached prefix it held is evicted. Cached blocks are never taken out of that order, so with
-    prefix caching on, blocks lie in a row until the pool has filled with cached prefixes."""
+    long enough for all it expects to need, which it claims, and each next block is the one after its last. The C
+    attention kernel then reads a sequence's keys of a head as one stream, ~1.7x faster than from blocks all over the
+    pool (random 1 KB pieces: ~11-15 GB/s on a 2-core EPYC, against ~30-40 in a row). Claims only steer where
+    sequences start: when no open block is left, the least recently freed block is taken.
 
-    def __init__(self, num_blocks: int, block_size: int):
-        self.num_blocks, self.block_size = num_blocks, block_size
+    A free block's cached prefix is evicted least recently freed first either way. With `move` (which copies a block's
+    keys and values to another block), every free block is open: a cached prefix in a block a sequence takes moves to
+    the least recently freed block, whose own prefix is the one evicted. Without it, blocks holding a cached prefix
+    are not open, so once the pool has filled with cached prefixes, blocks come in that order, scattered."""
+
+    def __init__(self, num_blocks: int, block_size: int, move: Callable[[int, int], None] | None = None):
+        self.num_blocks, self.block_size, self.move = num_blocks, block_size, move
         self.refs = [0] * num_blocks
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # oldest first
-        self.open = np.ones(num_blocks + 1, bool)  # free without a cached prefix; the last entry, a closed sentinel
+        self.open = np.ones(num_blocks + 1, bool)  # free blocks a sequence may take where they lie; a closed sentinel
         self.open[-1] = False
         self.claimed = np.zeros(num_blocks + 1, bool)  # kept for the sequence that starts the claim
         self.claims: dict[int, int] = {}  # first block of a claim -> the block after its last
@@ -61,11 +65,23 @@ class BlockManager:
             block = self._claim(unclaimed, room)
         else:
             block = next(iter(self.free))
+        if self.move and block in self.hash_of and block != (oldest := next(iter(self.free))):
+            self._relocate(block, oldest)
         del self.free[block]
         if block in self.hash_of:
             del self.by_hash[self.hash_of.pop(block)]
         self.refs[block], self.open[block] = 1, False
         return block
+
+    def _relocate(self, block: int, oldest: int) -> None:
+        """Move the cached prefix of a free block to the least recently freed one, evicting the prefix that one held
+        (the least recently used); the moved prefix counts as freed just now."""
+        if oldest in self.hash_of:
+            del self.by_hash[self.hash_of.pop(oldest)]
+        self.move(block, oldest)
+        self.hash_of[oldest] = prefix = self.hash_of.pop(block)
+        self.by_hash[prefix] = oldest
+        self.free.move_to_end(oldest)
 
     def _claim(self, unclaimed: np.ndarray, room: int) -> int:
         """Claim the first `room` blocks of the shortest unclaimed open run that holds them, or the longest run."""
@@ -84,7 +100,7 @@ class BlockManager:
             self.refs[block] -= 1
             if self.refs[block] == 0:
                 self.free[block] = None
-                self.open[block] = block not in self.hash_of
+                self.open[block] = self.move is not None or block not in self.hash_of
                 if block in self.claims:
                     self.claimed[block : self.claims.pop(block)] = False
 
@@ -96,6 +112,7 @@ class BlockManager:
             return None
         if self.refs[block] == 0:
             del self.free[block]
+            self.open[block] = False
         self.refs[block] += 1
         self.prefix_hits += 1
         return block
@@ -105,7 +122,7 @@ class BlockManager:
         if block_hash not in self.by_hash and block not in self.hash_of:
             self.by_hash[block_hash] = block
             self.hash_of[block] = block_hash
-            self.open[block] = False
+            self.open[block] &= self.move is not None
 
 
 def block_hashes(tokens: list[int], block_size: int) -> list[int]:
