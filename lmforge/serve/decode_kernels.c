@@ -92,15 +92,19 @@ static void edge(int M, int nr, const float *x, long xs, const float *w, long ws
 /* y = W x for a row-major W (N, K), an nn.Linear weight as it is: every row a dot product, the rows split over the
  * threads. Each thread reads one contiguous block, the fastest way through memory, which batch-1 decode is bound by
  * (OpenBLAS keeps weights under ~460k elements on one thread). */
-void lmforge_gemv(const float *w, long row_stride, const float *x, float *y, int rows, int cols, int threads) {
+static void gemv(const float *w, long row_stride, const float *x, float *y, int rows, int cols, int add, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int r = 0; r < rows; r++) {
         const float *row = w + (long)r * row_stride;
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
         for (int c = 0; c < cols; c++) sum += row[c] * x[c];
-        y[r] = sum;
+        y[r] = add ? y[r] + sum : sum;
     }
+}
+
+void lmforge_gemv(const float *w, long row_stride, const float *x, float *y, int rows, int cols, int threads) {
+    gemv(w, row_stride, x, y, rows, cols, 0, threads);
 }
 
 /* The number of columns in a panel of W^T: native.py packs the weights in panels of this width. */
@@ -390,26 +394,33 @@ void lmforge_rmsnorm(const float *x, long xs, const float *w, float *y, long ys,
 
 /* Every layer of a Llama-style decoder (RMSNorm, SwiGLU, no biases) over the M rows of x (M, C), in place: per layer
  * x += proj(attention(qkv(norm(x)))), then x += down(silu(gate) * up(norm(x))). weights: per layer six addresses, the
- * attention norm's (C,) weight, packed W^T of qkv and proj, the MLP norm's weight, packed W^T of gate_up and down;
- * caches: per layer the keys' and the values' pool; the step's chunks and the positions as for lmforge_attention.
- * scratch: M (C + (Hq + 2 Hkv) D + Hq D + 3 H) floats. One call a step instead of ~10 per layer from Python. */
-void lmforge_layers(float *x, int M, int C, int L, const float *const *weights, float *const *caches, long head_stride,
-                    long block_stride, int block_size, const int *tables, int width, const int *first, const int *ends,
-                    int B, const float *cos, const float *sin, const float *slopes, float scale, float eps, int Hq,
-                    int Hkv, int D, int H, float *scratch, int threads) {
+ * attention norm's (C,) weight, then qkv's and proj's, the MLP norm's weight, then gate_up's and down's: packed W^T
+ * (see gemm), or with packed 0 (one row only) nn.Linear's row-major W, through gemv; caches: per layer the keys' and
+ * the values' pool; the step's chunks and the positions as for lmforge_attention. scratch: M (C + (Hq + 2 Hkv) D +
+ * Hq D + 3 H) floats. One call a step instead of ~10 per layer from Python. */
+void lmforge_layers(float *x, int M, int C, int L, const float *const *weights, int packed, float *const *caches,
+                    long head_stride, long block_stride, int block_size, const int *tables, int width, const int *first,
+                    const int *ends, int B, const float *cos, const float *sin, const float *slopes, float scale,
+                    float eps, int Hq, int Hkv, int D, int H, float *scratch, int threads) {
     const int W = (Hq + 2 * Hkv) * D, A = Hq * D;
     float *normed = scratch, *qkv = normed + (long)M * C, *attended = qkv + (long)M * W;
     float *gate_up = attended + (long)M * A, *hidden = gate_up + (long)M * 2 * H;
+#define PRODUCT(IN, K, WEIGHT, OUT, N, ADD)                                                                           \
+    if (packed)                                                                                                       \
+        gemm(IN, K, WEIGHT, OUT, N, M, K, N, ADD, threads);                                                           \
+    else                                                                                                              \
+        gemv(WEIGHT, K, IN, OUT, N, K, ADD, threads);
     for (int l = 0; l < L; l++) {
         const float *const *w = weights + 6L * l;
         lmforge_rmsnorm(x, C, w[0], normed, C, M, C, eps, threads);
-        gemm(normed, C, w[1], qkv, W, M, C, W, 0, threads);
+        PRODUCT(normed, C, w[1], qkv, W, 0)
         lmforge_attention(qkv, W, cos, sin, caches[2 * l], caches[2 * l + 1], head_stride, block_stride, block_size,
                           tables, width, first, ends, B, slopes, scale, attended, A, Hq, Hkv, D, threads);
-        gemm(attended, A, w[2], x, C, M, A, C, 1, threads);
+        PRODUCT(attended, A, w[2], x, C, 1)
         lmforge_rmsnorm(x, C, w[3], normed, C, M, C, eps, threads);
-        gemm(normed, C, w[4], gate_up, 2L * H, M, C, 2 * H, 0, threads);
+        PRODUCT(normed, C, w[4], gate_up, 2 * H, 0)
         lmforge_silu_mul(gate_up, 2L * H, hidden, H, M, H, threads);
-        gemm(hidden, H, w[5], x, C, M, H, C, 1, threads);
+        PRODUCT(hidden, H, w[5], x, C, 1)
     }
+#undef PRODUCT
 }

@@ -84,7 +84,7 @@ def _library() -> ctypes.CDLL | None:
         *(p, n, p, p, p, p, n, n, i, p, i, p, p, i, p, ctypes.c_float, p, n, i, i, i, i)
     ]
     library.lmforge_layers.argtypes = [
-        *(p, i, i, i, p, p, n, n, i, p, i, p, p, i, p, p, p, ctypes.c_float, ctypes.c_float, i, i, i, i, p, i)
+        *(p, i, i, i, p, i, p, n, n, i, p, i, p, p, i, p, p, p, ctypes.c_float, ctypes.c_float, i, i, i, i, p, i)
     ]
     library.lmforge_silu_mul.argtypes = [p, n, p, n, i, i, i]
     library.lmforge_rmsnorm.argtypes = [p, n, p, p, n, i, i, ctypes.c_float, i]
@@ -371,11 +371,13 @@ def layers(
     slopes: np.ndarray | None,
     rope: tuple[np.ndarray, np.ndarray] | None,
     threads: int,
+    packed: bool = True,
 ) -> Callable[[np.ndarray, list[KVPool], Chunks], None] | None:
     """(x, pools, chunks) -> None: every layer of a Llama-style decoder (RMSNorm, SwiGLU's gate then up in one
     projection, no biases) applied in place to x, the (rows, C) fp32 hidden states of a step's new tokens, in one
-    kernel call; pools: every layer's (see `pools`); chunks, slopes and rope as for `attention`. It keeps the linear
-    weights packed as `matmul` does. None without the kernels."""
+    kernel call; pools: every layer's (see `pools`); chunks, slopes and rope as for `attention`. packed: keep the
+    linear weights packed as `matmul` does, for any number of rows; else read them where they are, row-major, through
+    `matvec`'s product, for one row at a time (batch-1 decode, no copy). None without the kernels."""
     if (library := _library()) is None:
         return None
     Hq, Hkv, D = n_heads, n_kv_heads, head_dim
@@ -388,7 +390,7 @@ def layers(
         for name, array, shape in zip(LayerWeights._fields, layer, shapes, strict=True):
             if array.dtype != np.float32 or array.shape != shape:
                 raise ValueError(f"a layer's {name} weight must be fp32 {shape}, not {array.dtype} {array.shape}")
-            kept.append(np.ascontiguousarray(array) if array.ndim == 1 else pack_panels(array.T, width))
+            kept.append(pack_panels(array.T, width) if packed and array.ndim == 2 else np.ascontiguousarray(array))
     addresses = (ctypes.c_void_p * len(kept))(*(a.ctypes.data for a in kept))
     per_row = C + where.width + Hq * D + 3 * H
     kernel, scratch, caches = library.lmforge_layers, np.empty(0, np.float32), (None, None)
@@ -403,12 +405,14 @@ def layers(
             if len(pools) != len(weights) or len({(p.head_stride, p.block_stride, p.block_size) for p in pools}) != 1:
                 raise ValueError(f"{len(weights)} layers need as many pools of one layout, not {len(pools)}")
             caches = (pools, (ctypes.c_void_p * (2 * len(pools)))(*(a for p in pools for a in (p.keys, p.values))))
+        if not packed and len(x) != 1:
+            raise ValueError(f"layers over row-major weights take one row at a time, not {len(x)}")
         where.check(len(x), pools[0], chunks)
         if len(scratch) < len(x) * per_row:
             scratch = np.empty(len(x) * per_row, np.float32)
         pool = pools[0]
         kernel(
-            x.ctypes.data, len(x), C, len(weights), addresses, caches[1], pool.head_stride, pool.block_stride,
+            x.ctypes.data, len(x), C, len(weights), addresses, packed, caches[1], pool.head_stride, pool.block_stride,
             pool.block_size, *chunks.addresses, where.cos, where.sin, where.slopes, 1.0 / math.sqrt(D), eps, Hq, Hkv,
             D, H, scratch.ctypes.data, threads,
         )  # fmt: skip

@@ -283,6 +283,8 @@ def test_all_layers_refuse_what_they_cannot_read():
         layers(randn(1, 32), kv.pools[:1], kv.chunks)
     with pytest.raises(ValueError, match="qkv has 2 rows for chunks of 1 tokens"):
         layers(randn(2, 32), kv.pools, kv.chunks)
+    with pytest.raises(ValueError, match="over row-major weights take one row at a time, not 2"):
+        native.layers(weights, 1e-5, 4, 2, 8, None, None, 1, packed=False)(randn(2, 32), kv.pools, kv.chunks)
 
 
 def test_kernels_refuse_what_they_cannot_read():
