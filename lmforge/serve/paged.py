@@ -62,7 +62,7 @@ class BlockManager:
         if after is not None and self.open[after + 1]:
             block = after + 1
         elif (unclaimed := self.open & ~self.claimed).any():
-            block = self._claim(unclaimed, room)
+            block = self._claim(unclaimed, max(1, room))
         else:
             block = next(iter(self.free))
         if self.move and block in self.hash_of and block != (oldest := next(iter(self.free))):
