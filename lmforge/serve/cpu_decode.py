@@ -283,7 +283,8 @@ class NumpyDecoder:
             ]  # fmt: skip
             tables = positions.tables
             self.all_layers = native.layers(weights, cfg.norm_eps, *H, positions.slopes, tables, self.threads, batched)
-        norm, many = NORMS[cfg.norm], batched and not self.all_layers  # with all_layers, these serve single rows
+        # with all_layers, these only serve an unbatched decoder's forward over several rows: no packed copies
+        norm, many = NORMS[cfg.norm], batched and not self.all_layers
         self.layers = [
             (
                 norm(block.attn_norm, cfg.norm_eps),

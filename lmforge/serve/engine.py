@@ -256,10 +256,11 @@ class Engine:
             self._preempt(victim)
             if victim is seq:
                 return False
-        expected = -(-min(seq.prompt_len + seq.params.max_tokens, self.context) // self.cfg.block_size)
-        for _ in range(self._blocks_needed(seq, n)):
-            after = seq.table[-1] if seq.table else None
-            seq.table.append(self.blocks.allocate(after, room=expected - len(seq.table)))
+        if needed := self._blocks_needed(seq, n):  # most decode steps need none
+            expected = -(-min(seq.prompt_len + seq.params.max_tokens, self.context) // self.cfg.block_size)
+            for _ in range(needed):
+                after = seq.table[-1] if seq.table else None
+                seq.table.append(self.blocks.allocate(after, room=expected - len(seq.table)))
         return True
 
     def _preempt(self, seq: Sequence) -> None:
@@ -354,7 +355,7 @@ class Engine:
 
     def _register_full_blocks(self, seq: Sequence) -> None:
         if not self.cfg.prefix_caching:
-            return  # unindexed blocks stay open for sequences laid out in a row (BlockManager)
+            return  # nothing would look the hashes up
         bs = self.cfg.block_size
         for i in range(len(seq.hashes), seq.computed // bs):
             parent = seq.hashes[-1] if seq.hashes else 0
@@ -363,8 +364,7 @@ class Engine:
 
     def _pick(self, seq: Sequence, logits: Tensor) -> int:
         p = seq.params
-        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
-            logits = penalized(logits, seq, p)
+        logits = penalized(logits, seq, p)
         if (p.temperature <= 0.0 or p.top_k == 1) and logits.device.type == "cpu":
             return int(logits.numpy().argmax())  # greedy: ~4 us against ~19 for torch's argmax of one row
         return int(sample_next(logits[None], p.temperature, p.top_k, p.top_p, seq.generator))
