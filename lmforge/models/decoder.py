@@ -1,4 +1,5 @@
-"""Decoder-only transformer (GPT-2 and LLaMA families): causal self-attention with MHA/GQA/MQA, a KV cache.
+"""Decoder-only transformer (GPT-2 and LLaMA families): causal self-attention with MHA/GQA/MQA, through a KV cache
+when one is given (attention.Cache).
 
 Variants (positions, norm, MLP) are picked once in __init__; forward branches only on whether a KV cache is used.
 Init (`init_weights`): N(0, init_std) for embeddings and linear weights, zero biases, and the two residual
@@ -15,73 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmforge.models.attention import Attention, Cache
 from lmforge.models.config import ModelConfig
 from lmforge.models.layers import MLPS, NORMS, POSITIONS, Positions
-
-
-class KVCache:
-    """Keys and values of every layer for a batch of sequences, preallocated to `max_len` positions.
-
-    A cache answers what attention asks of it: the positions of the new tokens, and attention of the new queries
-    over everything cached so far (serve/paged.py has the block-paged cache of the serving engine).
-    """
-
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
-        self.pos = 0
-
-    def positions(self, T: int, device: torch.device) -> Tensor:
-        return torch.arange(self.pos, self.pos + T, device=device)
-
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Positions) -> Tensor:
-        """Store k, v: (B, Hkv, T, D) at the current position; attend q: (B, H, T, D) over all keys so far."""
-        T, end = q.shape[2], self.pos + k.shape[2]
-        self.k[layer, :, :, self.pos : end] = k
-        self.v[layer, :, :, self.pos : end] = v
-        k, v = self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, Hkv, S, D), S = cached + T
-        pos = torch.arange(self.pos, end, device=q.device)
-        bias = positions.bias(pos, end)
-        if bias is None and T > 1:
-            bias = torch.zeros(T, end, dtype=q.dtype, device=q.device)
-            bias.masked_fill_(torch.arange(end, device=q.device)[None, :] > pos[:, None], float("-inf"))
-        mask = None if bias is None else bias.to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
-
-    def advance(self, T: int) -> None:
-        self.pos += T
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
-        super().__init__()
-        self.layer = layer
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        # one fused projection for q, k and v: a single larger matmul is faster than three on a CPU
-        self.qkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.bias)
-        self.dropout = cfg.dropout
-
-    def forward(self, x: Tensor, positions: Positions, pos: Tensor, cache: KVCache | None = None) -> Tensor:
-        B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=1)  # (B, H*, T, D)
-        q, k = positions.rotate(q, k, pos)
-        if cache is not None:
-            y = cache.attend(self.layer, q, k, v, positions)  # (B, H, T, D)
-        else:
-            gqa = self.n_kv_heads != self.n_heads
-            dropout = self.dropout if self.training else 0.0
-            bias = positions.bias(pos, T)
-            if bias is None:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
-            else:
-                mask = bias.to(q.dtype)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
-        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D): C, or C / tp when heads are split over ranks
-        return self.proj(y)
 
 
 class Block(nn.Module):
@@ -95,7 +32,7 @@ class Block(nn.Module):
         self.mlp = MLPS[cfg.mlp](cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, positions: Positions, pos: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, positions: Positions, pos: Tensor, cache: Cache | None = None) -> Tensor:
         x = x + self.drop(self.attn(self.attn_norm(x), positions, pos, cache))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
@@ -134,7 +71,7 @@ class Decoder(nn.Module):
         self.positions.init_weights()
 
     def forward(
-        self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None, last_only: bool = False
+        self, idx: Tensor, targets: Tensor | None = None, cache: Cache | None = None, last_only: bool = False
     ) -> Tensor:
         """idx: (B, T) token ids. Returns logits (B, T, V), or (B, 1, V) of the last position with last_only, or the
         mean cross-entropy when targets (B, T) are given (positions with target -100 are ignored). With a cache,
@@ -148,7 +85,7 @@ class Decoder(nn.Module):
             return logits
         return F.cross_entropy(logits.view(B * T, -1).float(), targets.reshape(B * T), ignore_index=-100)
 
-    def hidden_states(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
+    def hidden_states(self, idx: Tensor, cache: Cache | None = None) -> Tensor:
         """idx: (B, T) -> the last block's output (B, T, C), before the final norm and the head."""
         T = idx.shape[1]
         pos = torch.arange(T, device=idx.device) if cache is None else cache.positions(T, idx.device)

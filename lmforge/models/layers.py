@@ -78,7 +78,7 @@ class Positions(nn.Module):
         return q, k
 
     def bias(self, q_pos: Tensor, k_len: int) -> Tensor | None:
-        """Additive score bias (1|B, H, Tq, Tk), or None."""
+        """Additive score bias (1, H, Tq, k_len) for queries at q_pos over keys at positions [0, k_len), or None."""
         return None
 
 
@@ -143,7 +143,8 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 
 class ALiBiPositions(Positions):
-    """ALiBi (Press et al., 2022): a per-head linear penalty on distance, added to the scores; causal mask folded in."""
+    """ALiBi (Press et al., 2022): a per-head linear penalty on distance, added to the scores. Symmetric in the
+    distance, so bidirectional attention gets it too (as MosaicBERT does); causal attention masks the future on top."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
@@ -154,10 +155,8 @@ class ALiBiPositions(Positions):
 
     def bias(self, q_pos: Tensor, k_len: int) -> Tensor:
         k_pos = torch.arange(k_len, device=q_pos.device)
-        distance = (k_pos[None, :] - q_pos[:, None]).float()  # (Tq, Tk), <= 0 where visible
-        scores = self.slopes[:, None, None] * distance  # (H, Tq, Tk)
-        scores = scores.masked_fill(distance > 0, float("-inf"))
-        return scores[None]  # (1, H, Tq, Tk)
+        distance = (k_pos[None, :] - q_pos[:, None]).abs().float()  # (Tq, Tk)
+        return (-self.slopes[:, None, None] * distance)[None]  # (1, H, Tq, Tk)
 
 
 def alibi_slopes(n_heads: int) -> Tensor:
