@@ -78,7 +78,11 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: ScoreBias, q_pos: Tensor, drop
 
 
 class Attention(nn.Module):
-    """Causal or bidirectional attention over a sequence's own tokens, or with `cross` over a memory (B, S, C)."""
+    """Causal or bidirectional attention over a sequence's own tokens, or with `cross` over a memory (B, S, C).
+
+    `inputs`, picked here, makes the queries, keys, values and score bias of either kind, so forward never asks which
+    kind it is. A cache given to cross attention receives the memory's keys and values: it must be one made for them.
+    """
 
     def __init__(self, cfg: ModelConfig, layer: int = 0, causal: bool = True, cross: bool = False):
         super().__init__()

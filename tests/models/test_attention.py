@@ -1,5 +1,6 @@
-"""Attention and its caches: the paged batch's steps equal a full forward, bidirectional and cross attention equal
-plain SDPA computed here, and the parameter names checkpoints and exports rely on stay as they are."""
+"""Attention and its caches: the paged batch's steps equal a full forward (the contiguous cache's test is in
+test_decoder.py), bidirectional and cross attention equal plain SDPA computed here, and the parameter names that
+checkpoints and exports rely on stay as they are."""
 
 import pytest
 import torch
@@ -39,7 +40,7 @@ def test_paged_batch_steps_equal_a_full_forward(variant):
     got: list[list[torch.Tensor]] = [[], [], []]
     for step in steps:
         batch = PagedBatch(store, [Chunk(seqs[s][a:b], a, tables[s]) for s, a, b in step])
-        assert isinstance(batch, Cache)
+        assert isinstance(batch, Cache) and isinstance(KVCache(cfg, 1, 8), Cache)
         logits = model(batch.ids, cache=batch)[0]  # (N, V)
         for (s, _, _), rows in zip(step, logits.split([b - a for _, a, b in step]), strict=True):
             got[s].append(rows)
@@ -47,18 +48,6 @@ def test_paged_batch_steps_equal_a_full_forward(variant):
         done = torch.cat(got[s])
         expected = model(torch.tensor([seq[: len(done)]]))[0]
         torch.testing.assert_close(done, expected, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("variant", VARIANTS[0:3:2], ids=str)
-def test_contiguous_cache_in_bf16_follows_a_full_forward(variant):
-    # the cache keeps the model's dtype; its masks must too (an fp32 mask would not add to bf16 scores)
-    cfg = tiny(**variant)
-    model = build_model(cfg, seed=0).eval().to(torch.bfloat16)
-    idx = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(2))
-    cache = KVCache(cfg, batch_size=2, max_len=16, dtype=torch.bfloat16)
-    assert isinstance(cache, Cache)
-    pieces = [model(idx[:, :5], cache=cache)] + [model(idx[:, t : t + 1], cache=cache) for t in range(5, 12)]
-    torch.testing.assert_close(torch.cat(pieces, dim=1), model(idx), atol=0.05, rtol=0.05)
 
 
 def heads(x: torch.Tensor, n: int) -> torch.Tensor:
