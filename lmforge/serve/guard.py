@@ -55,7 +55,7 @@ class Guard:
             return await _error(send, 401, message, code="invalid_api_key")
         declared = headers.get(b"content-length", b"0")
         if not declared.isdigit() or int(declared) > self.limit:  # h11 refuses a malformed length before us
-            return await _error(send, 413, BodyTooLarge(self.limit).detail)
+            return await _error(send, 413, BodyTooLarge(self.limit).detail, close=True)
         received, started = 0, False
 
         async def counted_receive() -> Message:
@@ -69,7 +69,10 @@ class Guard:
 
         async def send_started(message: Message) -> None:
             nonlocal started
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                if received > self.limit:  # else the server would read, and drop, the rest of the upload
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
         try:
@@ -77,7 +80,7 @@ class Guard:
         except BodyTooLarge as e:  # read where no handler turned it into a response
             if started:
                 raise
-            await _error(send, 413, e.detail)
+            await _error(send, 413, e.detail, close=True)
 
     def _route(self, scope: Scope) -> str:
         """The path template of the route this request matched: a label with few values, whatever paths arrive."""
@@ -92,10 +95,12 @@ def needs_key(path: str) -> bool:
     return path.startswith("/v1") or path == "/metrics"
 
 
-async def _error(send: Send, status: int, message: str, code: str | None = None) -> None:
-    """An OpenAI error object, sent before the app has read the body."""
+async def _error(send: Send, status: int, message: str, code: str | None = None, close: bool = False) -> None:
+    """An OpenAI error object, sent before the app has read the body; `close` ends the connection after it, so the
+    client's upload stops instead of being read to its end."""
     error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
     body = json.dumps({"error": error}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(b"connection", b"close")] if close else []
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -270,7 +270,12 @@ def test_full_engine_answers_429_and_api_key_is_required(tiny_run, live_server):
         anonymous = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             anonymous.models.list()
-        assert httpx.get(url + "/health").status_code == 200  # only /v1 needs the key
+        assert httpx.get(url + "/health").status_code == 200  # /v1 and /metrics need the key, /health does not
+        assert httpx.get(url + "/metrics").status_code == 401
+        assert httpx.get(url + "/metrics", headers={"Authorization": "Bearer secreT"}).status_code == 401
+        assert scrape(url, Authorization="Bearer secret")[
+            "lmforge_requests_total", (("code", "401"), ("path", "/metrics"))
+        ]
         client = openai.OpenAI(base_url=url + "/v1", api_key="secret", max_retries=0, timeout=60)
 
         def call(_):
