@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import uvicorn
+from fastapi import FastAPI
 
 from lmforge.checkpoint import load_run
 from lmforge.serve import native
@@ -73,6 +74,7 @@ class Served:
     model: torch.nn.Module
     tokenizer: Tokenizer
     engine: Engine
+    app: FastAPI
     url: str
 
 
@@ -82,5 +84,6 @@ def tiny_server(tiny_run, live_server) -> Served:
     model, tokenizer = load_run(tiny_run)
     prepare_for_decode(model)
     engine = Engine(model, tokenizer, EngineConfig(block_size=8, max_waiting=64))
-    with live_server(build_app(engine, "tiny")) as url:
-        yield Served(model, tokenizer, engine, url)
+    app = build_app(engine, "tiny")
+    with live_server(app) as url:
+        yield Served(model, tokenizer, engine, app, url)
