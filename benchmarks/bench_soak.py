@@ -30,7 +30,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing
 
-WORDS = Path(__file__).read_text().split()[:500]  # prompts: words of this file
+WORDS = [w for w in Path(__file__).read_text().split() if w.isalpha()]  # prompts: words of this file
 
 
 def tiny_run(folder: Path) -> Path:

@@ -9,7 +9,7 @@ import json
 import time
 
 import httpx
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
@@ -111,7 +111,7 @@ CHAT = st.fixed_dictionaries(
 
 
 BOUNDED = settings(
-    max_examples=50,
+    max_examples=100,
     derandomize=True,  # the same examples every run: make test stays reproducible
     database=None,
     deadline=None,
@@ -155,6 +155,8 @@ def test_completions_survive_any_json(tiny_server):
 
         @BOUNDED
         @given(body=COMPLETION)
+        @example(body={"model": "tiny", "prompt": "\ud800"})  # each a 500 and a reset connection before issue 14
+        @example(body={"model": "tiny", "prompt": ["ok", "a\udfff"], "stream": True, "n": 2})
         def completions(body):
             exchange(client, COMPLETIONS, body)
             wait_idle(tiny_server)
@@ -167,6 +169,7 @@ def test_chat_completions_survive_any_json(tiny_server):
 
         @BOUNDED
         @given(body=CHAT)
+        @example(body={"model": "tiny", "messages": [{"role": "user", "content": "hi \udc80"}]})
         def chat(body):
             exchange(client, CHAT_COMPLETIONS, body)
             wait_idle(tiny_server)
