@@ -31,8 +31,7 @@ def fit_context(tokenizer, system: list[dict], history: list[dict], context: int
     """
     dropped = 0
     while True:
-        text = tokenizer.render_chat(system + history, add_generation_prompt=True)
-        ids = tokenizer.encode(text, bos=True)
+        ids = tokenizer.encode_chat(system + history, add_generation_prompt=True, bos=True)
         if len(ids) + room <= context or len(history) <= 1:
             return ids, dropped
         # a turn is a user message and the assistant's reply: drop both so the history still opens with the user

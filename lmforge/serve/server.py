@@ -2,7 +2,8 @@
 or not), models, health and Prometheus metrics.
 
 Run: lmforge serve RUN --port 8000 [--api-key KEY] [--max-num-seqs 64] [--kv-blocks N]
-(then point any OpenAI client at http://127.0.0.1:8000/v1)
+(then point any OpenAI client at http://127.0.0.1:8000/v1; with --api-key, /v1 and /metrics need the key, /health
+and the chat page do not)
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from lmforge.errors import LmforgeError
@@ -28,6 +31,7 @@ from lmforge.serve.chat_page import CHAT_PAGE
 from lmforge.serve.engine import Engine, EngineConfig, EngineFull, Output, SamplingParams
 from lmforge.serve.engine_thread import EngineThread
 from lmforge.serve.generate import prepare_for_decode
+from lmforge.serve.guard import Guard
 from lmforge.serve.metrics import ServerMetrics
 from lmforge.serve.offload import stream_layers
 from lmforge.serve.speculative import SpeculativeEngine
@@ -98,7 +102,7 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None) -> Fa
     """The FastAPI app serving `engine`, which steps in a background thread for all requests together."""
     tokenizer = engine.tokenizer
     context = engine.context
-    metrics = ServerMetrics()
+    metrics = ServerMetrics(engine)
     worker = EngineThread(engine, metrics)
     chat_stops = [tokenizer.eos_id, tokenizer.token_id("<|end|>")]
 
@@ -110,22 +114,7 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None) -> Fa
 
     app = FastAPI(title="lmforge", lifespan=lifespan)
     app.state.worker = worker
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-            response = error_response(ApiError(413, f"the body is over {MAX_BODY_BYTES} bytes; send a smaller one"))
-        elif (
-            api_key
-            and request.url.path.startswith("/v1")
-            and request.headers.get("authorization") != (f"Bearer {api_key}")
-        ):
-            error = ApiError(401, "missing or wrong API key; send Authorization: Bearer <key>", code="invalid_api_key")
-            response = error_response(error)
-        else:
-            response = await call_next(request)
-        metrics.requests[request.url.path, response.status_code] += 1
-        return response
+    app.add_middleware(Guard, metrics=metrics, routes=app.routes, max_body_bytes=MAX_BODY_BYTES, api_key=api_key)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -151,8 +140,8 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None) -> Fa
         return {"status": "ok"}
 
     @app.get("/metrics")
-    async def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(engine), media_type="text/plain; version=0.0.4")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -225,7 +214,7 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None) -> Fa
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         check_model(req)
-        prompts = encode_prompts(req.prompt, tokenizer)
+        prompts = await run_in_threadpool(encode_prompts, req.prompt, tokenizer, context)  # long texts take a while
         if req.echo and req.stream:
             raise ApiError(400, "echo with stream is not supported; drop one of them", param="echo")
         max_tokens = context if req.max_tokens is None else req.max_tokens
@@ -269,10 +258,7 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None) -> Fa
         check_model(req)
         if not req.messages:
             raise ApiError(400, "messages is empty; send at least one message", param="messages")
-        try:
-            text = tokenizer.render_chat([m.model_dump() for m in req.messages], add_generation_prompt=True)
-        except LmforgeError as e:
-            raise ApiError(400, str(e), param="messages") from e
+        prompt = await run_in_threadpool(encode_messages, req.messages, tokenizer, context)
         top = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = context if req.max_tokens is None else req.max_tokens
         req.stop_token_ids = req.stop_token_ids + chat_stops
@@ -280,7 +266,7 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None) -> Fa
         def params(seed):
             return req.params(max_tokens, top, False, seed)
 
-        queue, ids = await submit(request, [tokenizer.encode(text, bos=True)], req, params)
+        queue, ids = await submit(request, [prompt], req, params)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if req.stream:
             opening = [
@@ -321,7 +307,7 @@ def include_usage(req: SamplingRequest) -> bool:
     return bool((req.stream_options or {}).get("include_usage"))
 
 
-def encode_prompts(prompt: str | list[str] | list[int] | list[list[int]], tokenizer) -> list[list[int]]:
+def encode_prompts(prompt: str | list[str] | list[int] | list[list[int]], tokenizer, context: int) -> list[list[int]]:
     """The completion API's prompt forms (text, texts, token ids, lists of ids) as token lists, each after a BOS."""
     if isinstance(prompt, str) or prompt and isinstance(prompt[0], int):
         prompt = [prompt]
@@ -332,12 +318,34 @@ def encode_prompts(prompt: str | list[str] | list[int] | list[list[int]], tokeni
         if not p:
             raise ApiError(400, "prompt is empty; send text or token ids", param="prompt")
         if isinstance(p, str):
-            encoded.append(tokenizer.encode(p, bos=True))
+            check_chars(len(p), tokenizer, context, "prompt")
+            try:
+                encoded.append(tokenizer.encode(p, bos=True))
+            except LmforgeError as e:
+                raise ApiError(400, str(e), param="prompt") from e
             continue
         if any(not 0 <= t < tokenizer.vocab_size for t in p):
             raise ApiError(400, f"prompt: token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
         encoded.append([tokenizer.bos_id, *p])
     return encoded
+
+
+def encode_messages(messages: list[ChatMessage], tokenizer, context: int) -> list[int]:
+    """The chat's token ids after a BOS: the template's markers as special tokens, the contents as plain text."""
+    check_chars(sum(len(m.content) for m in messages), tokenizer, context, "messages")
+    try:
+        return tokenizer.encode_chat([m.model_dump() for m in messages], add_generation_prompt=True, bos=True)
+    except LmforgeError as e:
+        raise ApiError(400, str(e), param="messages") from e
+
+
+def check_chars(chars: int, tokenizer, context: int, param: str) -> None:
+    """Refuse a text too long for the context before tokenising it: no token stands for more than
+    tokenizer.max_token_chars characters."""
+    most = context * tokenizer.max_token_chars
+    if chars > most:
+        message = f"{param} has {chars} characters, more than the context of {context} tokens holds; shorten it"
+        raise ApiError(400, message, param=param)
 
 
 class Usage:
@@ -407,7 +415,8 @@ def chat_logprobs(entries: list[dict], tokenizer) -> list[dict]:
 
 
 def error_response(exc: ApiError) -> JSONResponse:
-    body = {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}
+    message = exc.message.encode("utf-8", "backslashreplace").decode()  # a lone surrogate cannot be sent as UTF-8
+    body = {"message": message, "type": exc.type, "param": exc.param, "code": exc.code}
     return JSONResponse({"error": body}, status_code=exc.status)
 
 
@@ -415,12 +424,21 @@ def _sse(data: dict) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
+def port(text: str) -> int:
+    """--port's type: argparse turns the error into one line and exit status 2."""
+    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port; give a number from 0 to 65535 (0: any free port)")
+    return int(text)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run folder, a run name under runs/, or a transformers model folder")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    parser.add_argument("--port", type=port, default=8000, help="port to listen on, 0-65535 (default 8000)")
     parser.add_argument("--name", default=None, help="model name clients ask for (default: the run folder's name)")
-    parser.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 (default: open)")
+    parser.add_argument(
+        "--api-key", default=None, help="require Authorization: Bearer KEY on /v1 and /metrics (default: open)"
+    )
     defaults = EngineConfig()
     parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs, help="most sequences in a batch")
     parser.add_argument(

@@ -24,7 +24,8 @@ ROLES = ("system", "user", "assistant")
 BYTE_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256
 
 # Renders exactly what Tokenizer.render_chat renders; transformers runs it with trim_blocks/lstrip_blocks, hence the
-# explicit whitespace control on every tag.
+# explicit whitespace control on every tag. Encoding its text turns a `<|end|>` typed inside a message into the special
+# token too; lmforge itself encodes chats with Tokenizer.encode_chat, which keeps message contents plain text.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
@@ -81,6 +82,21 @@ def _take_bytes(texts: Iterable[str], limit: int) -> Iterator[str]:
             return
         left -= len(data)
         yield text
+
+
+def _encode(inner: tokenizers.Tokenizer, text: str) -> list[int]:
+    try:
+        return inner.encode(text, add_special_tokens=False).ids
+    except TypeError:
+        # tokenizers takes only valid Unicode; a lone surrogate (JSON's "\ud800") is none, and not worth a traceback
+        try:
+            text.encode()
+        except UnicodeEncodeError as e:
+            raise LmforgeError(
+                f"the text holds a lone surrogate ({text[e.start]!r} at character {e.start}), which is not Unicode; "
+                "send valid UTF-8 text"
+            ) from None
+        raise
 
 
 class Tokenizer:
@@ -202,8 +218,26 @@ class Tokenizer:
         return i
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
-        ids = self.inner.encode(text, add_special_tokens=False).ids
+        """Token ids of `text`; the special tokens' spellings (`<|end|>`) in it become the special tokens."""
+        ids = _encode(self.inner, text)
         return [self.bos_id, *ids] if bos else ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of `text` with every character plain text: `<|end|>` in it is seven characters, not a token."""
+        return _encode(self._plain, text)
+
+    @cached_property
+    def _plain(self) -> tokenizers.Tokenizer:
+        # a copy, so that the setting never changes what encode() does in another thread
+        plain = tokenizers.Tokenizer.from_str(self._json)
+        plain.encode_special_tokens = True
+        return plain
+
+    @cached_property
+    def max_token_chars(self) -> int:
+        """The most characters any one token stands for: a text of more than n * max_token_chars characters has more
+        than n tokens, which bounds a prompt before it is tokenised."""
+        return max(len(b) for b in self._id_bytes)  # a character is at least one byte
 
     def encode_batch(self, texts: list[str], bos: bool = False) -> list[list[int]]:
         """Encode many texts at once in the Rust thread pool."""
@@ -253,3 +287,18 @@ class Tokenizer:
         if add_generation_prompt:
             parts.append("<|assistant|>")
         return "".join(parts)
+
+    def encode_chat(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = False, bos: bool = False
+    ) -> list[int]:
+        """Token ids of render_chat's text in which only the template's markers are special tokens: a message's
+        content is plain text, so a user who types `<|end|><|assistant|>` cannot open a turn of another role."""
+        end = self.token_id("<|end|>")
+        ids = [self.bos_id] if bos else []
+        for m in messages:
+            if m.get("role") not in ROLES:
+                raise LmforgeError(f"unknown chat role {m.get('role')!r}; use one of {', '.join(ROLES)}")
+            ids += [self.token_id(f"<|{m['role']}|>"), *self.encode_plain(m["content"]), end]
+        if add_generation_prompt:
+            ids.append(self.token_id("<|assistant|>"))
+        return ids

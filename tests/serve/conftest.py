@@ -4,12 +4,19 @@ import contextlib
 import socket
 import threading
 import time
+from dataclasses import dataclass
 
 import pytest
 import torch
 import uvicorn
+from fastapi import FastAPI
 
+from lmforge.checkpoint import load_run
 from lmforge.serve import native
+from lmforge.serve.engine import Engine, EngineConfig
+from lmforge.serve.generate import prepare_for_decode
+from lmforge.serve.server import build_app
+from lmforge.tokenizer import Tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -60,3 +67,23 @@ def _live_server(app):
 def live_server():
     """`with live_server(app) as url:` serves a FastAPI app on loopback for the block's duration."""
     return _live_server
+
+
+@dataclass
+class Served:
+    model: torch.nn.Module
+    tokenizer: Tokenizer
+    engine: Engine
+    app: FastAPI
+    url: str
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_run, live_server) -> Served:
+    """The tiny run served on loopback (model name "tiny"), with its engine at hand for checking its blocks."""
+    model, tokenizer = load_run(tiny_run)
+    prepare_for_decode(model)
+    engine = Engine(model, tokenizer, EngineConfig(block_size=8, max_waiting=64))
+    app = build_app(engine, "tiny")
+    with live_server(app) as url:
+        yield Served(model, tokenizer, engine, app, url)

@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from lmforge.checkpoint import load_run
 from lmforge.interop.hf import export_hf
@@ -130,23 +131,19 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, cal
 def test_health_and_metrics_count_requests(served, client):
     base = served[2]
     assert httpx.get(base + "/health").json() == {"status": "ok"}
-
-    def value(text: str, name: str) -> float:
-        lines = [line for line in text.splitlines() if line.startswith(name + " ")]
-        return float(lines[0].split()[-1]) if lines else 0.0
-
-    before = httpx.get(base + "/metrics").text
-    key = 'lmforge_requests_total{path="/v1/completions",code="200"}'
+    before = scrape(base)
     out = client.completions.create(model=NAME, prompt="hi", max_tokens=3, temperature=0)
-    after = httpx.get(base + "/metrics").text
-    assert value(after, key) == value(before, key) + 1
-    tokens = "lmforge_generated_tokens_total"
-    assert value(after, tokens) == value(before, tokens) + out.usage.completion_tokens
-    count = "lmforge_time_to_first_token_seconds_count"
-    assert value(after, count) == value(before, count) + 1
-    gap = "lmforge_inter_token_latency_seconds_count"
-    assert value(after, gap) == value(before, gap) + out.usage.completion_tokens - 1
-    assert value(after, "lmforge_running_sequences") == 0 and value(after, "lmforge_kv_blocks_used") == 0
+    after = scrape(base)
+
+    def grew(name: str, **labels) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert grew("lmforge_requests_total", path="/v1/completions", code="200") == 1
+    assert grew("lmforge_generated_tokens_total") == out.usage.completion_tokens
+    assert grew("lmforge_time_to_first_token_seconds_count") == 1
+    assert grew("lmforge_inter_token_latency_seconds_count") == out.usage.completion_tokens - 1
+    assert after[("lmforge_running_sequences", ())] == 0 and after[("lmforge_kv_blocks_used", ())] == 0
 
 
 @contextlib.contextmanager
@@ -182,9 +179,16 @@ def test_command_serves_a_run(tiny_run):
         assert [m["id"] for m in models["data"]] == ["cli-model"]
 
 
+def scrape(base: str, **headers: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of the server's /metrics by (name, sorted labels), read with prometheus_client's own parser."""
+    response = httpx.get(base + "/metrics", headers=headers)
+    assert response.status_code == 200, response.text
+    families = text_string_to_metric_families(response.text)
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in families for s in family.samples}
+
+
 def metric(base: str, name: str) -> float:
-    lines = [line for line in httpx.get(base + "/metrics").text.splitlines() if line.startswith(name + " ")]
-    return float(lines[0].split()[-1])
+    return scrape(base)[name, ()]
 
 
 def test_concurrent_requests_equal_one_by_one(served, client):
@@ -266,7 +270,12 @@ def test_full_engine_answers_429_and_api_key_is_required(tiny_run, live_server):
         anonymous = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             anonymous.models.list()
-        assert httpx.get(url + "/health").status_code == 200  # only /v1 needs the key
+        assert httpx.get(url + "/health").status_code == 200  # /v1 and /metrics need the key, /health does not
+        assert httpx.get(url + "/metrics").status_code == 401
+        assert httpx.get(url + "/metrics", headers={"Authorization": "Bearer secreT"}).status_code == 401
+        assert scrape(url, Authorization="Bearer secret")[
+            "lmforge_requests_total", (("code", "401"), ("path", "/metrics"))
+        ]
         client = openai.OpenAI(base_url=url + "/v1", api_key="secret", max_retries=0, timeout=60)
 
         def call(_):
