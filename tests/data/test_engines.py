@@ -16,7 +16,7 @@ from lmforge.data.prepare import DataPrepConfig, main
 from lmforge.data.stages import plan_shards, process_shard
 from lmforge.tokenizer import Tokenizer
 
-LDNOOBW = Path(__file__).resolve().parents[3] / "shared/data/safety/ldnoobw/en.txt"
+LDNOOBW = Path(__file__).resolve().parents[1] / "fixtures/ldnoobw_en.txt"
 SCORED: list[str] = []
 
 

@@ -13,7 +13,7 @@ from lmforge.data.prepare import DataPrepConfig, add_arguments, command, main
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
 
-LDNOOBW = Path(__file__).resolve().parents[3] / "shared/data/safety/ldnoobw/en.txt"
+LDNOOBW = Path(__file__).resolve().parents[1] / "fixtures/ldnoobw_en.txt"
 _WORDS = (
     "river garden window market teacher morning silver planet engine harbor letter forest village winter "
     "summer candle bridge doctor kitchen mountain painter station journey pocket ribbon valley thunder "
@@ -239,7 +239,7 @@ def test_val_split_matches_pretraining_and_is_disjoint(corpus, tmp_path):
 
 
 def test_langid_stage_keeps_english_and_rejects_german(corpus, tmp_path):
-    german = (Path(__file__).resolve().parents[3] / "shared/data/tokenizer/german.txt").read_text()
+    german = (Path(__file__).resolve().parents[1] / "fixtures/german.txt").read_text()
     src = tmp_path / "in"
     src.mkdir()
     for i in range(3):
