@@ -215,7 +215,7 @@ def process_shard(task: ShardTask) -> int:
     kinds = [k for k in asdict(cfg.scrub) if getattr(cfg.scrub, k)]  # scrub() counts the enabled kinds, in order
     ids, toxic, arrays = [], [], []
     spill = task.path(".jsonl")
-    tmp = spill.with_name(f".{spill.name}.tmp")
+    tmp = spill.with_name(f".{spill.name}.{os.getpid()}.tmp")  # one per process: never two writers of one file
     tmp.parent.mkdir(parents=True, exist_ok=True)
     with tmp.open("w", encoding="utf-8") as out:
         for batch in _batches(_items(task), cfg.shard_bytes):

@@ -3,6 +3,10 @@ processes or Ray), and an interrupted run resumes from its finished shards."""
 
 import gzip
 import json
+import signal
+import subprocess
+import sys
+import time
 import tracemalloc
 from dataclasses import replace
 from pathlib import Path
@@ -200,3 +204,30 @@ def test_a_large_compressed_file_is_held_a_batch_at_a_time(tmp_path):
 
     whole, batched = peak(64 << 20), peak(20_000)
     assert batched < 0.4 * whole, (batched, whole)
+
+
+PREPARE = (
+    "import sys, argparse; from lmforge.data.prepare import add_arguments, command; p = argparse.ArgumentParser(); "
+)
+PREPARE += "add_arguments(p); command(p.parse_args(sys.argv[1:]))"  # what `lmforge data prepare` runs, lighter to start
+
+
+def kill_when(args: list[str], appears: Path) -> None:
+    """Start `data prepare`, SIGKILL it (its workers are not told) as soon as `appears` exists, and wait for it."""
+    proc = subprocess.Popen([sys.executable, "-c", PREPARE, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while not appears.exists() and proc.poll() is None:
+        time.sleep(0.002)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL, f"finished before the kill point {appears.name}: {proc.stderr.read()}"
+
+
+def test_sigkill_at_any_point_then_the_same_command_gives_the_same_bytes(corpus, reference, tmp_path):
+    out = tmp_path / "out"
+    args = ["prepare", "--config", str(Path(__file__).resolve().parents[2] / "configs/data/web.yaml")]
+    args += [f"input={corpus}", f"output={out}", "vocab_size=300", f"toxicity.wordlist={LDNOOBW}"]
+    args += ["workers=2", "shard_bytes=30000"]
+    kill_when(args, out / ".work/shard_00002.json")  # while workers write shards
+    kill_when(args, out / "stats.json")  # in the global steps: tokenizer, token shards, lineage
+    subprocess.run([sys.executable, "-c", PREPARE, *args], check=True, stdout=subprocess.DEVNULL)
+    assert files(out) == files(reference[0])
+    assert not list(out.rglob("*.tmp")) and not (out / ".work").exists()
