@@ -307,7 +307,7 @@ def _read_parquet(stream: BinaryIO, doc_id: str, text_field: str, max_doc_bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if isinstance(stream, io.BufferedReader):  # a plain file: pyarrow seeks in it instead of reading it whole
+    if isinstance(getattr(stream, "raw", None), io.FileIO):  # a plain file: pyarrow seeks in it, not reading it whole
         source, nbytes = stream, os.fstat(stream.fileno()).st_size
     else:
         data = stream.read()

@@ -191,3 +191,15 @@ def test_blank_lines_are_counted_as_lines(tmp_path):
         ("a.jsonl:4", "blank_line"),
         ("a.jsonl:5", "blank_line"),
     ]
+
+
+def test_compressed_parquet_reads_like_plain_parquet(tmp_path):
+    pq.write_table(pa.table({"text": [GOOD, "two"]}), tmp_path / "a.parquet")
+    (tmp_path / "b.parquet.gz").write_bytes(gzip.compress((tmp_path / "a.parquet").read_bytes()))
+    (tmp_path / "c.parquet.zst").write_bytes(zstandard.ZstdCompressor().compress((tmp_path / "a.parquet").read_bytes()))
+    docs, rejects = split(read_lenient(tmp_path))
+    assert rejects == [] and docs == {
+        f"{name}:{i}": text
+        for name in ("a.parquet", "b.parquet.gz", "c.parquet.zst")
+        for i, text in enumerate([GOOD, "two"])
+    }
