@@ -231,3 +231,20 @@ def test_sigkill_at_any_point_then_the_same_command_gives_the_same_bytes(corpus,
     subprocess.run([sys.executable, "-c", PREPARE, *args], check=True, stdout=subprocess.DEVNULL)
     assert files(out) == files(reference[0])
     assert not list(out.rglob("*.tmp")) and not (out / ".work").exists()
+
+
+def test_a_one_line_document_of_megabytes_is_counted_in_bounded_memory(tmp_path):
+    """A single JSONL line of ~2 MB, under max_doc_bytes: counted (too_many_words) with a peak of a few bytes per
+    character (it was ~50: a piece per word in normalize, every word listed by the quality rules)."""
+    rng = np.random.default_rng(0)
+    text = " ".join(np.array(["the", "of", "and", "river", "garden", "window", "market"])[rng.integers(0, 7, 400_000)])
+    (tmp_path / "one.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    cfg = replace(config(tmp_path / "one.jsonl", tmp_path / "out"), max_doc_bytes=8 << 20)
+    (task,) = plan_shards(cfg, tmp_path / "work")
+    tracemalloc.start()
+    process_shard(task)
+    _, top = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    stages = json.loads(task.path(".json").read_text())["stages"]
+    assert stages["read"]["docs_out"] == 1 and stages["quality"]["removed"] == {"too_many_words": 1}
+    assert top < 6 * len(text), top / len(text)
