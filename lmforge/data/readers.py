@@ -160,12 +160,13 @@ class _Chunks(io.RawIOBase):
 def _gunzip(f: BinaryIO) -> Iterator[bytes]:
     """The decompressed bytes of a gzip file of any number of members, at most _CHUNK per piece. On corrupt data every
     byte before the fault comes out before the error (a failed zlib call drops what it had decompressed)."""
-    d, data = zlib.decompressobj(31), b""
+    d, data, started = zlib.decompressobj(31), b"", False
     while True:
         if not data and not (data := f.read(1 << 16)):
-            if not d.eof:
+            if started and not d.eof:  # (an empty file is an empty stream, as gzip reads it)
                 raise EOFError("compressed file ended before the end-of-stream marker was reached")
             return
+        started = True
         if d.eof:
             if not data.strip(b"\0"):  # zero padding after the last member, which gzip tolerates
                 data = b""

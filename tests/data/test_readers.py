@@ -42,6 +42,7 @@ def test_each_bad_input_has_its_reason(tmp_path):
     (tmp_path / "bad_utf8.txt").write_bytes(b"caf\xe9 au lait " + GOOD.encode())
     (tmp_path / "empty.txt").write_bytes(b"")
     (tmp_path / "empty.jsonl").write_text("\n\n")
+    (tmp_path / "empty.jsonl.gz").write_bytes(b"")
     mixed = lines({"text": GOOD}, '{"text": "unclosed', {"body": GOOD}, [1], {"text": "ok"})
     (tmp_path / "mixed.jsonl").write_text(mixed)
     (tmp_path / "big.jsonl").write_text(lines({"text": "x" * 300}, {"text": GOOD}))
@@ -56,6 +57,7 @@ def test_each_bad_input_has_its_reason(tmp_path):
         ("bad_utf8.txt", "invalid_utf8_repaired"),
         ("big.jsonl:1", "too_large"),
         ("cut.jsonl.gz", "unreadable_file"),
+        ("empty.jsonl.gz", "empty_file"),
         ("empty.jsonl:1", "blank_line"),
         ("empty.jsonl:2", "blank_line"),
         ("empty.txt", "empty_file"),
