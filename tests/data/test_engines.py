@@ -3,6 +3,7 @@ processes or Ray), and an interrupted run resumes from its finished shards."""
 
 import gzip
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -214,7 +215,13 @@ PREPARE += "add_arguments(p); command(p.parse_args(sys.argv[1:]))"  # what `lmfo
 
 def kill_when(args: list[str], appears: Path) -> None:
     """Start `data prepare`, SIGKILL it (its workers are not told) as soon as `appears` exists, and wait for it."""
-    proc = subprocess.Popen([sys.executable, "-c", PREPARE, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # niced, so that on a busy machine this process wakes to see the file before the run has moved far past it
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PREPARE, *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: os.nice(10),
+    )
     while not appears.exists() and proc.poll() is None:
         time.sleep(0.002)
     proc.kill()
