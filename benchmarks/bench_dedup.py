@@ -1,14 +1,17 @@
 """Near-duplicate removal speed: lmforge's vectorised MinHash + LSH vs datasketch (MinHash.update_batch per document,
-MinHashLSH query then insert) on the same synthetic corpus with planted near-duplicates, and their agreement.
+MinHashLSH query then insert) on the same synthetic corpus with planted near-duplicates, and how their removals compare.
 
     .venv/bin/python benchmarks/bench_dedup.py                 # 5,000 docs of 200 words, ~10 s
     .venv/bin/python benchmarks/bench_dedup.py --docs 20000
 
 Both use word 5-shingles, 128 permutations, threshold 0.8 and the same LSH bands and rows (lmforge's, 16 x 8, passed
 to MinHashLSH as `params`); ours verifies candidates by estimated Jaccard, datasketch does not. Exact-duplicate
-removal is off so that both see the same documents. With datasketch's own balanced banding (9 x 13) copies with 3
-edits (Jaccard ~0.86) sit on the S-curve's slope, where it catches ~75% of them: 0.977 agreement, nearly all of it
-duplicates datasketch missed. The run prints the agreement two independent runs with these bands would reach.
+removal is off so that both see the same documents. The run prints the precision and recall of our removed documents
+against datasketch's removed set (agreement over all documents would count the kept majority), the recall of each on
+the planted pairs, and the precision and recall two independent MinHash-LSH runs with these bands would reach.
+Measured (Dec 2026, 5,000 docs): precision 0.995, recall 0.985; planted-pair recall 0.986 for ours, 0.998 for
+datasketch. The gap is our verification: a copy with 3 edits (Jaccard ~0.86) has an estimated Jaccard below 0.8 in
+~1-3% of cases at 128 permutations (standard error ~0.03), and we keep it; datasketch removes every LSH candidate.
 """
 
 from __future__ import annotations
@@ -44,22 +47,22 @@ def synthetic_corpus(n_docs: int, words: int, dup_fraction: float, seed: int = 0
     return [" ".join(vocab[row]) for row in np.concatenate([base, copies])[order]], pairs
 
 
-def independent_agreement(texts: list[str], pairs: list[tuple], cfg: DedupConfig) -> float:
-    """Expected agreement of two correct MinHash-LSH runs with independent hash functions: each catches a planted
-    copy of true Jaccard J with probability p = 1 - (1 - J^rows)^bands, so they differ on it with probability
-    2p(1-p). Datasketch's SHA-1 shingle hashes are independent of ours, so this is the most agreement to expect."""
+def independent_overlap(texts: list[str], pairs: list[tuple], cfg: DedupConfig) -> float:
+    """Expected precision (= recall) of one correct MinHash-LSH run against another with independent hash functions:
+    each catches a planted copy of true Jaccard J with probability p = 1 - (1 - J^rows)^bands, both catch it with p^2,
+    so sum(p^2) / sum(p). Datasketch's SHA-1 shingle hashes are independent of ours, so this is the most to expect."""
     bands, rows = cfg.banding()
 
     def shingles(text: str) -> set:
         w = text.split()
         return {tuple(w[i : i + cfg.shingle_size]) for i in range(len(w) - cfg.shingle_size + 1)}
 
-    differ = 0.0
+    both = either = 0.0
     for copy, src in pairs:
         a, b = shingles(texts[copy]), shingles(texts[src])
         p = 1 - (1 - (len(a & b) / len(a | b)) ** rows) ** bands
-        differ += 2 * p * (1 - p)
-    return 1 - differ / len(texts)
+        both, either = both + p * p, either + p
+    return both / either
 
 
 def datasketch_removed(texts: list[str], cfg: DedupConfig) -> set[int]:
@@ -102,10 +105,19 @@ def main() -> None:
     print(f"lmforge     {n / ours_s:10,.0f} docs/s  ({ours_s:.2f} s, best of {args.rounds}), removed {len(ours)}")
     print(f"datasketch  {n / theirs_s:10,.0f} docs/s  ({theirs_s:.2f} s), removed {len(theirs)}")
     print(f"speedup     {theirs_s / ours_s:10.1f}x")
-    print(f"agreement on removed docs: {1 - len(ours ^ theirs) / n:.4f} (differ on {len(ours ^ theirs)} docs)")
-    print(f"expected for two independent MinHash-LSH runs: {independent_agreement(texts, pairs, cfg):.4f}")
+    both = len(ours & theirs)
+    print(
+        f"ours against datasketch's removed set: precision {both / max(len(ours), 1):.4f}, recall "
+        f"{both / max(len(theirs), 1):.4f} ({both} removed by both, {len(ours - theirs)} only by us, "
+        f"{len(theirs - ours)} only by datasketch)"
+    )
+    expected = independent_overlap(texts, pairs, cfg)
+    print(f"expected precision = recall for two independent MinHash-LSH runs: {expected:.4f}")
     found = [sum(c in removed or s in removed for c, s in pairs) / len(pairs) for removed in (ours, theirs)]
-    print(f"planted pairs caught: lmforge {found[0]:.3f}, datasketch {found[1]:.3f}")
+    print(
+        f"recall on the {len(pairs)} planted pairs (one of the two removed): lmforge {found[0]:.4f}, "
+        f"datasketch {found[1]:.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing
 
-from benchmarks.machine import set_threads  # noqa: E402
+from benchmarks.machine import require_data, set_threads  # noqa: E402
 from lmforge.models import ModelConfig, build_model  # noqa: E402
 from lmforge.train.config import TrainConfig  # noqa: E402
 from lmforge.train.optim import build_optimizers  # noqa: E402
@@ -227,7 +227,7 @@ def main() -> None:
     args = p.parse_args()
 
     threads = set_threads(args.threads or None)
-    train_data, val_data = load_splits(ROOT / args.data)
+    train_data, val_data = load_splits(require_data(ROOT / args.data))
     print(f"{len(train_data)} train / {len(val_data)} val bytes, {threads} threads, target {args.target} nats/byte")
 
     cfg = ModelConfig(

@@ -7,10 +7,23 @@ MFU in the benchmarks is divided by the *measured* matmul peak of the dtype, not
 from __future__ import annotations
 
 import os
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+
+
+def require_data(path: Path) -> Path:
+    """`path` if it exists; else one line saying what is missing, and exit 2 (a bare clone has no ../shared/data)."""
+    if not path.exists():
+        print(
+            f"{path} is missing: this benchmark reads ../shared/data beside the repository; pass another path",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    return path
 
 
 def set_threads(n: int | None = None) -> int:

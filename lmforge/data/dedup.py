@@ -4,6 +4,8 @@ buckets (Indyk & Motwani, 1998; Leskovec et al., Mining of Massive Datasets, ch.
 from __future__ import annotations
 
 import hashlib
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,6 +86,9 @@ _SPACE[[9, 10, 11, 12, 13, 28, 29, 30, 31, 32]] = True
 _BASE = np.uint64(0x100000001B3)  # odd, so invertible mod 2^64
 _BASE_INV = np.uint64(pow(0x100000001B3, -1, 1 << 64))
 _BATCH_BYTES = 1 << 20  # text hashed per batch: temporaries are ~40 bytes per byte of text
+_WINDOW_CHARS = 1 << 16  # a document over _BATCH_BYTES is signed in windows of this size (its block buffer is
+# 512 bytes per shingle, ~85 bytes per character, whole documents at a time)
+_SPACE_CHAR = re.compile(r"\s")  # the whitespace str.split() cuts at
 
 
 def _mix(h: np.ndarray) -> np.ndarray:
@@ -144,13 +149,42 @@ def minhash_signatures(docs: list[str], cfg: DedupConfig) -> np.ndarray:
     sig = np.empty((len(docs), cfg.num_perm), dtype=np.uint32)
     start = 0
     while start < len(docs):
+        if len(docs[start]) > _BATCH_BYTES:  # the minimum over windows that share every shingle: the same signature
+            windows = _windows(docs[start], cfg.shingle_size, _WINDOW_CHARS)
+            sig[start] = np.minimum.reduce([_sign([w], cfg.shingle_size, a, b)[0] for w in windows])
+            start += 1
+            continue
         stop, nbytes = start, 0
-        while stop < len(docs) and (nbytes < _BATCH_BYTES or stop == start):
+        while stop < len(docs) and nbytes < _BATCH_BYTES and len(docs[stop]) <= _BATCH_BYTES:
             nbytes += len(docs[stop])
             stop += 1
         sig[start:stop] = _sign(docs[start:stop], cfg.shingle_size, a, b)
         start = stop
     return sig
+
+
+def _blocks(text: str, chars: int) -> Iterator[str]:
+    """`text` in pieces of about `chars` characters, each cut at whitespace, so that no word spans two pieces."""
+    start = 0
+    while start < len(text):
+        space = _SPACE_CHAR.search(text, start + chars)
+        end = space.start() if space else len(text)
+        yield text[start:end]
+        start = end
+
+
+def _windows(text: str, size: int, chars: int) -> Iterator[str]:
+    """Overlapping runs of the words of `text` (each starting with the last size-1 words of the one before) that hold
+    every shingle of `size` words between them and no other, a run of about `chars` characters at a time."""
+    words: list[str] = []
+    emitted = False
+    for block in _blocks(text, chars):
+        words += block.split()
+        if len(words) >= size:  # a shorter run would be signed as one short shingle the whole text does not have
+            yield " ".join(words)
+            words, emitted = words[len(words) - size + 1 :], True
+    if not emitted:
+        yield " ".join(words)
 
 
 def _sign(docs: list[str], size: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -216,7 +250,14 @@ def near_duplicate_clusters(signatures: np.ndarray, bands: int, rows: int, thres
 
 def exact_key(text: str) -> bytes:
     """16-byte hash of the text lowercased with whitespace collapsed: equal keys are exact duplicates."""
-    return hashlib.blake2b(" ".join(text.lower().split()).encode(), digest_size=16).digest()
+    if len(text) <= _BATCH_BYTES:
+        return hashlib.blake2b(" ".join(text.lower().split()).encode(), digest_size=16).digest()
+    digest, sep = hashlib.blake2b(digest_size=16), b""  # the same hash, a block at a time, without a list of every word
+    for block in _blocks(text, _WINDOW_CHARS):
+        if words := block.lower().split():
+            digest.update(sep + " ".join(words).encode())
+            sep = b" "
+    return digest.digest()
 
 
 def deduplicate(docs: list[Document], cfg: DedupConfig) -> tuple[list[Document], dict]:

@@ -9,8 +9,9 @@ import unicodedata
 # characters (zero-width, BOM, bidi overrides) are dropped. Newline and tab stay.
 _OTHER_SPACE = re.compile(r"[^\S\n\t ]")
 _INVISIBLE = re.compile(r"[\x00-\x08\x0e-\x1b\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
-# Runs after the first non-blank character of a line; leading indentation is kept because code depends on it.
-_INNER_SPACES = re.compile(r"(?<=\S)[ \t]+")
+# Runs after the first non-blank character of a line; leading indentation is kept because code depends on it. A lone
+# space is left unmatched: replacing each with itself made a piece per word (~100 bytes a word, 0.8 GB for 50 MB).
+_INNER_SPACES = re.compile(r"(?<=\S)(?: [ \t]+|\t[ \t]*)")
 _TRAILING = re.compile(r"[ \t]+$", re.MULTILINE)
 _BLANK_RUNS = re.compile(r"\n{3,}")
 

@@ -145,6 +145,10 @@ def main(cfg: DataPrepConfig, scorers: dict[str, Scorer] | None = None) -> dict[
     named toxicity classifiers to toxicity.SCORERS for this run (see toxicity.classifier)."""
     out = Path(cfg.output)
     work = out / ".work"
+    # A run killed mid-write leaves temp files of atomic writes behind; the rerun's output must not hold them.
+    for folder in (out, work, out / "tokenizer", out / "train", out / "val"):
+        for stale in folder.glob(".*.tmp"):
+            stale.unlink()
     tasks = plan_shards(cfg, work, resolve_scorer(cfg.toxicity, scorers))
     # Shards finished by an earlier, interrupted run of the same input and settings are not redone.
     for _ in ENGINES[cfg.engine]([t for t in tasks if not shard_done(t)], cfg):

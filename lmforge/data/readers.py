@@ -4,10 +4,10 @@ reason, so bad files and lines are counted instead of stopping the run (pre-trai
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +27,7 @@ _CHUNK = 1 << 20
 class Reject:
     id: str
     reason: str
-    """malformed_json, missing_text_field, parquet_schema, unreadable_file, empty_file, too_large,
+    """malformed_json, missing_text_field, blank_line, parquet_schema, unreadable_file, empty_file, too_large,
     unsupported_format, or invalid_utf8_repaired (the only one whose document is kept, repaired)."""
     nbytes: int = 0
     """Raw size of what was removed (0 for a repair, whose document is kept)."""
@@ -126,9 +126,67 @@ def _size(path: Path) -> int:
         return 0
 
 
+class _Chunks(io.RawIOBase):
+    """The bytes of an iterator of chunks as a stream that ends where the iterator fails, keeping the error: the
+    records before a truncation or corruption are read and counted, the rest is counted as one unreadable part."""
+
+    def __init__(self, chunks: Iterator[bytes], source: BinaryIO):
+        self.chunks, self.source, self.error = chunks, source, None
+        self.pending, self.at = memoryview(b""), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self.at == len(self.pending):
+            try:
+                self.pending, self.at = memoryview(next(self.chunks)), 0
+            except StopIteration:
+                return 0
+            except Exception as e:  # zlib.error, EOFError, zstd errors, OSError
+                self.error = e
+                self.chunks = iter(())
+                return 0
+        n = min(len(buffer), len(self.pending) - self.at)
+        buffer[:n] = self.pending[self.at : self.at + n]
+        self.at += n
+        return n
+
+    def close(self) -> None:
+        self.source.close()
+        super().close()
+
+
+def _gunzip(f: BinaryIO) -> Iterator[bytes]:
+    """The decompressed bytes of a gzip file of any number of members, at most _CHUNK per piece. On corrupt data every
+    byte before the fault comes out before the error (a failed zlib call drops what it had decompressed)."""
+    d, data, started = zlib.decompressobj(31), b"", False
+    while True:
+        if not data and not (data := f.read(1 << 16)):
+            if started and not d.eof:  # (an empty file is an empty stream, as gzip reads it)
+                raise EOFError("compressed file ended before the end-of-stream marker was reached")
+            return
+        started = True
+        if d.eof:
+            if not data.strip(b"\0"):  # zero padding after the last member, which gzip tolerates
+                data = b""
+                continue
+            d = zlib.decompressobj(31)
+        before = d.copy()
+        try:
+            out = d.decompress(data, _CHUNK)
+        except zlib.error:
+            for i in range(len(data)):
+                yield before.decompress(data[i : i + 1])  # raises at the faulty byte
+            raise
+        data = d.unused_data if d.eof else d.unconsumed_tail
+        yield out
+
+
 def _open(path: Path) -> BinaryIO:
     if path.name.endswith(".gz"):
-        return gzip.open(path, "rb")
+        f = open(path, "rb")  # noqa: SIM115 (closed with the stream returned)
+        return io.BufferedReader(_Chunks(_gunzip(f), f), _CHUNK)
     if path.name.endswith(".zst"):
         try:
             import zstandard
@@ -137,8 +195,17 @@ def _open(path: Path) -> BinaryIO:
                 f"{path} is zstd-compressed and the zstandard package is missing; `pip install zstandard` or "
                 "decompress the file"
             ) from None
-        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+        # A truncated zstd stream ends without an error here: its cut last line counts as malformed.
+        f = open(path, "rb")  # noqa: SIM115 (closed with the stream returned)
+        reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True, closefd=True)
+        return io.BufferedReader(_Chunks(iter(lambda: reader.read1(_CHUNK), b""), reader), _CHUNK)
     return open(path, "rb")
+
+
+def _failure(stream: BinaryIO) -> str:
+    """Why a decompressed stream ended early ("" if it did not), for the unreadable reject of its rest."""
+    error = getattr(getattr(stream, "raw", None), "error", None)
+    return f"{type(error).__name__}: {error}"[:EXCERPT_CHARS] if error else ""
 
 
 def _read_file(
@@ -169,7 +236,9 @@ def _decode(data: bytes, doc_id: str) -> tuple[str, Reject | None]:
 
 def _read_txt(stream: BinaryIO, doc_id: str, text_field: str, max_doc_bytes: int) -> Iterator[Document | Reject]:
     data = stream.read(max_doc_bytes + 1)
-    if len(data) > max_doc_bytes:
+    if (error := _failure(stream)) and len(data) <= max_doc_bytes:
+        yield Reject(doc_id, "unreadable_file", len(data), error)  # a document cut short is not a document
+    elif len(data) > max_doc_bytes:
         size = len(data) + sum(len(chunk) for chunk in iter(lambda: stream.read(_CHUNK), b""))
         yield Reject(doc_id, "too_large", size, data[:EXCERPT_CHARS].decode(errors="replace"))
     elif not data.strip():
@@ -181,27 +250,31 @@ def _read_txt(stream: BinaryIO, doc_id: str, text_field: str, max_doc_bytes: int
             yield repaired
 
 
-def _lines(stream: BinaryIO, max_bytes: int, limit: int | None = None) -> Iterator[tuple[bytes, int]]:
-    """(line, size) per line of the next `limit` bytes (all if None, else they must end a line); a line over
-    max_bytes comes back as its first bytes, never held whole in memory."""
+def _lines(stream: BinaryIO, max_bytes: int, limit: int | None = None) -> Iterator[tuple[bytes, int, bool]]:
+    """(line, size, whether it ends with a newline) per line of the next `limit` bytes (all if None, else they must
+    end a line); a line over max_bytes comes back as its first bytes, never held whole in memory."""
     buffered = io.BufferedReader(stream) if not isinstance(stream, io.BufferedIOBase) else stream
     consumed = 0
     while (limit is None or consumed < limit) and (line := buffered.readline(max_bytes + 1)):
         size, tail = len(line), line
-        while size > max_bytes and not tail.endswith(b"\n") and (tail := buffered.readline(_CHUNK)):
-            size += len(tail)
+        while size > max_bytes and not tail.endswith(b"\n") and (more := buffered.readline(_CHUNK)):
+            size, tail = size + len(more), more
         consumed += size
-        yield line, size
+        yield line, size, tail.endswith(b"\n")
 
 
 def _read_jsonl(
     stream: BinaryIO, doc_id: str, text_field: str, max_doc_bytes: int, first_line: int = 1, limit: int | None = None
 ) -> Iterator[Document | Reject]:
-    empty = True
-    for n, (line, size) in enumerate(_lines(stream, max_doc_bytes, limit), first_line):
+    n, cut = first_line - 1, 0
+    for n, (line, size, whole) in enumerate(_lines(stream, max_doc_bytes, limit), first_line):
+        line_id = f"{doc_id}:{n}"
+        if not whole and _failure(stream):
+            cut = size  # the line the stream broke off in: part of the unreadable rest
+            break
         if not line.strip():
+            yield Reject(line_id, "blank_line", size)
             continue
-        empty, line_id = False, f"{doc_id}:{n}"
         if size > max_doc_bytes:
             yield Reject(line_id, "too_large", size, line[:EXCERPT_CHARS].decode(errors="replace"))
             continue
@@ -225,7 +298,9 @@ def _read_jsonl(
         yield Document(line_id, text)
         if repaired:
             yield repaired
-    if empty and limit is None:  # a blank piece of a longer file is not an empty file
+    if error := _failure(stream):
+        yield Reject(doc_id, "unreadable_file", cut, error)
+    elif n < first_line and limit is None:  # no line at all (a piece of a longer file always has one)
         yield Reject(doc_id, "empty_file", 0)
 
 
@@ -233,10 +308,13 @@ def _read_parquet(stream: BinaryIO, doc_id: str, text_field: str, max_doc_bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if isinstance(stream, io.BufferedReader):  # a plain file: pyarrow seeks in it instead of reading it whole
+    if isinstance(getattr(stream, "raw", None), io.FileIO):  # a plain file: pyarrow seeks in it, not reading it whole
         source, nbytes = stream, os.fstat(stream.fileno()).st_size
     else:
         data = stream.read()
+        if error := _failure(stream):
+            yield Reject(doc_id, "unreadable_file", len(data), error)
+            return
         source, nbytes = pa.BufferReader(data), len(data)
     if not nbytes:
         yield Reject(doc_id, "empty_file", 0)

@@ -164,3 +164,44 @@ def test_words_are_cut_and_cased_as_python_does():
     words = {w for d in docs for w in d.lower().split()}
     single = minhash_signatures(sorted(words), DedupConfig(shingle_size=1))
     assert len({row.tobytes() for row in single}) == len(words)  # distinct words, distinct hashes
+
+
+def huge_text(rng: random.Random, chars: int) -> str:
+    """Words joined by assorted whitespace (runs, tabs, NBSP, U+3000), with capital sigmas and the odd long word."""
+    vocab = ["ΟΔΟΣ", "Straße", "İstanbul", "x" * 900, "the", "River", "ünïcödé"] + [f"w{i}" for i in range(300)]
+    seps = [" ", "  ", "\n", "\t \n", "\u00a0", "\u3000", "\x1c"]
+    parts, n = [], 0
+    while n < chars:
+        word, sep = rng.choice(vocab), rng.choice(seps)
+        parts += [word, sep]
+        n += len(word) + len(sep)
+    return "".join(parts)
+
+
+@pytest.mark.parametrize("shingle_size", [1, 5])
+def test_a_huge_document_is_signed_in_windows_to_the_same_signature(monkeypatch, shingle_size):
+    from lmforge.data import dedup
+
+    rng = random.Random(shingle_size)
+    texts = [huge_text(rng, 60_000), "short one", huge_text(rng, 3_000), " ".join(["x" * 2000] * 3)]
+    cfg = DedupConfig(shingle_size=shingle_size)
+    whole = minhash_signatures(texts, cfg)
+    keys = [dedup.exact_key(t) for t in texts]
+    # the same texts as "huge": over 5,000 characters, signed and hashed in windows of ~300
+    monkeypatch.setattr(dedup, "_BATCH_BYTES", 5_000)
+    monkeypatch.setattr(dedup, "_WINDOW_CHARS", 300)
+    assert len(list(dedup._windows(texts[0], shingle_size, 300))) > 100
+    assert np.array_equal(minhash_signatures(texts, cfg), whole)
+    assert [dedup.exact_key(t) for t in texts] == keys
+
+
+def test_a_huge_document_is_signed_in_bounded_memory():
+    import tracemalloc
+
+    rng = random.Random(0)
+    text = " ".join(f"w{rng.randrange(5000)}" for _ in range(300_000))  # 1.7 MB, over the 1 MB of a batch
+    tracemalloc.start()
+    minhash_signatures([text], DedupConfig())
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 24 << 20, peak  # whole, its shingle block alone would take ~85 bytes a character (~150 MB)

@@ -3,6 +3,11 @@ processes or Ray), and an interrupted run resumes from its finished shards."""
 
 import gzip
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 import tracemalloc
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +21,7 @@ from lmforge.data.prepare import DataPrepConfig, main
 from lmforge.data.stages import plan_shards, process_shard
 from lmforge.tokenizer import Tokenizer
 
-LDNOOBW = Path(__file__).resolve().parents[3] / "shared/data/safety/ldnoobw/en.txt"
+LDNOOBW = Path(__file__).resolve().parents[1] / "fixtures/ldnoobw_en.txt"
 SCORED: list[str] = []
 
 
@@ -200,3 +205,53 @@ def test_a_large_compressed_file_is_held_a_batch_at_a_time(tmp_path):
 
     whole, batched = peak(64 << 20), peak(20_000)
     assert batched < 0.4 * whole, (batched, whole)
+
+
+PREPARE = (
+    "import sys, argparse; from lmforge.data.prepare import add_arguments, command; p = argparse.ArgumentParser(); "
+)
+PREPARE += "add_arguments(p); command(p.parse_args(sys.argv[1:]))"  # what `lmforge data prepare` runs, lighter to start
+
+
+def kill_when(args: list[str], appears: Path) -> None:
+    """Start `data prepare`, SIGKILL it (its workers are not told) as soon as `appears` exists, and wait for it."""
+    # niced, so that on a busy machine this process wakes to see the file before the run has moved far past it
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PREPARE, *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: os.nice(10),
+    )
+    while not appears.exists() and proc.poll() is None:
+        time.sleep(0.002)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL, f"finished before the kill point {appears.name}: {proc.stderr.read()}"
+
+
+def test_sigkill_at_any_point_then_the_same_command_gives_the_same_bytes(corpus, reference, tmp_path):
+    out = tmp_path / "out"
+    args = ["prepare", "--config", str(Path(__file__).resolve().parents[2] / "configs/data/web.yaml")]
+    args += [f"input={corpus}", f"output={out}", "vocab_size=300", f"toxicity.wordlist={LDNOOBW}"]
+    args += ["workers=2", "shard_bytes=30000"]
+    kill_when(args, out / ".work/shard_00002.json")  # while workers write shards
+    kill_when(args, out / "stats.json")  # in the global steps: tokenizer, token shards, lineage
+    subprocess.run([sys.executable, "-c", PREPARE, *args], check=True, stdout=subprocess.DEVNULL)
+    assert files(out) == files(reference[0])
+    assert not list(out.rglob("*.tmp")) and not (out / ".work").exists()
+
+
+def test_a_one_line_document_of_megabytes_is_counted_in_bounded_memory(tmp_path):
+    """A single JSONL line of ~2 MB, under max_doc_bytes: counted (too_many_words) with a peak of a few bytes per
+    character (it was ~50: a piece per word in normalize, every word listed by the quality rules)."""
+    rng = np.random.default_rng(0)
+    text = " ".join(np.array(["the", "of", "and", "river", "garden", "window", "market"])[rng.integers(0, 7, 400_000)])
+    (tmp_path / "one.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    cfg = replace(config(tmp_path / "one.jsonl", tmp_path / "out"), max_doc_bytes=8 << 20)
+    (task,) = plan_shards(cfg, tmp_path / "work")
+    tracemalloc.start()
+    process_shard(task)
+    _, top = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    stages = json.loads(task.path(".json").read_text())["stages"]
+    assert stages["read"]["docs_out"] == 1 and stages["quality"]["removed"] == {"too_many_words": 1}
+    assert top < 6 * len(text), top / len(text)

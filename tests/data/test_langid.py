@@ -9,7 +9,7 @@ from lmforge.config import from_dict
 from lmforge.data.langid import LangIdConfig, language_reason, load_identifier
 from lmforge.errors import LmforgeError
 
-GERMAN = Path(__file__).resolve().parents[3] / "shared/data/tokenizer/german.txt"
+GERMAN = Path(__file__).resolve().parents[1] / "fixtures/german.txt"
 ENGLISH = (
     "The committee met on Tuesday morning to review the budget for the new library. After a long discussion, "
     "the members agreed that the reading room should stay open later in the evening during the winter months."

@@ -30,3 +30,15 @@ def test_only_whitespace_and_controls_is_empty():
 def test_normalize_is_idempotent():
     once, _ = normalize("  x\u00a0\u00a0y \n\n\n z\u0301 ")
     assert normalize(once) == (once, None)
+
+
+def test_inner_whitespace_runs_become_one_space_whatever_their_mix():
+    import random
+    import re
+
+    rng = random.Random(0)
+    for _ in range(300):
+        text = "".join(rng.choice(["a", "b", " ", "\t", "\n", "  ", " \t", "\t "]) for _ in range(40))
+        reference = re.sub(r"[ \t]+$", "", re.sub(r"(?<=\S)[ \t]+", " ", text), flags=re.MULTILINE)
+        reference = re.sub(r"\n{3,}", "\n\n", reference).strip("\n")
+        assert normalize(text)[0] == (reference if reference.strip() else "")

@@ -13,7 +13,7 @@ from lmforge.data.prepare import DataPrepConfig, add_arguments, command, main
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
 
-LDNOOBW = Path(__file__).resolve().parents[3] / "shared/data/safety/ldnoobw/en.txt"
+LDNOOBW = Path(__file__).resolve().parents[1] / "fixtures/ldnoobw_en.txt"
 _WORDS = (
     "river garden window market teacher morning silver planet engine harbor letter forest village winter "
     "summer candle bridge doctor kitchen mountain painter station journey pocket ribbon valley thunder "
@@ -239,7 +239,7 @@ def test_val_split_matches_pretraining_and_is_disjoint(corpus, tmp_path):
 
 
 def test_langid_stage_keeps_english_and_rejects_german(corpus, tmp_path):
-    german = (Path(__file__).resolve().parents[3] / "shared/data/tokenizer/german.txt").read_text()
+    german = (Path(__file__).resolve().parents[1] / "fixtures/german.txt").read_text()
     src = tmp_path / "in"
     src.mkdir()
     for i in range(3):
@@ -249,3 +249,41 @@ def test_langid_stage_keeps_english_and_rejects_german(corpus, tmp_path):
     stages = {s["name"]: s for s in stats["stages"]}
     assert list(stages)[:3] == ["read", "normalize", "langid"]
     assert stages["langid"]["removed"] == {"lang_de": 1} and stages["langid"]["docs_out"] == 3
+
+
+@pytest.mark.parametrize("shard_bytes", [1 << 26, 2000])
+def test_every_line_read_is_counted_once(tmp_path, shard_bytes):
+    """The read stage takes in exactly the input files' own counts (a line per JSONL line, blank or not, plus the
+    unreadable rest of a damaged .gz; a document per text file; a row per Parquet row), and each later stage takes in
+    what the one before kept."""
+    import gzip
+    import zlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "in"
+    src.mkdir()
+    own: dict[str, int] = {}
+    rows = [json.dumps({"text": clean(i)}) for i in range(100, 112)]
+    blank = "\n".join(["", rows[0], "   ", rows[1], "\t", "", rows[2], rows[0], '{"text": "cut'])  # no final newline
+    (src / "blank.jsonl").write_text(blank)
+    own["blank.jsonl"] = blank.count("\n") + 1
+    packed = gzip.compress(("\n".join(rows[3:]) + "\n\n").encode())
+    cut = packed[: len(packed) * 3 // 4]
+    (src / "cut.jsonl.gz").write_bytes(cut)
+    own["cut.jsonl.gz"] = zlib.decompressobj(31).decompress(cut).count(b"\n") + 1  # the lines, then the rest
+    (src / "a.txt").write_text(clean(120))
+    (src / "empty.txt").write_text("")
+    (src / "notes.md").write_text("not read")
+    pq.write_table(pa.table({"text": [clean(121), None, ""]}), src / "rows.parquet")
+    own |= {"a.txt": 1, "empty.txt": 1, "notes.md": 1, "rows.parquet": 3}
+    stats = main(config(src, tmp_path / "out", f"shard_bytes={shard_bytes}"))
+    read = stats["stages"][0]
+    assert stats["docs_in"] == read["docs_in"] == sum(own.values())
+    assert read["removed"]["blank_line"] == 4 and read["removed"]["unreadable_file"] == 1
+    for before, after in zip(stats["stages"], stats["stages"][1:], strict=False):
+        assert after["docs_in"] == before["docs_out"]
+    for stage in stats["stages"]:
+        assert stage["docs_in"] - stage["docs_out"] == sum(stage["removed"].values()), stage["name"]
+    assert stats["docs_out"] == stats["stages"][-1]["docs_out"] == sum(stats["split"].values())

@@ -173,3 +173,18 @@ def test_ngram_fracs_match_a_plain_counter_implementation():
         top, dup = ngram_fracs(words, total, range(2, 5), range(5, 11))
         ref_top, ref_dup = reference(words, total)
         assert top == pytest.approx(ref_top) and dup == pytest.approx(ref_dup), words
+
+
+@pytest.mark.parametrize("extra", [0, 1, 50])
+def test_the_pipeline_word_limit_gives_the_rules_first_reason(extra):
+    # stages.quality_reason counts words up to the limit instead of listing them all (a 50 MB document is ~9M words)
+    from lmforge.data.config import DataPrepConfig
+    from lmforge.data.corpus import Document
+    from lmforge.data.stages import quality_reason
+
+    cfg = DataPrepConfig(quality=QualityConfig(max_words=120))
+    words = CLEAN.split()
+    text = "\u3000\n".join(words[i % len(words)] for i in range(120 + extra))  # ideographic spaces split words too
+    expected = quality_reasons(text, cfg.quality)
+    assert quality_reason(Document("a.txt", text), cfg) == (expected[0] if expected else None)
+    assert (expected[:1] == ["too_many_words"]) == (extra > 0)

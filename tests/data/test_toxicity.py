@@ -8,7 +8,7 @@ from lmforge.config import load_config
 from lmforge.data.toxicity import SCORERS, ToxicityConfig, load_terms, resolve_scorer, toxic_ratio, toxicity_reason
 from lmforge.errors import LmforgeError
 
-LDNOOBW = Path(__file__).resolve().parents[3] / "shared/data/safety/ldnoobw/en.txt"
+LDNOOBW = Path(__file__).resolve().parents[1] / "fixtures/ldnoobw_en.txt"
 
 
 @pytest.fixture(scope="module")

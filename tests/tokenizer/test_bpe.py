@@ -11,7 +11,7 @@ from lmforge.config import from_dict
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import SPECIAL_TOKENS, Tokenizer, TokenizerConfig
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "tokenizer"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 HANDMADE = [
     "",
@@ -61,8 +61,8 @@ def test_round_trip_random_strings(tiny_tokenizer):
 
 
 @pytest.mark.parametrize("name", ["address.txt", "german.txt"])
-def test_round_trip_shared_files(tiny_tokenizer, name):
-    text = (SHARED / name).read_text(encoding="utf-8")
+def test_round_trip_fixture_files(tiny_tokenizer, name):
+    text = (FIXTURES / name).read_text(encoding="utf-8")
     ids = tiny_tokenizer.encode(text)
     assert tiny_tokenizer.decode(ids) == text
     assert len(ids) < len(text.encode())

@@ -12,7 +12,7 @@ from lmforge.run import Run
 from lmforge.train import pretrain
 
 STORED = Path(__file__).with_name("tiny_loss_curve.json")
-SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared/data/tinyshakespeare.txt"
+SHAKESPEARE = Path(__file__).resolve().parents[1] / "fixtures/tinyshakespeare_120k.txt"  # its first 120,000 bytes
 OVERRIDES = [
     "model.preset=llama-tiny",
     "model.vocab_size=320",
