@@ -18,7 +18,7 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
-from lmforge.checkpoint import load_run, save_checkpoint
+from lmforge.checkpoint import check_config_fits, load_run, save_checkpoint
 from lmforge.config import from_dict
 from lmforge.errors import LmforgeError
 from lmforge.models import Decoder, ModelConfig, build_model
@@ -364,6 +364,7 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
     if not cfg.tie_embeddings and lm_head is None:
         raise LmforgeError(f"{src} has no lm_head.weight but tie_word_embeddings is false; re-save the model")
     sd["lm_head.weight"] = sd["embed.weight"] if cfg.tie_embeddings else lm_head
+    check_config_fits(cfg, {k: tuple(v.shape) for k, v in sd.items()}, config_path)  # before allocating the model
     model = build_model(cfg)
     try:
         model.load_state_dict(sd, strict=True)

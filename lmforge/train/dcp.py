@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim.lr_scheduler import LRScheduler
 
-from lmforge.checkpoint import read_state
+from lmforge.checkpoint import check_config_fits, read_state
 from lmforge.config import from_dict, to_dict
 from lmforge.errors import LmforgeError
 from lmforge.models import Decoder, ModelConfig, build_model
@@ -147,7 +147,11 @@ def export_safetensors(ckpt: str | Path, out_dir: str | Path) -> Path:
     """Gather a DCP checkpoint's weights into `out_dir`/{model.safetensors, model.json} (what `load_model` reads);
     one process, any number of ranks may have written it."""
     ckpt, out_dir = Path(ckpt), Path(out_dir)
-    model = build_model(read_dcp_config(ckpt))
+    cfg = read_dcp_config(ckpt)
+    saved = read_metadata(ckpt / ".metadata").state_dict_metadata
+    shapes = {k[6:]: tuple(v.size) for k, v in saved.items() if k.startswith("model.") and hasattr(v, "size")}
+    check_config_fits(cfg, shapes, ckpt / "model.json")  # before build_model allocates what model.json says
+    model = build_model(cfg)
     _check_shapes(ckpt, model, with_optimizer=False)
     state_dict = {"model": model.state_dict()}
     _load(state_dict, ckpt, no_dist=True)  # no collectives: only this process reads
