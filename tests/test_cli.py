@@ -80,3 +80,42 @@ def test_readme_commands_at_tiny_scale(tmp_path, tiny_text):
         "generate", "back", "--prompt", "def ", "--max-new-tokens", "12", "--temperature", "0", cwd=tmp_path
     )
     assert again.stdout == first.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "RUN", "--prompt", "x", "--temperature", "nan"], "argument --temperature: 'nan' is not a finite"),
+        (
+            ["generate", "RUN", "--prompt", "x", "--temperature=-inf"],
+            "argument --temperature: '-inf' is not a finite",
+        ),
+        (["generate", "RUN", "--prompt", "x", "--temperature", "-0.5"], "argument --temperature: -0.5 must be >= 0"),
+        (["generate", "RUN", "--prompt", "x", "--max-new-tokens", "-1"], "argument --max-new-tokens: -1 must be >= 0"),
+        (["generate", "RUN", "--prompt", "x", "--top-p", "1.5"], "argument --top-p: 1.5 must be > 0 and <= 1"),
+        (["generate", "RUN", "--prompt", "x", "--top-k", "2.5"], "argument --top-k: '2.5' is not a whole number"),
+        (["generate", "RUN", "--prompt", "x", "--seed", str(2**64)], "argument --seed: 18446744073709551616 is not in"),
+        (["generate", "RUN", "--prompt", "a\udcffb"], "argument --prompt: is not valid UTF-8 text"),
+        (["chat", "RUN", "--top-p", "nan"], "argument --top-p: 'nan' is not a finite number"),
+        (["chat", "RUN", "--max-new-tokens", "-5"], "argument --max-new-tokens: -5 must be >= 0"),
+        (["import", "hf", "RUN", "--name", "../elsewhere"], "argument --name: '../elsewhere' is not a plain folder"),
+        (["export", "hf"], "the following arguments are required: run, out"),
+        (["plan", "--model", "llama-1b", "--gpus", "8", "--gpu-mem", "80GB", "--intra-gbps", "0"], "must be > 0"),
+        (["plan", "--model", "llama-1b", "--gpus", "8", "--gpu-mem", "80GB", "--seq-len", "-3"], "must be >= 1"),
+        (["plan", "--model", "llama-1b", "--gpus", "8", "--gpu-mem", "80GB", "--mfu", "nan"], "'nan' is not a finite"),
+    ],
+)
+def test_nonsense_flags_exit_2_with_one_line(tiny_run, tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tiny_run) if a == "RUN" else a for a in args])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert lines[0].startswith(f"lmforge {args[0]}: error: ")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_temperature_nan_from_the_command(tiny_run, tmp_path):
+    result = lmforge("generate", str(tiny_run), "--prompt", "x", "--temperature", "nan", cwd=tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "--temperature: 'nan' is not a finite number" in lines[0]
