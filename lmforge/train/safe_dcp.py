@@ -8,6 +8,7 @@ torch.distributed.checkpoint.metadata, torch.Size, dtypes, layouts, paths), and 
 
 from __future__ import annotations
 
+import enum
 import io
 import pickle
 import types
@@ -61,13 +62,13 @@ class Refused(pickle.UnpicklingError):
 
 
 class _MetadataUnpickler(pickle._Unpickler):
-    """The pure-Python unpickler, so that BUILD can be checked too: setting attributes on an admitted class or
-    function (rather than on an instance of one) would patch torch for the rest of the process."""
+    """The pure-Python unpickler, so that BUILD can be checked too: setting attributes on an admitted class, function
+    or enum member (rather than on a fresh instance) would patch torch for the rest of the process."""
 
     dispatch = dict(pickle._Unpickler.dispatch)
 
     def _build(self) -> None:
-        if isinstance(self.stack[-2], type | types.FunctionType | types.BuiltinFunctionType):
+        if isinstance(self.stack[-2], type | types.FunctionType | types.BuiltinFunctionType | enum.Enum):
             raise Refused(f"it sets attributes of {self.stack[-2]!r}, which checkpoint metadata never does")
         pickle._Unpickler.load_build(self)
 
