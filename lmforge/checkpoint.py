@@ -7,6 +7,7 @@ Layout: runs/<name>/checkpoints/step_000100/{model.safetensors, model.json, stat
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,7 @@ def load_model(run_or_ckpt: str | Path, device: str | torch.device = "cpu") -> D
     """The model of a checkpoint folder, or of the newest checkpoint of a run folder."""
     ckpt = _find(run_or_ckpt)
     cfg = read_model_config(ckpt)
+    check_config_fits(cfg, read_shapes(ckpt / "model.safetensors"), ckpt / "model.json")
     model = build_model(cfg, device=device)
     load_weights(model, ckpt / "model.safetensors")
     return model
@@ -101,6 +103,62 @@ def load_weights(model: Decoder, path: Path) -> None:
         raise LmforgeError(
             f"checkpoint {path} does not fit its model.json (missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]}); use a checkpoint written by this version of lmforge"
+        )
+
+
+def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors file's header alone (nothing the config sizes is allocated)."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    except (safetensors.SafetensorError, OSError) as e:
+        raise LmforgeError(
+            f"checkpoint {path} is truncated or corrupt ({e}); delete its folder and use an earlier checkpoint"
+        ) from None
+
+
+def check_config_fits(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], where: str | Path) -> None:
+    """Refuse a model config that does not describe the tensors saved with it (`shapes`, by our state-dict names),
+    before anything is allocated: a tampered model.json (n_layers=10**9) would otherwise build for minutes.
+
+    The layer count and the embedding are compared first, on the names alone; then the config is built on the meta
+    device (no memory) and every parameter's shape compared; last, the tables the config sizes that no tensor holds
+    (RoPE's cos/sin, max_seq_len x head_dim) must not outgrow the weights."""
+    unfit = f"{where} does not fit its weights"
+    fix = "use the model.json saved with these weights"
+    saved = {int(k.split(".")[1]) for k in shapes if k.startswith("layers.") and k.split(".")[1].isdigit()}
+    if len(saved) != cfg.n_layers or max(saved, default=-1) != cfg.n_layers - 1:  # not range(n_layers): it may be 1e9
+        raise LmforgeError(f"{unfit}: it says n_layers={cfg.n_layers}, they hold {len(saved)} layers; {fix}")
+    embed = (cfg.vocab_size, cfg.dim)
+    if shapes.get("embed.weight", embed) != embed:
+        have = list(shapes["embed.weight"])
+        raise LmforgeError(f"{unfit}: it makes embed.weight {list(embed)}, they hold {have}; {fix}")
+    try:
+        with torch.device("meta"):
+            model = Decoder(cfg)
+    except (RuntimeError, OverflowError) as e:  # sizes past what a tensor can index
+        raise LmforgeError(f"{unfit}: it describes tensors too large to exist ({e}); {fix}") from None
+    names: dict[int, list[str]] = {}  # a tied parameter has several names and is saved under one of them
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    wanted = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    for aliases in names.values():
+        present = [n for n in aliases if n in shapes]
+        if not present:
+            raise LmforgeError(f"{unfit}: it needs a tensor {aliases[0]} that they lack; {fix}")
+        for n in present:
+            if shapes[n] != wanted[n]:
+                raise LmforgeError(f"{unfit}: it makes {n} {list(wanted[n])}, they hold {list(shapes[n])}; {fix}")
+    extra = sorted(set(shapes) - set(wanted))
+    if extra:
+        raise LmforgeError(f"{unfit}: they hold tensors it has no place for ({', '.join(extra[:3])}); {fix}")
+    weights = sum(math.prod(s) for s in shapes.values())
+    in_state = sum(math.prod(wanted[n]) for n, _ in model.named_buffers() if n in wanted)
+    tables = sum(b.numel() for b in model.buffers()) - in_state
+    if tables > max(weights, 2**28):
+        raise LmforgeError(
+            f"{unfit}: its max_seq_len={cfg.max_seq_len} needs {tables:,} numbers of position tables for "
+            f"{weights:,} weights; set max_seq_len to the context the model was trained with"
         )
 
 

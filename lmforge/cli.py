@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+from typing import NoReturn
 
 from lmforge import report
 from lmforge.config import load_config
@@ -41,8 +42,15 @@ TOOLS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, like every other error of the CLI (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmforge", description="Train, sample and export language models.")
+    parser = Parser(prog="lmforge", description="Train, sample and export language models.")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for name, (cfg_cls, _) in VERBS.items():
         p = verbs.add_parser(name, help=(sys.modules[cfg_cls.__module__].__doc__ or "").splitlines()[0])

@@ -46,7 +46,12 @@ def test_usage_errors_exit_2_with_one_line_and_write_nothing(tmp_path, monkeypat
 
 def test_usage_errors_exit_2_from_the_command(tmp_path):
     assert lmforge("no-such-verb", cwd=tmp_path).returncode == 2
-    assert lmforge("generate", cwd=tmp_path).returncode == 2  # argparse: the run is missing
+    # argparse's own errors: one line too (it was a traceback, rc=1, once the run had loaded)
+    result = lmforge("generate", "no-run", "--prompt", "x", "--temperature", "nan", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "lmforge generate: error: argument --temperature: 'nan' is not a finite number (see lmforge generate --help)"
+    )
     result = lmforge("speedrun", "depth=0", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.strip() == "lmforge speedrun: error: depth=0 must be in 1..48"
 
@@ -80,3 +85,36 @@ def test_readme_commands_at_tiny_scale(tmp_path, tiny_text):
         "generate", "back", "--prompt", "def ", "--max-new-tokens", "12", "--temperature", "0", cwd=tmp_path
     )
     assert again.stdout == first.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "RUN", "--prompt", "x", "--temperature", "nan"], "argument --temperature: 'nan' is not a finite"),
+        (
+            ["generate", "RUN", "--prompt", "x", "--temperature=-inf"],
+            "argument --temperature: '-inf' is not a finite",
+        ),
+        (["generate", "RUN", "--prompt", "x", "--temperature", "-0.5"], "argument --temperature: -0.5 must be >= 0"),
+        (["generate", "RUN", "--prompt", "x", "--max-new-tokens", "-1"], "argument --max-new-tokens: -1 must be >= 0"),
+        (["generate", "RUN", "--prompt", "x", "--top-p", "1.5"], "argument --top-p: 1.5 must be > 0 and <= 1"),
+        (["generate", "RUN", "--prompt", "x", "--top-k", "2.5"], "argument --top-k: '2.5' is not a whole number"),
+        (["generate", "RUN", "--prompt", "x", "--seed", str(2**64)], "argument --seed: 18446744073709551616 is not in"),
+        (["generate", "RUN", "--prompt", "a\udcffb"], "argument --prompt: is not valid UTF-8 text"),
+        (["chat", "RUN", "--top-p", "nan"], "argument --top-p: 'nan' is not a finite number"),
+        (["chat", "RUN", "--max-new-tokens", "-5"], "argument --max-new-tokens: -5 must be >= 0"),
+        (["import", "hf", "RUN", "--name", "../elsewhere"], "argument --name: '../elsewhere' is not a plain folder"),
+        (["export", "hf"], "the following arguments are required: run, out"),
+        (["plan", "--model", "llama-1b", "--gpus", "8", "--gpu-mem", "80GB", "--intra-gbps", "0"], "must be > 0"),
+        (["plan", "--model", "llama-1b", "--gpus", "8", "--gpu-mem", "80GB", "--seq-len", "-3"], "must be >= 1"),
+        (["plan", "--model", "llama-1b", "--gpus", "8", "--gpu-mem", "80GB", "--mfu", "nan"], "'nan' is not a finite"),
+    ],
+)
+def test_nonsense_flags_exit_2_with_one_line(tiny_run, tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tiny_run) if a == "RUN" else a for a in args])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert lines[0].startswith(f"lmforge {args[0]}: error: ")
+    assert list(tmp_path.iterdir()) == []

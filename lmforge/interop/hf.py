@@ -15,13 +15,17 @@ from typing import Any
 
 import safetensors
 import safetensors.torch
+import tokenizers
 import torch
+from tokenizers import processors
 from torch import Tensor
 
-from lmforge.checkpoint import load_run, save_checkpoint
+from lmforge import cli_args
+from lmforge.checkpoint import check_config_fits, load_run, save_checkpoint
 from lmforge.config import from_dict
 from lmforge.errors import LmforgeError
 from lmforge.models import Decoder, ModelConfig, build_model
+from lmforge.run import atomic_write
 from lmforge.tokenizer import Tokenizer
 
 # The variant fields each HF class fixes; every other ModelConfig field maps to a number in its config.
@@ -319,12 +323,31 @@ def export_hf(run: str | Path, out_dir: str | Path) -> Path:
         # q/k/v and gate/up are views of one fused tensor; safetensors before 0.5 refuses tensors that share storage
         tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
         safetensors.torch.save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        tokenizer.save(tmp)
+        save_hf_tokenizer(tokenizer, tmp)
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def save_hf_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
+    """The tokenizer files of an export: lmforge's own, set to put BOS first as `lmforge generate`, chat and serve do,
+    so transformers' pipeline, lm-eval's `hf` model and lmforge see the same ids. That takes a TemplateProcessing
+    post-processor in tokenizer.json (what `tokenizers` and transformers 4 apply), add_bos_token in
+    tokenizer_config.json (transformers 5 rebuilds the post-processor from it), and a chat template that opens with
+    BOS (apply_chat_template encodes its text without special tokens). The run folder's own files keep none of it:
+    the server adds BOS to the token ids lm-eval's local-completions sends."""
+    tokenizer.save(out)
+    inner = tokenizers.Tokenizer.from_str(tokenizer.inner.to_str())
+    bos = tokenizer.inner.id_to_token(tokenizer.bos_id)
+    inner.post_processor = processors.TemplateProcessing(
+        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, tokenizer.bos_id)]
+    )
+    atomic_write(out / "tokenizer.json", inner.to_str(pretty=True))
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    config |= {"add_bos_token": True, "chat_template": "{{- bos_token -}}" + config["chat_template"]}
+    atomic_write(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
 
 
 def import_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
@@ -364,6 +387,7 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
     if not cfg.tie_embeddings and lm_head is None:
         raise LmforgeError(f"{src} has no lm_head.weight but tie_word_embeddings is false; re-save the model")
     sd["lm_head.weight"] = sd["embed.weight"] if cfg.tie_embeddings else lm_head
+    check_config_fits(cfg, {k: tuple(v.shape) for k, v in sd.items()}, config_path)  # before allocating the model
     model = build_model(cfg)
     try:
         model.load_state_dict(sd, strict=True)
@@ -373,8 +397,9 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
     run.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=run.parent, prefix=f".{run.name}.", suffix=".tmp"))
     try:
-        if tokenizer is not None:
-            shutil.copyfile(src / "tokenizer.json", tmp / "tokenizer.json")
+        if tokenizer is not None:  # lmforge adds BOS itself: an export's post-processor is dropped (save_hf_tokenizer)
+            tokenizer.inner.post_processor = None
+            atomic_write(tmp / "tokenizer.json", tokenizer.inner.to_str(pretty=True))
         save_checkpoint(tmp, 0, model, state={"source": str(hf_dir)})
         _publish(tmp, run)
     except BaseException:
@@ -465,7 +490,7 @@ def export_command(args: argparse.Namespace) -> Path:
 def add_import_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("format", choices=["hf"], help="hf: a local Hugging Face transformers folder")
     parser.add_argument("dir", help="folder with config.json and model.safetensors")
-    parser.add_argument("--name", default=None, help="run name (default: the folder's name)")
+    parser.add_argument("--name", default=None, type=cli_args.name, help="run name (default: the folder's name)")
     parser.add_argument("--root", default="runs", help="folder that holds the run folders")
 
 

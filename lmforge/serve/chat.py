@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lmforge import cli_args
 from lmforge.serve.generate import (
     add_sampling_arguments,
     check_sampling,
@@ -19,7 +20,12 @@ from lmforge.serve.generate import (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run folder, or a run name under runs/")
-    parser.add_argument("--system", default="", help="system message that opens every conversation (default none)")
+    parser.add_argument(
+        "--system",
+        default="",
+        type=cli_args.text,
+        help="system message that opens every conversation (default none)",
+    )
     add_sampling_arguments(parser, max_new_tokens=256)
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from lmforge import cli_args
 from lmforge.errors import LmforgeError
 from lmforge.models import Decoder, KVCache
 from lmforge.serve import native
@@ -240,25 +241,42 @@ def _prefix_overlap(text: str, stop: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run folder, or a run name under runs/")
-    parser.add_argument("--prompt", required=True, help="text to continue")
-    parser.add_argument("--stop", nargs="*", default=[], help="strings that end the text (not printed)")
+    parser.add_argument("--prompt", required=True, type=cli_args.text, help="text to continue")
+    parser.add_argument(
+        "--stop", nargs="*", default=[], type=cli_args.text, help="strings that end the text (not printed)"
+    )
     add_sampling_arguments(parser)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
     """Flags shared by `lmforge generate` and `lmforge chat`."""
     parser.add_argument(
-        "--max-new-tokens", type=int, default=max_new_tokens, help=f"most tokens to generate (default {max_new_tokens})"
+        "--max-new-tokens",
+        type=cli_args.non_negative_int,
+        default=max_new_tokens,
+        help=f"most tokens to generate (default {max_new_tokens})",
     )
-    parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy (default 0.8)")
-    parser.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens; 0 is off (default)")
+    parser.add_argument(
+        "--temperature",
+        type=cli_args.non_negative_float,
+        default=0.8,
+        help="softmax temperature; 0 is greedy (default 0.8)",
+    )
+    parser.add_argument(
+        "--top-k",
+        type=cli_args.non_negative_int,
+        default=0,
+        help="sample from the k likeliest tokens; 0 is off (default)",
+    )
     parser.add_argument(
         "--top-p",
-        type=float,
+        type=cli_args.probability,
         default=0.95,
         help="smallest token set of this much probability mass to sample from; 1 is off (default 0.95)",
     )
-    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling (default: random)")
+    parser.add_argument(
+        "--seed", type=cli_args.seed, default=None, help="seed for reproducible sampling (default: random)"
+    )
 
 
 def check_sampling(args: argparse.Namespace) -> None:

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -36,11 +37,12 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim.lr_scheduler import LRScheduler
 
-from lmforge.checkpoint import read_state
+from lmforge.checkpoint import check_config_fits, read_state
 from lmforge.config import from_dict, to_dict
 from lmforge.errors import LmforgeError
 from lmforge.models import Decoder, ModelConfig, build_model
 from lmforge.run import atomic_write
+from lmforge.train.safe_dcp import SafePlanner, SafeReader, read_metadata
 from lmforge.train.tensor_parallel import deinterleave, interleave
 
 # optimizer state and hyperparameters keyed per parameter ("state.<name>.exp_avg", "param_groups.<name>.lr"): each rank
@@ -119,8 +121,7 @@ def load_dcp(
     _check_shapes(ckpt, model, with_optimizer=bool(optimizers))
     state_dict = _reorder(_state_dict(model, optimizers), rows, deinterleave)
     # each rank reads the slices of the saved tensors that its own shards cover, into state_dict's tensors in place
-    with _one_process_quiet():
-        dcp.load(state_dict, checkpoint_id=ckpt, no_dist=not dist.is_initialized())
+    _load(state_dict, ckpt, no_dist=not dist.is_initialized())
     state_dict = _reorder(state_dict, rows, interleave)
     # a pipeline stage loads its own slice of the model
     options = StateDictOptions(strict=not hasattr(model, "own_state_dict"), flatten_optimizer_state_dict=True)
@@ -146,11 +147,14 @@ def export_safetensors(ckpt: str | Path, out_dir: str | Path) -> Path:
     """Gather a DCP checkpoint's weights into `out_dir`/{model.safetensors, model.json} (what `load_model` reads);
     one process, any number of ranks may have written it."""
     ckpt, out_dir = Path(ckpt), Path(out_dir)
-    model = build_model(read_dcp_config(ckpt))
+    cfg = read_dcp_config(ckpt)
+    saved = read_metadata(ckpt / ".metadata").state_dict_metadata
+    shapes = {k[6:]: tuple(v.size) for k, v in saved.items() if k.startswith("model.") and hasattr(v, "size")}
+    check_config_fits(cfg, shapes, ckpt / "model.json")  # before build_model allocates what model.json says
+    model = build_model(cfg)
     _check_shapes(ckpt, model, with_optimizer=False)
     state_dict = {"model": model.state_dict()}
-    with _one_process_quiet():
-        dcp.load(state_dict, checkpoint_id=ckpt, no_dist=True)  # no collectives: only this process reads
+    _load(state_dict, ckpt, no_dist=True)  # no collectives: only this process reads
     model.load_state_dict(state_dict["model"])
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -208,12 +212,24 @@ def _reorder(sd: dict[str, Any], rows: Rows | None, fn: Callable) -> dict[str, A
     return out
 
 
+def _load(state_dict: dict[str, Any], ckpt: Path, no_dist: bool) -> None:
+    """dcp.load through the reader and planner that unpickle nothing but plain data (train/safe_dcp.py)."""
+    try:
+        with _one_process_quiet():
+            dcp.load(state_dict, storage_reader=SafeReader(ckpt), planner=SafePlanner(), no_dist=no_dist)
+    except CheckpointException as e:
+        # DCP wraps each rank's exception; ours (a refused pickle) name the file, anything else is a damaged file
+        errors = [exc for exc, _ in e.failures.values()]
+        ours = next((exc for exc in errors if isinstance(exc, LmforgeError)), None)
+        if ours is not None:
+            raise LmforgeError(str(ours)) from None
+        first = f"{type(errors[0]).__name__}: {errors[0]}".splitlines()[0] if errors else "no detail"
+        raise LmforgeError(f"{ckpt} is damaged ({first}); delete it and resume from an earlier checkpoint") from None
+
+
 def _check_shapes(ckpt: Path, model: nn.Module, with_optimizer: bool) -> None:
     """One clear error for a checkpoint of another model, before DCP's per-tensor failures on every rank."""
-    try:
-        saved = dcp.FileSystemReader(ckpt).read_metadata().state_dict_metadata
-    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
-        raise LmforgeError(f"{ckpt} is not a complete DCP checkpoint ({e}); load an earlier one") from None
+    saved = read_metadata(ckpt / ".metadata").state_dict_metadata
     wanted = {f"model.{k}": tuple(v.shape) for k, v in _own(model, get_model_state_dict(model)).items()}
     have = {k: tuple(v.size) for k, v in saved.items() if k.startswith("model.") and hasattr(v, "size")}
     wrong = [k for k in wanted if have.get(k) != wanted[k]]
@@ -235,9 +251,16 @@ def _check_shapes(ckpt: Path, model: nn.Module, with_optimizer: bool) -> None:
 
 def _read_trainer(ckpt: Path) -> dict[str, Any]:
     try:
-        return torch.load(ckpt / "trainer.pt", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise LmforgeError(f"{ckpt}/trainer.pt is missing or corrupt ({e}); resume from another checkpoint") from None
+        trainer = torch.load(ckpt / "trainer.pt", weights_only=True)  # refuses any pickle that is not plain data
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LmforgeError(
+            f"{ckpt}/trainer.pt is missing or corrupt ({first}); resume from another checkpoint"
+        ) from None
+    kinds = {"schedulers": list, "torch_rng": torch.Tensor, "cuda_rng": list}
+    if not isinstance(trainer, dict) or not all(isinstance(trainer.get(k), t) for k, t in kinds.items()):
+        raise LmforgeError(f"{ckpt}/trainer.pt is not what lmforge writes there; resume from another checkpoint")
+    return trainer
 
 
 def _decoder(model: nn.Module) -> Decoder:

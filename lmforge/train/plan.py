@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from lmforge import cli_args
 from lmforge.config import from_dict
 from lmforge.errors import LmforgeError
 from lmforge.models.config import PRESETS, ModelConfig
@@ -236,20 +237,36 @@ def parse_bytes(text: str) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help=f"a preset: {', '.join(PRESETS)}")
-    parser.add_argument("--gpus", type=int, required=True, help="GPUs in the cluster")
+    parser.add_argument("--gpus", type=cli_args.positive_int, required=True, help="GPUs in the cluster")
     parser.add_argument("--gpu-mem", type=parse_bytes, required=True, help="memory per GPU, e.g. 80GB or 80GiB")
-    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's max_seq_len)")
-    parser.add_argument("--global-batch", type=int, default=1024, help="sequences per optimizer step (1024)")
-    parser.add_argument("--micro-batch", type=int, default=1, help="sequences per forward pass per rank (1)")
+    parser.add_argument(
+        "--seq-len", type=cli_args.positive_int, help="tokens per sequence (default: the model's max_seq_len)"
+    )
+    parser.add_argument(
+        "--global-batch", type=cli_args.positive_int, default=1024, help="sequences per optimizer step (1024)"
+    )
+    parser.add_argument(
+        "--micro-batch", type=cli_args.positive_int, default=1, help="sequences per forward pass per rank (1)"
+    )
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="bf16/fp16 mixed, or fp32")
     defaults = Cluster(gpus=1, gpu_mem=0)
-    parser.add_argument("--gpus-per-node", type=int, default=defaults.gpus_per_node, help="(8)")
-    parser.add_argument("--peak-tflops", type=float, default=defaults.peak_flops / 1e12, help="per GPU (989, H100)")
-    parser.add_argument("--mfu", type=float, default=defaults.mfu, help="assumed fraction of peak reached (0.4)")
-    parser.add_argument("--intra-gbps", type=float, default=defaults.intra_node_bw / GB, help="GB/s in a node (450)")
-    parser.add_argument("--inter-gbps", type=float, default=defaults.inter_node_bw / GB, help="GB/s across nodes (50)")
-    parser.add_argument("--usable", type=float, default=defaults.usable, help="usable share of GPU memory (0.9)")
-    parser.add_argument("--top", type=int, default=10, help="rows to print (10)")
+    parser.add_argument("--gpus-per-node", type=cli_args.positive_int, default=defaults.gpus_per_node, help="(8)")
+    parser.add_argument(
+        "--peak-tflops", type=cli_args.positive_float, default=defaults.peak_flops / 1e12, help="per GPU (989, H100)"
+    )
+    parser.add_argument(
+        "--mfu", type=cli_args.probability, default=defaults.mfu, help="assumed fraction of peak reached (0.4)"
+    )
+    parser.add_argument(
+        "--intra-gbps", type=cli_args.positive_float, default=defaults.intra_node_bw / GB, help="GB/s in a node (450)"
+    )
+    parser.add_argument(
+        "--inter-gbps", type=cli_args.positive_float, default=defaults.inter_node_bw / GB, help="GB/s across nodes (50)"
+    )
+    parser.add_argument(
+        "--usable", type=cli_args.probability, default=defaults.usable, help="usable share of GPU memory (0.9)"
+    )
+    parser.add_argument("--top", type=cli_args.positive_int, default=10, help="rows to print (10)")
     parser.add_argument("--json", action="store_true", help="print every fitting layout as JSON")
 
 

@@ -206,3 +206,28 @@ def test_cli(exported, tmp_path):
     assert_same_state(load_model(back), load_model(run))
     named = import_command(import_parser.parse_args(["hf", str(out), "--name", "other", "--root", str(tmp_path)]))
     assert named == tmp_path / "other" and (named / "tokenizer.json").exists()
+
+
+def test_transformers_pipeline_continues_like_lmforge_generate(tiny_run, tiny_tokenizer, tmp_path, capsys):
+    """A new user's check: the exported run through transformers' own default path gives `lmforge generate`'s
+    greedy text, because the exported tokenizer puts BOS first as lmforge does."""
+    from lmforge.cli import main
+
+    out = export_hf(tiny_run, tmp_path / "hf")
+    prompt = "def parse(text):\n    return"
+    main(["generate", str(tiny_run), "--prompt", prompt, "--max-new-tokens", "24", "--temperature", "0"])
+    ours = capsys.readouterr().out.removesuffix("\n")
+    pipe = transformers.pipeline("text-generation", model=str(out), device="cpu")
+    theirs = pipe(prompt, do_sample=False, max_new_tokens=24, return_full_text=False)[0]["generated_text"]
+    assert len(ours) > 5 and theirs == ours
+    # the ids each path feeds the model: plain text, a chat, and `tokenizers` alone
+    auto = transformers.AutoTokenizer.from_pretrained(out)
+    assert auto(prompt).input_ids == tiny_tokenizer.encode(prompt, bos=True)
+    messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"}]
+    chat = auto.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert chat == tiny_tokenizer.encode(tiny_tokenizer.render_chat(messages, add_generation_prompt=True), bos=True)
+    raw = Tokenizer.load(out).inner  # tokenizer.json's own post-processor, as tokenizers and transformers 4 apply it
+    assert raw.encode(prompt).ids == tiny_tokenizer.encode(prompt, bos=True)
+    # importing the export back gives the run's own tokenizer file: lmforge adds BOS itself
+    back = import_hf(out, tmp_path / "back")
+    assert Tokenizer.load(back).sha256 == tiny_tokenizer.sha256
