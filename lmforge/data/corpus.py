@@ -23,8 +23,9 @@ _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "enc
 @dataclass
 class DataConfig:
     path: str = ""
-    """Training text: "" for the embedded corpus (this Python's standard library), else a folder or a file of
-    .txt, .jsonl (a "text" field), .parquet (a "text" column), each optionally .gz."""
+    """Training text: "" for the embedded corpus (this Python's standard library), a folder or a file of .txt, .jsonl
+    (a "text" field), .parquet (a "text" column), each optionally .gz, or the output folder of `lmforge data prepare`
+    (its tokenizer and shards are used as they are; val_fraction, max_bytes and tokenizer.* then do not apply)."""
     val_fraction: float = 0.02
     """Share of documents held out for validation, chosen by a hash of the document id."""
     max_bytes: int = 0
