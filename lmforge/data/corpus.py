@@ -36,8 +36,8 @@ class DataConfig:
         check(self.max_bytes >= 0, f"data.max_bytes={self.max_bytes} must be >= 0 (0 reads everything)")
         check(
             not self.path or Path(self.path).exists(),
-            f'data.path={self.path!r} does not exist; give a folder or file of {FORMATS_HELP}, or "" for the '
-            "embedded corpus",
+            f"data.path={self.path!r} does not exist; give a folder or file of {FORMATS_HELP}, a `lmforge data "
+            'prepare` output, or "" for the embedded corpus',
         )
 
 
