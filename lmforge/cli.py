@@ -20,6 +20,7 @@ from lmforge.run import Run
 from lmforge.serve import chat, generate, server
 from lmforge.speedrun import SpeedrunConfig
 from lmforge.speedrun import main as speedrun_main
+from lmforge.tokenizer import train as tokenizer_train
 from lmforge.train import plan
 from lmforge.train.pretrain import PretrainConfig
 from lmforge.train.pretrain import main as pretrain_main
@@ -39,6 +40,7 @@ TOOLS = {
     "report": (report.add_arguments, report.command),
     "data": (prepare.add_arguments, prepare.command),
     "plan": (plan.add_arguments, plan.command),
+    "tokenizer": (tokenizer_train.add_arguments, tokenizer_train.command),
 }
 
 

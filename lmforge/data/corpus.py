@@ -23,8 +23,9 @@ _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "enc
 @dataclass
 class DataConfig:
     path: str = ""
-    """Training text: "" for the embedded corpus (this Python's standard library), else a folder or a file of
-    .txt, .jsonl (a "text" field), .parquet (a "text" column), each optionally .gz."""
+    """Training text: "" for the embedded corpus (this Python's standard library), a folder or a file of .txt, .jsonl
+    (a "text" field), .parquet (a "text" column), each optionally .gz, or the output folder of `lmforge data prepare`
+    (its tokenizer and shards are used as they are; val_fraction, max_bytes and tokenizer.* then do not apply)."""
     val_fraction: float = 0.02
     """Share of documents held out for validation, chosen by a hash of the document id."""
     max_bytes: int = 0
@@ -35,8 +36,8 @@ class DataConfig:
         check(self.max_bytes >= 0, f"data.max_bytes={self.max_bytes} must be >= 0 (0 reads everything)")
         check(
             not self.path or Path(self.path).exists(),
-            f'data.path={self.path!r} does not exist; give a folder or file of {FORMATS_HELP}, or "" for the '
-            "embedded corpus",
+            f"data.path={self.path!r} does not exist; give a folder or file of {FORMATS_HELP}, a `lmforge data "
+            'prepare` output, or "" for the embedded corpus',
         )
 
 

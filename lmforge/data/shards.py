@@ -4,6 +4,8 @@ exactly resumable windows of seq_len + 1 tokens."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
@@ -105,19 +107,54 @@ def shards_ready(dir: str | Path, tokenizer: Tokenizer) -> bool:
     )
 
 
+def _shard_paths(dir: str | Path, manifest: dict[str, Any]) -> list[Path]:
+    """The manifest's shard files, each checked to exist at its recorded size."""
+    paths = []
+    for s in manifest["shards"]:
+        path = Path(dir) / s["file"]
+        if not path.is_file() or path.stat().st_size != s["tokens"] * np.dtype(manifest["dtype"]).itemsize:
+            raise LmforgeError(f"shard {path} is missing or truncated; delete {dir} and rerun data preparation")
+        paths.append(path)
+    return paths
+
+
+def shard_arrays(dir: str | Path) -> list[np.ndarray]:
+    """Each shard's tokens, memory-mapped read-only, in manifest order."""
+    manifest = read_manifest(dir)
+    return [np.memmap(path, dtype=manifest["dtype"], mode="r") for path in _shard_paths(dir, manifest)]
+
+
+def link_shards(src: str | Path, dst: str | Path) -> dict[str, Any]:
+    """Make `dst` hold the shards of `src`: hard links where the filesystem allows, else copies. A link never lets one
+    folder change the other's data, since shards and manifests are only ever replaced (by rename), never rewritten."""
+    src, dst = Path(src), Path(dst)
+    manifest = read_manifest(src)
+    paths = _shard_paths(src, manifest)
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "manifest.json").unlink(missing_ok=True)  # as in write_shards: no manifest over half-linked shards
+    for path in paths:
+        tmp = dst / f".{path.name}.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, tmp)
+        except OSError:  # another filesystem, or one without hard links
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, dst / path.name)
+    keep = {path.name for path in paths}
+    for stale in dst.glob("shard_*.bin"):
+        if stale.name not in keep:
+            stale.unlink()
+    atomic_write(dst / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
 class _Windows:
     """Non-overlapping windows of seq_len + 1 tokens (stride seq_len) over each shard, numbered shard by shard."""
 
     def __init__(self, dir: str | Path, seq_len: int):
         manifest = read_manifest(dir)
         self.seq_len = seq_len
-        self.arrays = []
-        for s in manifest["shards"]:
-            path = Path(dir) / s["file"]
-            dtype = np.dtype(manifest["dtype"])
-            if not path.is_file() or path.stat().st_size != s["tokens"] * dtype.itemsize:
-                raise LmforgeError(f"shard {path} is missing or truncated; delete {dir} and rerun data preparation")
-            self.arrays.append(np.memmap(path, dtype=dtype, mode="r"))
+        self.arrays = shard_arrays(dir)
         counts = [max(0, (len(a) - 1) // seq_len) for a in self.arrays]
         self.ends = np.cumsum(counts)
         self.total = int(self.ends[-1]) if counts else 0

@@ -113,7 +113,12 @@ def pick_device(name: str) -> torch.device:
 
 
 def prepare_data(cfg: PretrainConfig, run: Run) -> tuple[Tokenizer, dict[str, Any]]:
-    """Train (or reuse) the run's tokenizer and write (or reuse) its train/val token shards."""
+    """Train (or reuse) the run's tokenizer and write (or reuse) its train/val token shards; when data.path is a
+    `lmforge data prepare` output, take its tokenizer and shards instead and record the data lineage (data.json)."""
+    from lmforge.data.training_data import is_prepared, use_prepared
+
+    if cfg.data.path and is_prepared(cfg.data.path):
+        return use_prepared(cfg.data.path, cfg.model.vocab_size, run)
     tok_path = run.file("tokenizer.json")
     corpus = None
     if tok_path.exists():
