@@ -60,12 +60,30 @@ def from_dict(cls: type[T], values: dict[str, Any], where: str = "") -> T:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f"; did you mean {where}{close[0]}?" if close else f"; valid keys: {', '.join(sorted(fields))}"
             raise LmforgeError(f"unknown config key {name}{hint}")
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            value = _merge(_factory_changes(fields[key], hints[key]), value)
         kwargs[key] = _coerce(hints[key], value, name)
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if validate is not None:
         validate()
     return obj
+
+
+def _factory_changes(field: dataclasses.Field, hint: Any) -> dict[str, Any]:
+    """What a field's default factory sets differently from its class's own defaults (SpeedrunConfig's run.name), so
+    that overriding one key of the section keeps the rest of the factory's values."""
+    if field.default_factory is dataclasses.MISSING:
+        return {}
+    made, plain = to_dict(field.default_factory()), to_dict(hint())
+    return {k: v for k, v in made.items() if v != plain[k]}
+
+
+def _merge(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in values.items():
+        out[key] = _merge(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
+    return out
 
 
 def _coerce(hint: Any, value: Any, name: str) -> Any:

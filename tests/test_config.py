@@ -71,3 +71,10 @@ def test_speedrun_derives_a_valid_config_from_depth(depth):
     assert cfg.model.dim % cfg.model.n_heads == 0 and cfg.train.steps > 0
     cfg.model.validate()
     cfg.train.validate()
+
+
+def test_override_keeps_the_section_factory_values():
+    """Overriding one key of a section keeps what its default factory set (the speedrun's run.name)."""
+    cfg = load_config(SpeedrunConfig, None, ["run.root=/tmp/elsewhere"])
+    assert (cfg.run.name, cfg.run.root) == ("speedrun", "/tmp/elsewhere")
+    assert load_config(SpeedrunConfig, None, ["run.name=other"]).run.name == "other"
