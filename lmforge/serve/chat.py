@@ -8,13 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lmforge.serve.generate import (
-    add_sampling_arguments,
-    check_sampling,
-    generate_tokens,
-    prepare_for_decode,
-    stream_text,
-)
+from lmforge.sampling import stream_text
+from lmforge.serve.generate import add_sampling_arguments, check_sampling, generate_tokens, prepare_for_decode
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import uvicorn
 
-from lmforge.serve import native
+from lmforge.cpu import native
 
 
 @pytest.fixture(autouse=True)

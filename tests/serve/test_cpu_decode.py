@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from lmforge.cpu import native
+from lmforge.cpu.decode import CacheKV, NumpyDecoder, PagedKV
 from lmforge.errors import LmforgeError
 from lmforge.models import KVCache, ModelConfig, build_model
-from lmforge.serve import native
-from lmforge.serve.cpu_decode import CacheKV, NumpyDecoder, PagedKV
 from lmforge.serve.generate import generate_tokens, prepare_for_decode
 from lmforge.serve.offload import stream_layers
 from lmforge.serve.paged import Chunk, PagedBatch, PagedKVStore

@@ -10,8 +10,9 @@ import torch
 from lmforge.checkpoint import load_run
 from lmforge.errors import LmforgeError
 from lmforge.models import ModelConfig, build_model
+from lmforge.sampling import sample_next, stream_text
 from lmforge.serve import generate as gen
-from lmforge.serve.generate import generate, generate_tokens, prepare_for_decode, sample_next, stream_text
+from lmforge.serve.generate import generate, generate_tokens, prepare_for_decode
 
 TINY = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=48)
 VARIANTS = {

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from lmforge.cpu import native
+from lmforge.cpu.decode import CacheKV, PagedKV, _RotaryPositions
 from lmforge.models import KVCache, ModelConfig, build_model
-from lmforge.serve import native
-from lmforge.serve.cpu_decode import CacheKV, PagedKV, _RotaryPositions
 from lmforge.serve.paged import Chunk, PagedBatch, PagedKVStore
 
 RNG = np.random.default_rng(0)

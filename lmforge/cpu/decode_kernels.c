@@ -1,4 +1,4 @@
-/* The kernels of CPU decode that torch and numpy run poorly at its shapes (lmforge/serve/native.py loads them): the
+/* The kernels of CPU decode that torch and numpy run poorly at its shapes (lmforge/cpu/native.py loads them): the
  * product of one or a few token rows with a weight matrix, and attention of new tokens over a paged KV cache.
  * Compiled on the user's machine with -O3 -march=native, so the vectors are the widest the CPU has; parallel over
  * `threads` OpenMP threads. */
