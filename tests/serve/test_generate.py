@@ -174,3 +174,9 @@ def test_cli_prints_a_deterministic_greedy_continuation(tiny_run, capsys):
 def test_cli_rejects_out_of_range_sampling(tiny_run, capsys):
     with pytest.raises(LmforgeError, match="--top-p"):
         run_cli([str(tiny_run), "--prompt", "x", "--top-p", "0"], capsys)
+
+
+@pytest.mark.parametrize("flag, value", [("--temperature", "nan"), ("--top-p", "inf"), ("--max-new-tokens", "-1")])
+def test_cli_refuses_non_finite_sampling_in_one_line(tiny_run, capsys, flag, value):
+    with pytest.raises(LmforgeError, match=f"^{flag} {value} must be"):
+        run_cli([str(tiny_run), "--prompt", "x", flag, value], capsys)
