@@ -289,9 +289,9 @@ def test_streamed_layers_give_the_same_tokens(tokenizer):
 @pytest.mark.parametrize("max_num_seqs", [1, 3])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_numpy_steps_give_the_torch_paths_tokens_and_logprobs(variant, max_num_seqs, tokenizer):
-    # the steps run through the CPU runner (cpu/decode.NumpyDecoder) over the paged blocks (4-token blocks: keys are read across block
-    # edges), one sequence at a time or prompt chunks and decodes of three packed together (chunks of 7 tokens); the
-    # same engine with backend="torch" runs the packed torch step
+    # the steps run through the CPU runner (cpu/decode.NumpyDecoder) over the paged blocks (4-token blocks: keys are
+    # read across block edges), one sequence at a time or prompt chunks and decodes of three packed together (chunks
+    # of 7 tokens); the same engine with backend="torch" runs the packed torch step
     model = tiny_model(variant)
     params = SamplingParams(max_tokens=30, temperature=0.0, logprobs=3)
     runs = {}
