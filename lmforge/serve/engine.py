@@ -303,7 +303,7 @@ class Engine:
             return None  # a prompt chunk short of the end: nothing to sample yet
         return self._emit(seq, [self._pick(seq, logits[-1])], logits[-1:])
 
-    def _verified(self, seq: Sequence, drafts: list[int], draft_probs: Tensor, logits: Tensor) -> Output:
+    def _verified(self, seq: Sequence, drafts: list[int], draft_probs: Tensor | None, logits: Tensor) -> Output:
         """The target scored seq's fed token and drafts (logits: their rows): emit the accepted ones and one more."""
         tokens = self.speculator.verify(seq, drafts, draft_probs, logits)
         computed = seq.computed + len(tokens)  # the fed token and the accepted drafts

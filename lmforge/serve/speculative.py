@@ -73,13 +73,18 @@ class Speculator:
         last = {seq: row[-1] for (seq, _), row in zip(plan, logits, strict=True) if seq in spec}
         drafts: dict[Sequence, list[int]] = {seq: [] for seq in spec}
         probs: dict[Sequence, list[Tensor]] = {seq: [] for seq in spec}
+        stopped = set()
         while last:
             for seq, row in last.items():
                 p = seq.params
                 q = sampling_probs(row[None], p.temperature, p.top_k, p.top_p)[0]  # (V,)
-                drafts[seq].append(int(torch.multinomial(q, 1, generator=seq.generator)))
+                try:
+                    drafts[seq].append(int(torch.multinomial(q, 1, generator=seq.generator)))
+                except RuntimeError:  # NaN draft logits: the target alone picks this sequence's next token
+                    stopped.add(seq)
+                    continue
                 probs[seq].append(q)
-            going = [seq for seq in last if len(drafts[seq]) < spec[seq]]
+            going = [seq for seq in last if len(drafts[seq]) < spec[seq] and seq not in stopped]
             if not going:
                 break
             chunks = [Chunk([drafts[seq][-1]], seq.draft_computed, seq.table) for seq in going]
@@ -88,9 +93,9 @@ class Speculator:
             rows = self.runner.run(chunks, [False] * len(going))
             last = {seq: row[-1] for seq, row in zip(going, rows, strict=True)}
         self.proposed += sum(len(d) for d in drafts.values())
-        return drafts, {seq: torch.stack(q) for seq, q in probs.items()}
+        return drafts, {seq: torch.stack(q) if q else None for seq, q in probs.items()}
 
-    def verify(self, seq: Sequence, drafts: list[int], q: Tensor, logits: Tensor) -> list[int]:
+    def verify(self, seq: Sequence, drafts: list[int], q: Tensor | None, logits: Tensor) -> list[int]:
         """The tokens to emit: the accepted drafts, then one drawn from the target (a correction or the bonus)."""
         p = seq.params
         target = sampling_probs(logits, p.temperature, p.top_k, p.top_p)  # (k + 1, V)

@@ -132,3 +132,16 @@ def test_any_integer_seed_samples_reproducibly(tokenizer, seed):
     params = [SamplingParams(max_tokens=8, temperature=1.0, seed=s) for s in (seed, seed, seed % 2**64)]
     a, b, c = (o.token_ids for o in engine.generate_each([[1, 20, 30]] * 3, params))
     assert a == b == c and len(a) > 0
+
+
+def test_a_draft_failing_for_one_sequence_leaves_it_to_the_target(tokenizer):
+    model, draft, batch = tiny_model(), tiny_model(), prompts(4, seed=5)
+    expected = [torch_greedy(model, p, tokenizer.eos_id) for p in batch]
+    with torch.no_grad():
+        draft.embed.weight[250] = float("nan")  # the draft's logits for the last request are NaN, the target's fine
+    engine = Engine(model, tokenizer, EngineConfig(block_size=4), draft=draft, spec_tokens=3)
+    sampled = SamplingParams(max_tokens=16, temperature=1.0, seed=0)
+    outs = engine.generate_each(batch + [[1, 9, 250, 12]], [GREEDY] * len(batch) + [sampled])
+    assert [o.token_ids for o in outs[:-1]] == expected
+    assert outs[-1].finish_reason in ("stop", "length") and outs[-1].token_ids
+    assert engine.accepted > 0 and not engine.has_work()
