@@ -100,6 +100,8 @@ def test_extreme_repetition_penalties_keep_a_distribution(penalty):
         ("max_tokens", -1),
         ("logprobs", -2),
         ("seed", 1.5),
+        ("stop", [5]),
+        ("stop_token_ids", ["x"]),
     ],
 )
 def test_validation_names_the_parameter(field, value):

@@ -58,6 +58,10 @@ class SamplingParams:
             _integer("seed", self.seed, "(any integer)")
         if self.logprobs is not None:
             _integer("logprobs", self.logprobs, ">= 0", minimum=0)
+        if not all(isinstance(s, str) for s in self.stop):
+            raise SamplingError("stop", self.stop, "must be a list of strings")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):
+            raise SamplingError("stop_token_ids", self.stop_token_ids, "must be a list of integers")
 
 
 def _integer(param: str, value, rule: str, minimum: int | None = None) -> None:
