@@ -344,9 +344,13 @@ class Engine:
     def _pick(self, seq: Sequence, logits: Tensor) -> int:
         p = seq.params
         logits = penalized(logits, seq.tokens, seq.prompt_len, p)
-        if p.greedy and logits.device.type == "cpu":
-            return int(logits.numpy().argmax())  # greedy: ~4 us against ~19 for torch's argmax of one row
-        return int(sample_next(logits[None], p.temperature, p.top_k, p.top_p, seq.generator))
+        if not p.greedy:  # NaN logits fail in the draw (torch.multinomial refuses them)
+            return int(sample_next(logits[None], p.temperature, p.top_k, p.top_p, seq.generator))
+        row = logits.numpy() if logits.device.type == "cpu" else logits
+        token = int(row.argmax())  # on the CPU in numpy: ~4 us against ~19 for torch's argmax of one row
+        if math.isnan(row[token]):  # argmax stops at the first NaN: a broken model's logits are no greedy pick
+            raise FloatingPointError(f"the logits of request {seq.id} are NaN")
+        return token
 
     def _emit(self, seq: Sequence, tokens: list[int], logits: Tensor) -> Output:
         """Append chosen tokens (logits: their rows, (len(tokens), V)) until one of them finishes the request."""
