@@ -6,11 +6,11 @@ and both against the memory-bandwidth roofline (every weight read once per token
 
 All cores by default, as `lmforge generate` and torch use them. When other jobs load the machine, pass --threads 1:
 threads that wait on each other at every op lose 2-5x whenever another process holds a core. The numpy steps and their
-C kernels (serve/native.py) use torch.get_num_threads() threads, so --threads sets every path.
+C kernels (cpu/native.py) use torch.get_num_threads() threads, so --threads sets every path.
 
 The weights are exported into a LlamaForCausalLM and both must produce the same greedy tokens before timing. Ours and
 the peer run in alternating rounds so that load from other processes hits both; each reports its best round.
-"lmforge" is the default decode path (numpy steps and C kernels after a torch prefill, serve/cpu_decode.py),
+"lmforge" is the default decode path (numpy steps and C kernels after a torch prefill, cpu/decode.py),
 "lmforge, torch ops" the same model with backend="torch"; both use the same number of threads as transformers.
 The rooflines divide the bandwidth of a 512 MiB array (memory) by the weights read per token. Decode can pass them:
 the last-level cache keeps part of the weights from one token to the next (55 MB against 32 MB of L3 on the 2-core

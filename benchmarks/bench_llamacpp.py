@@ -7,7 +7,7 @@ weights, both fp32 (weights and KV cache) on the same number of threads.
 Needs llama-cpp-python (`pip install llama-cpp-python` builds llama.cpp from source). The GGUF file is written by
 `lmforge export gguf`'s writer, so equal greedy tokens also check that export end to end. Ours and the peer run in
 alternating rounds so that load from other processes hits both; each reports its best round. lmforge runs its default
-decode path: a torch prefill, then numpy steps with their C kernels (serve/cpu_decode.py, native.py) on torch's threads.
+decode path: a torch prefill, then numpy steps with their C kernels (cpu/decode.py, native.py) on torch's threads.
 """
 
 from __future__ import annotations

@@ -9,13 +9,8 @@ import argparse
 import sys
 
 from lmforge import cli_args
-from lmforge.serve.generate import (
-    add_sampling_arguments,
-    check_sampling,
-    generate_tokens,
-    prepare_for_decode,
-    stream_text,
-)
+from lmforge.sampling import stream_text
+from lmforge.serve.generate import add_sampling_arguments, check_sampling, generate_tokens, prepare_for_decode
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

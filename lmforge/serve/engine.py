@@ -7,9 +7,11 @@ go through the model as one packed batch, so prefill and decode of different req
 running sequence needs a block and none is free, the newest running sequence is preempted: its blocks are freed
 and it waits at the front of the queue to be recomputed.
 
-On the CPU in fp32 a step runs in numpy with the C kernels of serve/native.py (cpu_decode.NumpyDecoder.forward; the
-engine keeps a copy of each weight packed for its many-row products, twice the weights' memory); elsewhere, or with
-EngineConfig(backend="torch"), it is one packed torch forward pass (paged.PagedBatch).
+A runner executes each step's packed forward pass, chosen once at start-up (runners.make_runner): the CPU runner's
+numpy steps and C kernels (lmforge/cpu) for the models its allowlist admits on the CPU in fp32, else, or with
+EngineConfig(backend="torch"), the model's own torch forward pass. With a draft model, a Speculator proposes tokens
+through a draft runner of its own (speculative.py). A failure while sampling one sequence ends that sequence alone,
+with finish_reason "error".
 
     engine = Engine(model, tokenizer, EngineConfig())
     outputs = engine.generate([ids_a, ids_b], SamplingParams(max_tokens=32, temperature=0))
@@ -18,6 +20,7 @@ EngineConfig(backend="torch"), it is one packed torch forward pass (paged.PagedB
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import time
 from collections import deque
@@ -28,10 +31,14 @@ from torch import Tensor
 
 from lmforge.errors import LmforgeError
 from lmforge.models import Decoder
-from lmforge.serve import native
-from lmforge.serve.cpu_decode import NumpyDecoder, PagedKV, unsupported_reason
-from lmforge.serve.generate import TextStream, sample_next
-from lmforge.serve.paged import BlockManager, Chunk, PagedBatch, PagedKVStore, block_hashes
+from lmforge.sampling import SamplingParams, TextStream, logprob_entry, penalized, sample_next, seeded_generator
+from lmforge.serve.paged import BlockManager, Chunk, PagedKVStore, block_hashes
+from lmforge.serve.runners import make_runner
+from lmforge.serve.speculative import Speculator
+
+__all__ = ["Engine", "EngineConfig", "EngineFull", "Output", "SamplingParams", "Sequence"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,42 +57,8 @@ class EngineConfig:
     """Most requests queued; beyond it, add() refuses (the server answers 429)."""
     prefix_caching: bool = True
     backend: str = "auto"
-    """What runs a step: "auto", the numpy steps and C kernels of cpu_decode.py where the model allows (a Decoder on
-    the CPU in fp32), else torch; "torch", the packed torch forward pass always."""
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    """CTRL's penalty (Keskar et al., 2019): logits of tokens already in the prompt or output divided by it
-    (multiplied when negative)."""
-    presence_penalty: float = 0.0
-    """Subtracted once from the logit of every token already generated (OpenAI's definition)."""
-    frequency_penalty: float = 0.0
-    """Subtracted from a token's logit per time it was generated."""
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    logprobs: int | None = None
-    """Return the sampled token's log-probability and this many top alternatives (None: off)."""
-    prompt_logprobs: bool = False
-    """Return every prompt token's log-probability (turns prefix caching off for the request)."""
-
-    def check(self) -> None:
-        if self.max_tokens < 0:
-            raise LmforgeError(f"max_tokens={self.max_tokens} must be >= 0")
-        if self.temperature < 0:
-            raise LmforgeError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise LmforgeError(f"top_p={self.top_p} must be in (0, 1]")
-        if self.top_k < 0:
-            raise LmforgeError(f"top_k={self.top_k} must be >= 0 (0 switches it off)")
-        if self.repetition_penalty <= 0:
-            raise LmforgeError(f"repetition_penalty={self.repetition_penalty} must be > 0 (1 switches it off)")
+    """What runs a step: "auto", the CPU runner (lmforge/cpu) where its allowlist admits the model (on the CPU in
+    fp32), else torch; "torch", the packed torch forward pass always."""
 
 
 @dataclass
@@ -115,9 +88,7 @@ class Sequence:
         self.table: list[int] = []  # block table
         self.hashes: list[int] = []  # prefix hashes of the full blocks registered so far
         self.text = TextStream(tokenizer, params.stop)
-        self.generator = None
-        if params.seed is not None:
-            self.generator = torch.Generator().manual_seed(params.seed)
+        self.generator = seeded_generator(params.seed)
         self.prompt_logprobs: list[dict | None] | None = [None] if params.prompt_logprobs else None
         self.arrival = time.perf_counter()
         self.first_token_at: float | None = None
@@ -128,19 +99,28 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, model: Decoder, tokenizer, cfg: EngineConfig | None = None):
+    """draft: a smaller model sharing the tokenizer, for speculative decoding of spec_tokens tokens a step."""
+
+    def __init__(
+        self,
+        model: Decoder,
+        tokenizer,
+        cfg: EngineConfig | None = None,
+        draft: Decoder | None = None,
+        spec_tokens: int = 4,
+    ):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.cfg = cfg = cfg or EngineConfig()
-        if cfg.backend not in ("auto", "torch"):
-            raise LmforgeError(f"backend={cfg.backend!r} is not one of auto, torch")
         self.context = model.cfg.max_seq_len
         weight = model.lm_head.weight
         self.device, dtype = weight.device, weight.dtype
         num_blocks = cfg.kv_blocks or cfg.max_num_seqs * math.ceil(self.context / cfg.block_size)
         self.blocks = BlockManager(num_blocks, cfg.block_size, move=self._move_block)
         self.store = PagedKVStore(model.cfg, num_blocks, cfg.block_size, self.device, dtype)
-        self._decoders: dict[int, tuple[NumpyDecoder, list[native.KVPool]] | None] = {}  # by id of the model
-        self._numpy_decoder(model, self.store)  # made here, at start-up, not in a request's first step
+        self.runner = make_runner(model, self.store, cfg.backend)  # made here, at start-up, not in a first step
+        self.speculator = None
+        if draft is not None:
+            self.speculator = Speculator(draft, model, spec_tokens, num_blocks, cfg.block_size, cfg.backend)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.eos_ids = {tokenizer.eos_id}
@@ -152,7 +132,7 @@ class Engine:
 
     def add(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         """Queue a request; LmforgeError if it cannot be served (the message says why)."""
-        params.check()
+        params.validate()
         if not prompt:
             raise LmforgeError("the prompt is empty; send at least one token of text")
         if len(prompt) >= self.context:
@@ -243,8 +223,8 @@ class Engine:
         return plan
 
     def _lookahead(self, seq: Sequence) -> int:
-        """Positions a decoding sequence needs beyond its next token (speculative drafts); none here."""
-        return 0
+        """Positions a decoding sequence needs beyond its next token: the speculator's drafts."""
+        return self.speculator.lookahead(seq, self.context) if self.speculator else 0
 
     def _blocks_needed(self, seq: Sequence, n: int) -> int:
         return max(0, math.ceil((seq.computed + n) / self.cfg.block_size) - len(seq.table))
@@ -292,10 +272,29 @@ class Engine:
     def step(self) -> list[Output]:
         if not (plan := self._next_plan()):
             return []
-        chunks = [Chunk(seq.tokens[seq.computed : seq.computed + n], seq.computed, seq.table) for seq, n in plan]
-        logits = self._run(self.model, self.store, chunks, [self._wants_prompt(seq) for seq, _ in plan])
-        outputs = [self._computed(seq, n, seq_logits) for (seq, n), seq_logits in zip(plan, logits, strict=True)]
-        return [out for out in outputs if out is not None]
+        spec, drafts, draft_probs = {}, {}, {}
+        if self.speculator:  # the draft catches up with every planned sequence and drafts for the decoding ones
+            decoding = [seq for seq, n in plan if n == len(seq.tokens) - seq.computed == 1]
+            spec = {seq: k for seq in decoding if (k := self._lookahead(seq))}
+            drafts, draft_probs = self.speculator.propose(plan, spec)
+        chunks = [
+            Chunk(seq.tokens[seq.computed : seq.computed + n] + drafts.get(seq, []), seq.computed, seq.table)
+            for seq, n in plan
+        ]
+        logits = self.runner.run(chunks, [self._wants_prompt(seq) or seq in spec for seq, _ in plan])
+        outputs = []
+        for (seq, n), rows in zip(plan, logits, strict=True):
+            try:
+                if seq in spec:
+                    out = self._verified(seq, drafts[seq], draft_probs[seq], rows)
+                else:
+                    out = self._computed(seq, n, rows)
+            except Exception:  # sampling or detokenizing this sequence failed (NaN logits?): it ends alone
+                log.exception("request %s failed; the others go on", seq.id)
+                out = self._finish(seq, Output(seq.id, [], "", prompt_tokens=seq.prompt_len), "error")
+            if out is not None:
+                outputs.append(out)
+        return outputs
 
     def _computed(self, seq: Sequence, n: int, logits: Tensor) -> Output | None:
         """n tokens of seq went through the model: sample the next one if they were the last."""
@@ -304,35 +303,15 @@ class Engine:
             return None  # a prompt chunk short of the end: nothing to sample yet
         return self._emit(seq, [self._pick(seq, logits[-1])], logits[-1:])
 
-    def _run(self, model: Decoder, store: PagedKVStore, chunks: list[Chunk], all_rows: list[bool]) -> list[Tensor]:
-        """One packed forward pass; per chunk the float logits of every row (all_rows) or of its last row, (R, V)."""
-        if decoding := self._numpy_decoder(model, store):
-            decoder, pools = decoding
-            if decoder.attention:  # the C kernels: every step in numpy
-                return [torch.from_numpy(rows) for rows in decoder.forward(chunks, pools, store.block_size, all_rows)]
-            if len(chunks) == 1 and len(chunks[0].tokens) == 1 and not all_rows[0]:  # one user: numpy alone
-                (chunk,) = chunks
-                logits = decoder.step(chunk.tokens[0], chunk.start, PagedKV(store, chunk.block_table))
-                return [torch.from_numpy(logits)[None]]  # (1, V)
-        batch = PagedBatch(store, chunks, self.device)
-        hidden = model.hidden_states(batch.ids, batch)[0]  # (N, C)
-        rows, row = [], 0
-        for chunk, every in zip(chunks, all_rows, strict=True):
-            n = len(chunk.tokens)
-            rows.append(range(row, row + n) if every else range(row + n - 1, row + n))
-            row += n
-        picked = torch.tensor([r for rs in rows for r in rs], device=self.device)
-        logits = model.lm_head(model.norm(hidden[picked])).float()  # (R, V)
-        return list(logits.split([len(rs) for rs in rows]))
-
-    def _numpy_decoder(self, model: Decoder, store: PagedKVStore) -> tuple[NumpyDecoder, list[native.KVPool]] | None:
-        """The numpy steps of `model` (cpu_decode.py) with its pool's layers for the C kernels; None if it cannot run
-        them. Made once per model: the engine's own at start-up, a speculative draft's on its first step."""
-        if id(model) not in self._decoders:
-            runs = self.cfg.backend == "auto" and unsupported_reason(model) is None and store.k.device.type == "cpu"
-            pools = native.pools(store.k.numpy(), store.v.numpy()) if runs and native.available() else []
-            self._decoders[id(model)] = (NumpyDecoder(model, batched=bool(pools)), pools) if runs else None
-        return self._decoders[id(model)]
+    def _verified(self, seq: Sequence, drafts: list[int], draft_probs: Tensor | None, logits: Tensor) -> Output:
+        """The target scored seq's fed token and drafts (logits: their rows): emit the accepted ones and one more."""
+        tokens = self.speculator.verify(seq, drafts, draft_probs, logits)
+        computed = seq.computed + len(tokens)  # the fed token and the accepted drafts
+        out = self._emit(seq, tokens, logits[: len(tokens)])
+        if not out.finished:
+            self._advance(seq, len(tokens), logits)
+            seq.draft_computed = min(seq.draft_computed, computed)
+        return out
 
     def _move_block(self, source: int, target: int) -> None:
         """Copy a cached prefix's keys and values to another block (BlockManager). A speculative draft's cache needs
@@ -364,10 +343,14 @@ class Engine:
 
     def _pick(self, seq: Sequence, logits: Tensor) -> int:
         p = seq.params
-        logits = penalized(logits, seq, p)
-        if (p.temperature <= 0.0 or p.top_k == 1) and logits.device.type == "cpu":
-            return int(logits.numpy().argmax())  # greedy: ~4 us against ~19 for torch's argmax of one row
-        return int(sample_next(logits[None], p.temperature, p.top_k, p.top_p, seq.generator))
+        logits = penalized(logits, seq.tokens, seq.prompt_len, p)
+        if not p.greedy:  # NaN logits fail in the draw (torch.multinomial refuses them)
+            return int(sample_next(logits[None], p.temperature, p.top_k, p.top_p, seq.generator))
+        row = logits.numpy() if logits.device.type == "cpu" else logits
+        token = int(row.argmax())  # on the CPU in numpy: ~4 us against ~19 for torch's argmax of one row
+        if math.isnan(row[token]):  # argmax stops at the first NaN: a broken model's logits are no greedy pick
+            raise FloatingPointError(f"the logits of request {seq.id} are NaN")
+        return token
 
     def _emit(self, seq: Sequence, tokens: list[int], logits: Tensor) -> Output:
         """Append chosen tokens (logits: their rows, (len(tokens), V)) until one of them finishes the request."""
@@ -409,6 +392,15 @@ class Engine:
 
     # reporting
 
+    @property
+    def proposed(self) -> int:
+        """Tokens drafted so far (speculative decoding; 0 without a draft)."""
+        return self.speculator.proposed if self.speculator else 0
+
+    @property
+    def accepted(self) -> int:
+        return self.speculator.accepted if self.speculator else 0
+
     def kv_usage(self) -> dict[str, float]:
         """Blocks used and free, and the internal waste: reserved token slots that hold no token."""
         used = self.blocks.num_blocks - self.blocks.num_free
@@ -426,24 +418,3 @@ class Engine:
 
 class EngineFull(LmforgeError):
     """The queue is full: the caller should retry later (HTTP 429)."""
-
-
-def logprob_entry(logprobs: Tensor, token: int, top: int | None) -> dict:
-    """{"token", "logprob", "top": {id: logprob} of the `top` likeliest} from one row of log-probabilities (V,)."""
-    best = torch.topk(logprobs, top) if top else None
-    alternatives = {} if best is None else dict(zip(best.indices.tolist(), best.values.tolist(), strict=True))
-    return {"token": token, "logprob": float(logprobs[token]), "top": alternatives}
-
-
-def penalized(logits: Tensor, seq: Sequence, p: SamplingParams) -> Tensor:
-    """Apply repetition, presence and frequency penalties to one row of logits (V,)."""
-    if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(seq.tokens)), device=logits.device)
-        scores = logits[seen]
-        logits = logits.clone()
-        logits[seen] = torch.where(scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty)
-    if (p.presence_penalty or p.frequency_penalty) and seq.output_ids:
-        ids, counts = torch.tensor(seq.output_ids, device=logits.device).unique(return_counts=True)
-        logits = logits.clone()
-        logits[ids] -= p.presence_penalty + p.frequency_penalty * counts.to(logits.dtype)
-    return logits

@@ -34,7 +34,6 @@ from lmforge.serve.generate import prepare_for_decode
 from lmforge.serve.guard import Guard
 from lmforge.serve.metrics import ServerMetrics
 from lmforge.serve.offload import stream_layers
-from lmforge.serve.speculative import SpeculativeEngine
 
 MAX_BODY_BYTES = 4 << 20
 
@@ -167,7 +166,8 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None) -> Fa
             raise ApiError(429, str(e), type="rate_limit_error", code="engine_full") from e
         except LmforgeError as e:
             worker.abort(ids)
-            raise ApiError(400, str(e), param="messages" if isinstance(req, ChatRequest) else "prompt") from e
+            where = getattr(e, "param", None) or ("messages" if isinstance(req, ChatRequest) else "prompt")
+            raise ApiError(400, str(e), param=where) from e  # e.param: a SamplingParams.validate refusal
         return queue, ids
 
     async def collect(request: Request, queue: asyncio.Queue, ids: list[str]) -> dict[str, list[Output]]:
@@ -487,7 +487,7 @@ def command(args: argparse.Namespace) -> None:
         draft, draft_tokenizer = load_run(resolve_run(args.draft))
         if draft_tokenizer.sha256 != tokenizer.sha256:
             raise LmforgeError(f"--draft {args.draft} has another tokenizer; the draft must share the target's")
-        engine = SpeculativeEngine(model, draft, tokenizer, cfg, k=args.spec_tokens)
+        engine = Engine(model, tokenizer, cfg, draft=draft, spec_tokens=args.spec_tokens)
     else:
         engine = Engine(model, tokenizer, cfg)
     app = build_app(engine, args.name or run_dir.resolve().name, args.api_key)

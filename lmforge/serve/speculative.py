@@ -4,84 +4,63 @@ exactly the target's: draft token x is accepted with probability min(1, p(x) / q
 token is drawn from max(0, p - q) renormalised; if all k are accepted a bonus token is drawn from p. Greedy requests
 accept exactly the drafts the target would have picked.
 
-The draft keeps its own paged KV pool indexed by the same block tables as the target's. Requests with repetition,
-presence or frequency penalties decode one token at a time: their distribution depends on the tokens being drafted.
+The engine holds a Speculator, which holds the draft's runner over its own paged KV pool, indexed by the same block
+tables as the target's. Requests with repetition, presence or frequency penalties decode one token at a time: their
+distribution depends on the tokens being drafted.
 
 Run: lmforge serve RUN --draft SMALL_RUN [--spec-tokens 4]
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from lmforge.errors import LmforgeError
 from lmforge.models import Decoder
-from lmforge.serve.engine import Engine, EngineConfig, Output, Sequence
-from lmforge.serve.generate import sampling_probs
+from lmforge.sampling import sampling_probs
 from lmforge.serve.paged import Chunk, PagedKVStore
+from lmforge.serve.runners import make_runner
+
+if TYPE_CHECKING:
+    from lmforge.serve.engine import Sequence
 
 
-class SpeculativeEngine(Engine):
-    def __init__(self, model: Decoder, draft: Decoder, tokenizer, cfg: EngineConfig | None = None, k: int = 4):
-        if draft.cfg.vocab_size != model.cfg.vocab_size:
+class Speculator:
+    """Drafts k tokens per decoding sequence with `draft` and verifies them against the target's logits."""
+
+    def __init__(self, draft: Decoder, target: Decoder, k: int, num_blocks: int, block_size: int, backend: str):
+        if draft.cfg.vocab_size != target.cfg.vocab_size:
             raise LmforgeError(
                 f"the draft model's vocabulary ({draft.cfg.vocab_size}) differs from the target's "
-                f"({model.cfg.vocab_size}); use a draft trained with the same tokenizer"
+                f"({target.cfg.vocab_size}); use a draft trained with the same tokenizer"
             )
-        if draft.cfg.max_seq_len < model.cfg.max_seq_len:
+        if draft.cfg.max_seq_len < target.cfg.max_seq_len:
             raise LmforgeError(
                 f"the draft's context ({draft.cfg.max_seq_len}) is shorter than the target's "
-                f"({model.cfg.max_seq_len}); use a draft with at least the target's context"
+                f"({target.cfg.max_seq_len}); use a draft with at least the target's context"
             )
         if k < 1:
             raise LmforgeError(f"--spec-tokens {k} must be >= 1")
-        super().__init__(model, tokenizer, cfg)
         self.draft, self.k = draft.eval(), k
         weight = draft.lm_head.weight
-        self.draft_store = PagedKVStore(
-            draft.cfg, self.blocks.num_blocks, self.cfg.block_size, weight.device, weight.dtype
-        )
+        # the draft computes every sequence's positions itself, from the first: a cached prefix's blocks need no copy
+        self.store = PagedKVStore(draft.cfg, num_blocks, block_size, weight.device, weight.dtype)
+        self.runner = make_runner(draft, self.store, backend)
         self.proposed = 0
         self.accepted = 0
 
-    def _lookahead(self, seq: Sequence) -> int:
+    def lookahead(self, seq: Sequence, context: int) -> int:
+        """How many tokens to draft for a decoding sequence (0: decode it one token at a time)."""
         p = seq.params
         if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
             return 0
-        room = min(self.context - len(seq.tokens), p.max_tokens - len(seq.output_ids) - 1)
+        room = min(context - len(seq.tokens), p.max_tokens - len(seq.output_ids) - 1)
         return max(0, min(self.k, room))
 
-    @torch.inference_mode()
-    def step(self) -> list[Output]:
-        if not (plan := self._next_plan()):
-            return []
-        spec = {seq: self._lookahead(seq) for seq, n in plan if n == len(seq.tokens) - seq.computed == 1}
-        spec = {seq: k for seq, k in spec.items() if k}
-        drafts, draft_probs = self._propose(plan, spec)
-        chunks = [
-            Chunk(seq.tokens[seq.computed : seq.computed + n] + drafts.get(seq, []), seq.computed, seq.table)
-            for seq, n in plan
-        ]
-        logits = self._run(self.model, self.store, chunks, [self._wants_prompt(seq) or seq in spec for seq, _ in plan])
-        outputs = []
-        for (seq, n), seq_logits in zip(plan, logits, strict=True):
-            if seq not in spec:
-                if (out := self._computed(seq, n, seq_logits)) is not None:
-                    outputs.append(out)
-                continue
-            tokens = self._verify(seq, drafts[seq], draft_probs[seq], seq_logits)
-            self.proposed += len(drafts[seq])
-            self.accepted += len(tokens) - 1
-            computed = seq.computed + len(tokens)  # the fed token and the accepted drafts
-            out = self._emit(seq, tokens, seq_logits[: len(tokens)])
-            if not out.finished:
-                self._advance(seq, len(tokens), seq_logits)
-                seq.draft_computed = min(seq.draft_computed, computed)
-            outputs.append(out)
-        return outputs
-
-    def _propose(self, plan: list[tuple[Sequence, int]], spec: dict[Sequence, int]) -> tuple[dict, dict]:
+    def propose(self, plan: list[tuple[Sequence, int]], spec: dict[Sequence, int]) -> tuple[dict, dict]:
         """The draft catches up with every planned sequence, then drafts spec[seq] tokens for the decoding ones.
 
         Returns (drafted tokens, their draft distributions (k, V)) per speculating sequence."""
@@ -90,27 +69,33 @@ class SpeculativeEngine(Engine):
             end = seq.computed + n
             chunks.append(Chunk(seq.tokens[seq.draft_computed : end], seq.draft_computed, seq.table))
             seq.draft_computed = end
-        logits = self._run(self.draft, self.draft_store, chunks, [False] * len(plan))
+        logits = self.runner.run(chunks, [False] * len(plan))
         last = {seq: row[-1] for (seq, _), row in zip(plan, logits, strict=True) if seq in spec}
         drafts: dict[Sequence, list[int]] = {seq: [] for seq in spec}
         probs: dict[Sequence, list[Tensor]] = {seq: [] for seq in spec}
+        stopped = set()
         while last:
             for seq, row in last.items():
                 p = seq.params
                 q = sampling_probs(row[None], p.temperature, p.top_k, p.top_p)[0]  # (V,)
-                drafts[seq].append(int(torch.multinomial(q, 1, generator=seq.generator)))
+                try:
+                    drafts[seq].append(int(torch.multinomial(q, 1, generator=seq.generator)))
+                except RuntimeError:  # NaN draft logits: the target alone picks this sequence's next token
+                    stopped.add(seq)
+                    continue
                 probs[seq].append(q)
-            going = [seq for seq in last if len(drafts[seq]) < spec[seq]]
+            going = [seq for seq in last if len(drafts[seq]) < spec[seq] and seq not in stopped]
             if not going:
                 break
             chunks = [Chunk([drafts[seq][-1]], seq.draft_computed, seq.table) for seq in going]
             for seq in going:
                 seq.draft_computed += 1
-            rows = self._run(self.draft, self.draft_store, chunks, [False] * len(going))
+            rows = self.runner.run(chunks, [False] * len(going))
             last = {seq: row[-1] for seq, row in zip(going, rows, strict=True)}
-        return drafts, {seq: torch.stack(q) for seq, q in probs.items()}
+        self.proposed += sum(len(d) for d in drafts.values())
+        return drafts, {seq: torch.stack(q) if q else None for seq, q in probs.items()}
 
-    def _verify(self, seq: Sequence, drafts: list[int], q: Tensor, logits: Tensor) -> list[int]:
+    def verify(self, seq: Sequence, drafts: list[int], q: Tensor | None, logits: Tensor) -> list[int]:
         """The tokens to emit: the accepted drafts, then one drawn from the target (a correction or the bonus)."""
         p = seq.params
         target = sampling_probs(logits, p.temperature, p.top_k, p.top_p)  # (k + 1, V)
@@ -119,5 +104,7 @@ class SpeculativeEngine(Engine):
             if torch.rand((), generator=seq.generator) < ratio:  # always true when p >= q, as for greedy agreement
                 continue
             residual = (target[i] - q[i]).clamp(min=0)
+            self.accepted += i
             return [*drafts[:i], int(torch.multinomial(residual / residual.sum(), 1, generator=seq.generator))]
+        self.accepted += len(drafts)
         return [*drafts, int(torch.multinomial(target[len(drafts)], 1, generator=seq.generator))]

@@ -323,7 +323,7 @@ def _evaluate_gathered(model, plain, rank: int, val_dir, cfg: PretrainConfig, me
 
 
 def _samples(model: Decoder, tokenizer: Tokenizer, cfg: SampleConfig) -> list[dict[str, str]]:
-    from lmforge.serve.generate import generate
+    from lmforge.sampling import generate
 
     model.eval()
     out = []

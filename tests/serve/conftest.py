@@ -12,7 +12,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from lmforge.checkpoint import load_run
-from lmforge.serve import native
+from lmforge.cpu import native
 from lmforge.serve.engine import Engine, EngineConfig
 from lmforge.serve.generate import prepare_for_decode
 from lmforge.serve.server import build_app

@@ -6,8 +6,9 @@ import argparse
 import io
 
 from lmforge.checkpoint import load_run
+from lmforge.sampling import stream_text
 from lmforge.serve import chat
-from lmforge.serve.generate import generate_tokens, prepare_for_decode, stream_text
+from lmforge.serve.generate import generate_tokens, prepare_for_decode
 
 
 def run_chat(run, lines: str, monkeypatch, capsys, *flags: str) -> tuple[str, str]:

@@ -1,31 +1,62 @@
-"""The numpy decode steps, with the C kernels (serve/native.py) and without: the same logits as the torch model's cached
-decode for every variant and weight layout, over one shared KV cache, the same greedy tokens through generate_tokens,
-and the torch path wherever numpy cannot run."""
+"""The numpy decode steps, with the C kernels (cpu/native.py) and without: the same logits as the torch model's cached
+decode for every combination of the model's position, norm and MLP tables (a new entry is covered here unedited) and
+both weight layouts, over one shared KV cache, the same greedy tokens through generate_tokens, and the torch path
+wherever the CPU runner's allowlist does not admit the model."""
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import pytest
 import torch
 
+from lmforge.cpu import native
+from lmforge.cpu.allowlist import unsupported_reason
+from lmforge.cpu.decode import CacheKV, NumpyDecoder, PagedKV
 from lmforge.errors import LmforgeError
 from lmforge.models import KVCache, ModelConfig, build_model
-from lmforge.serve import native
-from lmforge.serve.cpu_decode import CacheKV, NumpyDecoder, PagedKV
+from lmforge.models.layers import MLPS, NORMS, POSITIONS
 from lmforge.serve.generate import generate_tokens, prepare_for_decode
 from lmforge.serve.offload import stream_layers
 from lmforge.serve.paged import Chunk, PagedBatch, PagedKVStore
 
 TINY = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=48)
+# every entry of the position, norm and MLP tables with every other; biases, tied embeddings and GQA/MQA/MHA cycle
 VARIANTS = {
-    "llama-gqa": dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False),
-    "llama-mqa": dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False, n_kv_heads=1),
-    "gpt2": dict(pos="learned", norm="layernorm", mlp="gelu_tanh", bias=True, tie_embeddings=True, n_kv_heads=4),
-    "sinusoidal-gelu": dict(pos="sinusoidal", norm="rmsnorm", mlp="gelu", bias=True, tie_embeddings=False),
-    # 6 heads: ALiBi's interleaved slopes for a head count that is not a power of two, 3 query heads per kv head
-    "alibi": dict(pos="alibi", norm="layernorm", mlp="gelu", bias=False, dim=48, n_heads=6, n_kv_heads=2),
+    f"{pos}-{norm}-{mlp}": dict(
+        pos=pos, norm=norm, mlp=mlp, bias=i // 2 % 2 == 1, tie_embeddings=i % 3 == 0, n_kv_heads=(2, 1, 4)[i % 3]
+    )
+    for i, (pos, norm, mlp) in enumerate(itertools.product(POSITIONS, NORMS, MLPS))
 }
+# 6 heads: ALiBi's interleaved slopes for a head count that is not a power of two, 3 query heads per kv head
+VARIANTS["alibi-6-heads"] = dict(pos="alibi", norm="layernorm", mlp="gelu", bias=False, dim=48, n_heads=6, n_kv_heads=2)
+LLAMA = "rope-rmsnorm-swiglu"
+# each variant in one weight layout, alternating: both layouts meet every table entry across the variants
+LAYOUTS = [(v, ("row-major", "column-major")[i % 2]) for i, v in enumerate(sorted(VARIANTS))]
 PROMPT = [3, 14, 15, 92, 65]
+
+
+def test_the_variants_cover_the_tables_and_the_one_call_layers():
+    assert {v["pos"] for v in VARIANTS.values()} == set(POSITIONS)
+    assert {v["norm"] for v in VARIANTS.values()} == set(NORMS)
+    assert {v["mlp"] for v in VARIANTS.values()} == set(MLPS)
+    assert any(one_call_layers(v) for v in VARIANTS)
+
+
+def one_call_layers(variant: str) -> bool:
+    """Whether NumpyDecoder runs all layers in one kernel call (Llama-style layers)."""
+    v = VARIANTS[variant]
+    return v["norm"] == "rmsnorm" and v["mlp"] == "swiglu" and not v["bias"]
+
+
+def torch_only(model) -> bool:
+    """A variant the CPU allowlist does not take runs through torch, whatever asks for it: that is its check."""
+    if unsupported_reason(model) is None:
+        return False
+    with pytest.raises(LmforgeError, match="backend='numpy' cannot decode"):
+        generate_tokens(model, PROMPT, 2, backend="numpy")
+    return True
 
 
 def tiny_model(variant: str, prepared: bool = False):
@@ -52,11 +83,12 @@ def kernels(request):
     return request.param
 
 
-@pytest.mark.parametrize("layout", ["row-major", "column-major"])
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize(("variant", "layout"), LAYOUTS)
 @torch.inference_mode()
 def test_numpy_steps_equal_torch_cached_decode(variant, layout, kernels):
     model = tiny_model(variant)
+    if torch_only(model):
+        return
     if layout == "column-major":  # the C matrix-product kernel's layout (OpenBLAS's without the kernels)
         column_major(model)
     reference, shared = KVCache(model.cfg, 1, 16), KVCache(model.cfg, 1, 16)
@@ -80,18 +112,19 @@ def test_numpy_steps_equal_torch_cached_decode(variant, layout, kernels):
         token = int(expected.argmax())
 
 
-@pytest.mark.parametrize("layout", ["row-major", "column-major"])
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize(("variant", "layout"), LAYOUTS)
 @torch.inference_mode()
 def test_engine_steps_in_numpy_equal_the_packed_torch_step(variant, layout):
     # two engine steps over blocks scattered in one pool: prompt chunks (one after 4 cached tokens, with every row's
     # logits) beside a decode, then three decodes; NumpyDecoder.forward (C kernels over packed copies of the weights;
     # Llama's layers in one call) against the model's own forward over PagedBatch
     model = tiny_model(variant)
+    if torch_only(model):
+        return
     if layout == "column-major":
         column_major(model)
     decoder = NumpyDecoder(model, batched=True)
-    assert (decoder.all_layers is not None) == variant.startswith("llama")
+    assert (decoder.all_layers is not None) == one_call_layers(variant)
     tables = [[0, 5, 2, 8], [7, 1, 9], [3, 6, 4]]
     steps = [
         ([Chunk([1, 2, 3, 4], 0, tables[0]), Chunk([9] * 7, 0, tables[1]), Chunk([5, 6, 7], 0, tables[2])], None),
@@ -118,6 +151,8 @@ def test_engine_steps_in_numpy_equal_the_packed_torch_step(variant, layout):
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_generate_tokens_same_with_both_backends(variant, kernels):
     model = tiny_model(variant, prepared=True)
+    if torch_only(model):
+        return
     numpy_ids = list(generate_tokens(model, PROMPT, 30, backend="numpy"))
     assert numpy_ids == list(generate_tokens(model, PROMPT, 30, backend="torch"))
     assert numpy_ids == list(generate_tokens(model, PROMPT, 30))  # auto picks numpy here
@@ -125,7 +160,7 @@ def test_generate_tokens_same_with_both_backends(variant, kernels):
 
 
 def test_sampling_is_seeded_on_both_backends():
-    model = tiny_model("llama-gqa")
+    model = tiny_model(LLAMA)
     kw = dict(temperature=1.0, top_p=0.9, seed=3)
     sampled = list(generate_tokens(model, PROMPT, 20, backend="numpy", **kw))
     assert sampled == list(generate_tokens(model, PROMPT, 20, backend="numpy", **kw))
@@ -133,7 +168,7 @@ def test_sampling_is_seeded_on_both_backends():
 
 
 def test_bf16_model_falls_back_to_torch_and_numpy_says_why():
-    model = tiny_model("llama-gqa").to(torch.bfloat16)
+    model = tiny_model(LLAMA).to(torch.bfloat16)
     assert len(list(generate_tokens(model, PROMPT, 4))) == 4  # auto: the torch path
     with pytest.raises(LmforgeError, match="not all fp32 on the CPU.*model.float"):
         generate_tokens(model, PROMPT, 4, backend="numpy")
@@ -142,7 +177,7 @@ def test_bf16_model_falls_back_to_torch_and_numpy_says_why():
 
 
 def test_streamed_model_keeps_the_torch_path():
-    model = tiny_model("llama-gqa")
+    model = tiny_model(LLAMA)
     expected = list(generate_tokens(model, PROMPT, 12, backend="torch"))
     stream_layers(model, resident_layers=1)  # layer 1's weights now live outside the module between passes
     assert list(generate_tokens(model, PROMPT, 12)) == expected

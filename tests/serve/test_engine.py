@@ -8,13 +8,13 @@ import random
 import pytest
 import torch
 
+from lmforge.cpu.runner import CpuRunner
 from lmforge.errors import LmforgeError
 from lmforge.models import ModelConfig, build_model
 from lmforge.serve.engine import Engine, EngineConfig, EngineFull, SamplingParams
 from lmforge.serve.generate import generate_tokens
 from lmforge.serve.offload import stream_layers
 from lmforge.serve.paged import block_hashes
-from lmforge.serve.speculative import SpeculativeEngine
 from lmforge.tokenizer import Tokenizer, TokenizerConfig
 
 TINY = dict(vocab_size=263, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64)
@@ -230,7 +230,7 @@ def test_speculative_greedy_outputs_are_unchanged(tokenizer, draft_seed):
     # seed 0: the draft is the target itself, so every draft is accepted; seed 1: a different random model
     draft = build_model(ModelConfig(**{**TINY, **VARIANTS["llama"], "n_layers": 1}, init_std=0.5), seed=1)
     draft = model if draft_seed == 0 else draft.eval()
-    engine = SpeculativeEngine(model, draft, tokenizer, EngineConfig(block_size=4, max_batched_tokens=16), k=3)
+    engine = Engine(model, tokenizer, EngineConfig(block_size=4, max_batched_tokens=16), draft=draft, spec_tokens=3)
     batch = prompts(6, seed=7)
     outs = engine.generate(batch, GREEDY)
     for prompt, out in zip(batch, outs, strict=True):
@@ -256,7 +256,7 @@ def test_speculative_sampling_keeps_the_target_distribution(tokenizer):
         draft_seconds = torch.softmax(draft(torch.tensor([prompt + [t] for t in range(12)]))[:, -1], dim=-1)
     wrong = first @ draft_seconds  # what accepting every draft would give
     assert (exact - wrong).abs().sum() / 2 > 0.15  # the draft is far enough off for the check to mean something
-    engine = SpeculativeEngine(model, draft, tokenizer, EngineConfig(max_num_seqs=64, max_waiting=4000), k=2)
+    engine = Engine(model, tokenizer, EngineConfig(max_num_seqs=64, max_waiting=4000), draft=draft, spec_tokens=2)
     n = 4000
     outs = engine.generate_each([prompt] * n, [SamplingParams(max_tokens=3, temperature=1.0, seed=i) for i in range(n)])
     seconds_drawn = [o.token_ids[1] for o in outs if len(o.token_ids) >= 2]
@@ -289,16 +289,16 @@ def test_streamed_layers_give_the_same_tokens(tokenizer):
 @pytest.mark.parametrize("max_num_seqs", [1, 3])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_numpy_steps_give_the_torch_paths_tokens_and_logprobs(variant, max_num_seqs, tokenizer):
-    # the steps run through cpu_decode.NumpyDecoder over the paged blocks (4-token blocks: keys are read across block
-    # edges), one sequence at a time or prompt chunks and decodes of three packed together (chunks of 7 tokens); the
-    # same engine with backend="torch" runs the packed torch step
+    # the steps run through the CPU runner (cpu/decode.NumpyDecoder) over the paged blocks (4-token blocks: keys are
+    # read across block edges), one sequence at a time or prompt chunks and decodes of three packed together (chunks
+    # of 7 tokens); the same engine with backend="torch" runs the packed torch step
     model = tiny_model(variant)
     params = SamplingParams(max_tokens=30, temperature=0.0, logprobs=3)
     runs = {}
     for backend in ("auto", "torch"):
         cfg = EngineConfig(block_size=4, max_num_seqs=max_num_seqs, max_batched_tokens=7, backend=backend)
         engine = Engine(model, tokenizer, cfg)
-        assert (engine._numpy_decoder(model, engine.store) is not None) == (backend == "auto")
+        assert isinstance(engine.runner, CpuRunner) == (backend == "auto")
         runs[backend] = engine.generate(prompts(3, seed=5), params)
         assert_no_leak(engine)
     for ours, theirs in zip(runs["auto"], runs["torch"], strict=True):

@@ -10,8 +10,9 @@ import torch
 from lmforge.checkpoint import load_run
 from lmforge.errors import LmforgeError
 from lmforge.models import ModelConfig, build_model
+from lmforge.sampling import sample_next, stream_text
 from lmforge.serve import generate as gen
-from lmforge.serve.generate import generate, generate_tokens, prepare_for_decode, sample_next, stream_text
+from lmforge.serve.generate import generate, generate_tokens, prepare_for_decode
 
 TINY = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=48)
 VARIANTS = {
@@ -174,3 +175,11 @@ def test_cli_rejects_out_of_range_sampling(tiny_run, capsys):
     with pytest.raises(SystemExit) as exit_:  # the flag's type refuses it while parsing (lmforge/cli_args.py)
         run_cli([str(tiny_run), "--prompt", "x", "--top-p", "0"], capsys)
     assert exit_.value.code == 2 and "argument --top-p: 0 must be > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [("--temperature", "nan"), ("--top-p", "inf"), ("--max-new-tokens", "-1")])
+def test_cli_refuses_non_finite_sampling_in_one_line(tiny_run, capsys, flag, value):
+    with pytest.raises(SystemExit) as exit_:
+        run_cli([str(tiny_run), "--prompt", "x", flag, value], capsys)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"argument {flag}: {value}" in err and "Traceback" not in err

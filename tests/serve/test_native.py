@@ -1,4 +1,4 @@
-"""The C decode kernels (serve/native.py) against float64 numpy references, on one thread and on two, over the
+"""The C decode kernels (cpu/native.py) against float64 numpy references, on one thread and on two, over the
 decoder's own caches (CacheKV, paged blocks in any order, several sequences' chunks at once), and how they are built:
 cached by hash, nothing half-written, and None (numpy fallback) when no compiler works."""
 
@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from lmforge.cpu import decode, native
+from lmforge.cpu.decode import CacheKV, PagedKV, _RotaryPositions
 from lmforge.models import KVCache, ModelConfig, build_model
-from lmforge.serve import native
-from lmforge.serve.cpu_decode import CacheKV, PagedKV, _RotaryPositions
+from lmforge.models.layers import POSITIONS
 from lmforge.serve.paged import Chunk, PagedBatch, PagedKVStore
 
 RNG = np.random.default_rng(0)
@@ -197,21 +198,21 @@ def test_attention_reads_paged_blocks_in_place(table):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("pos", ["rope", "alibi"])
+@pytest.mark.parametrize("pos", sorted(POSITIONS))
 def test_attention_of_a_step_with_prompt_chunks_and_decodes(pos, threads):
     # three sequences in one call: a prompt chunk of 5 after 6 cached tokens, one decode, a whole prompt of 7; each
-    # row attends causally over its own sequence's blocks, all scattered over one pool
+    # row attends causally over its own sequence's blocks, all scattered over one pool. Every position scheme: what
+    # the kernel takes of it (RoPE's tables, ALiBi's slopes; nothing of those added to the embeddings)
     Hq, Hkv, D, bs = 4, 2, 8, 4
-    positions = build_model(config(Hq, Hkv, D, pos=pos), seed=0).positions
-    rope = _RotaryPositions(positions) if pos == "rope" else None
-    slopes = positions.slopes.float().numpy() if pos == "alibi" else None
+    numpy_positions = decode.POSITIONS[pos](build_model(config(Hq, Hkv, D, pos=pos), seed=0).positions)
+    rope, slopes = numpy_positions.tables, numpy_positions.slopes
     store = PagedKVStore(config(Hq, Hkv, D), num_blocks=12, block_size=bs)
     store.k.normal_(generator=torch.Generator().manual_seed(0))
     store.v.normal_(generator=torch.Generator().manual_seed(1))
     tables, ends, counts = [[7, 2, 9], [0, 11], [4, 1]], [11, 6, 7], [5, 1, 7]
     chunks = native.Chunks(tables, ends, counts, bs)
     qkv = randn(sum(counts), (Hq + 2 * Hkv) * D)
-    attention = native.attention(Hq, Hkv, D, slopes, rope and rope.tables, threads)
+    attention = native.attention(Hq, Hkv, D, slopes, rope, threads)
     got = attention(qkv, native.pools(store.k.numpy(), store.v.numpy())[1], chunks)
     assert got.shape == (13, Hq * D)
     first = 0
@@ -219,7 +220,7 @@ def test_attention_of_a_step_with_prompt_chunks_and_decodes(pos, threads):
         where = list(range(end - count, end))
         q, k, v = split_qkv(qkv[first : first + count], Hq, Hkv, D)
         if rope:
-            cos, sin = rope.cos[where][:, None], rope.sin[where][:, None]
+            cos, sin = rope[0][where][:, None], rope[1][where][:, None]
             q, k = rope_rotate(q, cos, sin), rope_rotate(k, cos, sin)
         keys = torch.cat([store.k[1, :, b] for b in table], dim=1)[:, :end].numpy()  # (Hkv, end, D)
         values = torch.cat([store.v[1, :, b] for b in table], dim=1)[:, :end].numpy()
@@ -244,14 +245,14 @@ def layer_weights(model) -> list[native.LayerWeights]:
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("pos", ["rope", "alibi"])
+@pytest.mark.parametrize("pos", sorted(POSITIONS))
 @torch.inference_mode()
 def test_all_layers_in_one_call_equal_the_models_layers(pos, threads):
     # the step of test_attention_of_a_step_with_prompt_chunks_and_decodes through both layers of a Llama-style model,
     # in place, against its torch forward pass over a PagedBatch of the same chunks: hidden states and written caches
     model = llama(pos)
-    rope = _RotaryPositions(model.positions).tables if pos == "rope" else None
-    slopes = model.positions.slopes.float().numpy() if pos == "alibi" else None
+    numpy_positions = decode.POSITIONS[pos](model.positions)
+    rope, slopes = numpy_positions.tables, numpy_positions.slopes
     layers = native.layers(layer_weights(model), model.cfg.norm_eps, 4, 2, 8, slopes, rope, threads)
     stores = [PagedKVStore(model.cfg, num_blocks=12, block_size=4) for _ in range(2)]
     cached = torch.randn((2, *stores[0].k.shape), generator=torch.Generator().manual_seed(0))
@@ -263,7 +264,7 @@ def test_all_layers_in_one_call_equal_the_models_layers(pos, threads):
         stores[1], [Chunk(t.tolist(), e - len(t), b) for t, e, b in zip(tokens, ends, tables, strict=True)]
     )
     expected = model.hidden_states(batch.ids, batch)[0].numpy()
-    x = model.embed.weight.detach().numpy()[batch.ids[0].numpy()]  # RoPE and ALiBi add nothing to the embeddings
+    x = model.positions.embed(model.embed(batch.ids), batch.pos)[0].numpy()  # (N, C), learned or sinusoidal added
     pools = native.pools(stores[0].k.numpy(), stores[0].v.numpy())
     assert layers(x, pools, native.Chunks(tables, ends, counts, 4)) is None
     np.testing.assert_allclose(x, expected, rtol=1e-4, atol=1e-4)  # x now holds the last layer's output

@@ -17,8 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lmforge.checkpoint import load_run
 from lmforge.interop.hf import export_hf
+from lmforge.sampling import stream_text
 from lmforge.serve.engine import Engine, EngineConfig
-from lmforge.serve.generate import generate, generate_tokens, prepare_for_decode, stream_text
+from lmforge.serve.generate import generate, generate_tokens, prepare_for_decode
 from lmforge.serve.server import build_app
 
 NAME = "tiny"

@@ -76,16 +76,12 @@ def _library() -> ctypes.CDLL | None:
         library = ctypes.CDLL(str(_build(compiler)))
     except (OSError, subprocess.SubprocessError):
         return None
-    p, i, n = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+    p, i, n, ref = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.POINTER
     library.lmforge_gemv.argtypes = [p, n, p, p, i, i, i]
     library.lmforge_gemm.argtypes = [p, n, p, p, n, i, i, i, i]
     library.lmforge_panel_width.restype = i
-    library.lmforge_attention.argtypes = [
-        *(p, n, p, p, p, p, n, n, i, p, i, p, p, i, p, ctypes.c_float, p, n, i, i, i, i)
-    ]
-    library.lmforge_layers.argtypes = [
-        *(p, i, i, i, p, i, p, n, n, i, p, i, p, p, i, p, p, p, ctypes.c_float, ctypes.c_float, i, i, i, i, p, i)
-    ]
+    library.lmforge_attention.argtypes = [p, n, ref(KVPool), ref(_ChunksArg), ref(_Heads), p, n, i]
+    library.lmforge_layers.argtypes = [p, i, ref(_Stack), ref(KVPool), ref(_ChunksArg), p, i]
     library.lmforge_silu_mul.argtypes = [p, n, p, n, i, i, i]
     library.lmforge_rmsnorm.argtypes = [p, n, p, p, n, i, i, ctypes.c_float, i]
     for kernel in ("gemv", "gemm", "attention", "silu_mul", "rmsnorm", "layers"):
@@ -222,16 +218,58 @@ def rmsnorm(weight: np.ndarray, eps: float, threads: int) -> Callable[[np.ndarra
     return run
 
 
-class KVPool(NamedTuple):
-    """Where one layer's keys and values live, for the attention kernel: the vector of kv head g at position s of the
-    sequence whose block table is `table` starts at address + 4 * (g * head_stride + table[s // block_size] *
-    block_stride + (s % block_size) * head_dim). The owner keeps the arrays alive."""
+class KVPool(ctypes.Structure):
+    """Where one layer's keys and values live, for the attention kernel (lmforge_pool): the vector of kv head g at
+    position s of the sequence whose block table is `table` starts at address + 4 * (g * head_stride +
+    table[s // block_size] * block_stride + (s % block_size) * head_dim). The owner keeps the arrays alive."""
 
-    keys: int
-    values: int
-    head_stride: int
-    block_stride: int
-    block_size: int
+    _fields_ = [
+        ("keys", ctypes.c_void_p),
+        ("values", ctypes.c_void_p),
+        ("head_stride", ctypes.c_long),
+        ("block_stride", ctypes.c_long),
+        ("block_size", ctypes.c_int),
+    ]
+
+
+class _ChunksArg(ctypes.Structure):
+    """lmforge_chunks: a step's chunks for the kernels (see Chunks)."""
+
+    _fields_ = [
+        ("tables", ctypes.c_void_p),
+        ("width", ctypes.c_int),
+        ("first", ctypes.c_void_p),
+        ("ends", ctypes.c_void_p),
+        ("count", ctypes.c_int),
+    ]
+
+
+class _Heads(ctypes.Structure):
+    """lmforge_heads: the attention's heads, RoPE's tables and ALiBi's slopes (NULL where unused), the score scale."""
+
+    _fields_ = [
+        ("n_heads", ctypes.c_int),
+        ("n_kv_heads", ctypes.c_int),
+        ("head_dim", ctypes.c_int),
+        ("cos", ctypes.c_void_p),
+        ("sin", ctypes.c_void_p),
+        ("slopes", ctypes.c_void_p),
+        ("scale", ctypes.c_float),
+    ]
+
+
+class _Stack(ctypes.Structure):
+    """lmforge_stack: a Llama-style decoder's layers for lmforge_layers."""
+
+    _fields_ = [
+        ("n_layers", ctypes.c_int),
+        ("dim", ctypes.c_int),
+        ("hidden", ctypes.c_int),
+        ("weights", ctypes.c_void_p),
+        ("packed", ctypes.c_int),
+        ("eps", ctypes.c_float),
+        ("heads", _Heads),
+    ]
 
 
 def pools(k: np.ndarray, v: np.ndarray) -> list[KVPool]:
@@ -264,7 +302,7 @@ class Chunks:
         self.first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)  # (B + 1,)
         self.ends = np.array(ends, np.int32)
         self.rows, self.width, self.block_size, self.longest = int(self.first[-1]), width, block_size, max(ends)
-        self.addresses = (self.tables.ctypes.data, width, self.first.ctypes.data, self.ends.ctypes.data, len(ends))
+        self.arg = _ChunksArg(self.tables.ctypes.data, width, self.first.ctypes.data, self.ends.ctypes.data, len(ends))
 
     @staticmethod
     def _check(count: int, end: int, capacity: int) -> None:
@@ -296,8 +334,7 @@ def attention(
         return None
     Hq, Hkv, D = n_heads, n_kv_heads, head_dim
     where = _HeadsAndPositions(Hq, Hkv, D, slopes, rope)
-    kernel, scale, output = library.lmforge_attention, 1.0 / math.sqrt(D), _Outputs(Hq * D, reuse_output)
-    width = where.width
+    kernel, output, width, heads = library.lmforge_attention, _Outputs(Hq * D, reuse_output), where.width, where.arg
 
     def run(qkv: np.ndarray, pool: KVPool, chunks: Chunks, out: np.ndarray | None = None) -> np.ndarray:
         qkv, rows, qkv_stride = _rows(qkv, width, "qkv")
@@ -308,11 +345,8 @@ def attention(
             if out.dtype != np.float32 or out.shape != (rows, Hq * D) or out.strides[1] != 4:
                 raise ValueError(f"attention writes a ({rows}, {Hq * D}) fp32 out, not {out.dtype} {out.shape}")
             out_address = out.ctypes.data
-        kernel(
-            qkv.ctypes.data, qkv_stride, where.cos, where.sin, pool.keys, pool.values, pool.head_stride,
-            pool.block_stride, pool.block_size, *chunks.addresses, where.slopes, scale, out_address,
-            Hq * D if out.ndim == 1 else out.strides[0] // 4, Hq, Hkv, D, threads,
-        )  # fmt: skip
+        out_stride = Hq * D if out.ndim == 1 else out.strides[0] // 4
+        kernel(qkv.ctypes.data, qkv_stride, pool, chunks.arg, heads, out_address, out_stride, threads)
         return out
 
     run.keep = where  # alive as long as its addresses are used
@@ -341,6 +375,7 @@ class _HeadsAndPositions:
                     f"RoPE's cos and sin must be two (positions, {D}) tables, not {[cos.shape, sin.shape]}"
                 )
             self.cos, self.sin, self.limit = cos.ctypes.data, sin.ctypes.data, len(cos)
+        self.arg = _Heads(Hq, Hkv, D, self.cos, self.sin, self.slopes, 1.0 / math.sqrt(D))
 
     def check(self, rows: int, pool: KVPool, chunks: Chunks) -> None:
         if rows != chunks.rows:
@@ -393,6 +428,7 @@ def layers(
             kept.append(pack_panels(array.T, width) if packed and array.ndim == 2 else np.ascontiguousarray(array))
     addresses = (ctypes.c_void_p * len(kept))(*(a.ctypes.data for a in kept))
     per_row = C + where.width + Hq * D + 3 * H
+    stack = _Stack(len(weights), C, H, ctypes.addressof(addresses), packed, eps, where.arg)
     kernel, scratch, caches = library.lmforge_layers, np.empty(0, np.float32), (None, None)
 
     def run(x: np.ndarray, pools: list[KVPool], chunks: Chunks) -> None:
@@ -404,18 +440,13 @@ def layers(
         if caches[0] is not pools:  # a ctypes array of the pools' addresses, made once per list of pools
             if len(pools) != len(weights) or len({(p.head_stride, p.block_stride, p.block_size) for p in pools}) != 1:
                 raise ValueError(f"{len(weights)} layers need as many pools of one layout, not {len(pools)}")
-            caches = (pools, (ctypes.c_void_p * (2 * len(pools)))(*(a for p in pools for a in (p.keys, p.values))))
+            caches = (pools, (KVPool * len(pools))(*pools))
         if not packed and len(x) != 1:
             raise ValueError(f"layers over row-major weights take one row at a time, not {len(x)}")
         where.check(len(x), pools[0], chunks)
         if len(scratch) < len(x) * per_row:
             scratch = np.empty(len(x) * per_row, np.float32)
-        pool = pools[0]
-        kernel(
-            x.ctypes.data, len(x), C, len(weights), addresses, packed, caches[1], pool.head_stride, pool.block_stride,
-            pool.block_size, *chunks.addresses, where.cos, where.sin, where.slopes, 1.0 / math.sqrt(D), eps, Hq, Hkv,
-            D, H, scratch.ctypes.data, threads,
-        )  # fmt: skip
+        kernel(x.ctypes.data, len(x), stack, caches[1], chunks.arg, scratch.ctypes.data, threads)
 
-    run.keep = (kept, where)  # alive as long as their addresses are used
+    run.keep = (kept, addresses, where)  # alive as long as their addresses are used
     return run

@@ -4,7 +4,7 @@ sequences' new tokens, prompt chunks and single decodes, packed in rows) over it
 
 Why numpy: a step is ~4 matrix products per layer plus ~20-200 small ops, and a numpy op costs ~1 us of overhead
 against 5-40 us for a torch op (nn.RMSNorm ~37 us). The matrix products and the attention go through the C kernels of
-serve/native.py where they are built, else through numpy's OpenBLAS (~290 tok/s, batch 1 only); the rest stays in
+cpu/native.py where they are built, else through numpy's OpenBLAS (~290 tok/s, batch 1 only); the rest stays in
 numpy. For Llama-style layers (RMSNorm, SwiGLU, no biases) a step, an engine's or a batch-1 decode's, goes through
 all layers in one kernel call (native.layers): on 2 cores 538-748 tok/s batch-1 against 94-115 for transformers on
 benchmarks/bench_decode.py's model.
@@ -26,30 +26,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from threadpoolctl import ThreadpoolController
 
+from lmforge.cpu import native
 from lmforge.models import Decoder, KVCache
 from lmforge.models.layers import Positions
-from lmforge.serve import native
 from lmforge.serve.paged import Chunk, PagedKVStore
 
 Array = np.ndarray
 # Every scalar below is a Python float: a numpy float64 scalar would promote the activations to float64 and make
 # each x @ W convert the whole weight matrix to float64 (10x slower).
-
-
-def unsupported_reason(model: nn.Module) -> str | None:
-    """Why the numpy steps cannot run `model` (None when they can): they need a plain Decoder on the CPU in fp32."""
-    if not isinstance(model, Decoder):
-        return f"it is a {type(model).__name__}, not a whole Decoder (a pipeline stage?)"
-    tensors = [*model.parameters(), *model.buffers()]
-    if any(type(t.data) is not torch.Tensor for t in tensors):
-        return "its weights are distributed tensors (tensor parallel)"
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
-        return "its weights are not all fp32 on the CPU"
-    if any(m._forward_pre_hooks or m._forward_hooks for m in model.modules()):
-        return "its modules have forward hooks (layers streamed by stream_layers?)"
-    if model.training and model.cfg.dropout > 0:
-        return "it is in training mode with dropout"
-    return None
 
 
 def _view(t: torch.Tensor) -> Array:
@@ -257,7 +241,7 @@ class PagedKV:
 
 class NumpyDecoder:
     """Steps of `model` in numpy on as many threads as torch uses, through the C kernels where they are built
-    (serve/native.py): `step` decodes one token of one sequence over a CacheKV or PagedKV (numpy alone without the
+    (cpu/native.py): `step` decodes one token of one sequence over a CacheKV or PagedKV (numpy alone without the
     kernels); `forward`, with the kernels only, runs an engine step's packed chunks over the paged pool. batched: for
     forward's many rows, keep a copy of every weight packed for the matrix-product kernel. Its layers write into
     buffers of their own, so one decoder runs one step at a time (make one per thread)."""

@@ -1,4 +1,4 @@
-/* The kernels of CPU decode that torch and numpy run poorly at its shapes (lmforge/serve/native.py loads them): the
+/* The kernels of CPU decode that torch and numpy run poorly at its shapes (lmforge/cpu/native.py loads them): the
  * product of one or a few token rows with a weight matrix, and attention of new tokens over a paged KV cache.
  * Compiled on the user's machine with -O3 -march=native, so the vectors are the widest the CPU has; parallel over
  * `threads` OpenMP threads. */
@@ -291,19 +291,45 @@ static void any_output(const float *weights, const float *values, long block_str
     default: CALL(0);                                                                                                 \
     }
 
-/* One layer's attention for a step's new tokens over a paged KV cache (PagedAttention). The step holds B chunks;
- * chunk b is rows first[b] .. first[b+1]-1 of qkv, the last tokens of a sequence of ends[b] tokens, whose block table
- * is row b of tables (B, width). Every new token's k is rotated and written with its v to its slot; then each query
- * attends causally over its sequence up to itself.
+/* One layer's keys and values in a paged pool: the vector of kv head g at position s of a sequence whose block table
+ * is `table` starts at keys (values) + g * head_stride + table[s / block_size] * block_stride + (s % block_size) * D. */
+typedef struct {
+    float *keys, *values;
+    long head_stride, block_stride;
+    int block_size;
+} lmforge_pool;
+
+/* A step's chunks: chunk b is rows first[b] .. first[b+1]-1, the last tokens of a sequence of ends[b] tokens, whose
+ * block table is row b of tables (count, width). */
+typedef struct {
+    const int *tables;
+    int width;
+    const int *first, *ends;
+    int count;
+} lmforge_chunks;
+
+/* The attention's heads and positions: RoPE's (positions, D) cos and sin tables or NULL, ALiBi's (Hq,) slopes or
+ * NULL, and the scale of the scores (1 / sqrt(D)). */
+typedef struct {
+    int n_heads, n_kv_heads, head_dim;
+    const float *cos, *sin, *slopes;
+    float scale;
+} lmforge_heads;
+
+/* One layer's attention for a step's new tokens (the rows of `chunks`) over a paged KV cache (PagedAttention). Every
+ * new token's k is rotated and written with its v to its slot in `pool`; then each query attends causally over its
+ * sequence up to itself.
  * qkv: row r at qkv + r * qkv_stride holds (Hq + 2 Hkv) * D floats, the q heads, then k, then v, not yet rotated.
- * cos, sin: RoPE's (positions, D) tables, or NULL. k_cache, v_cache: this layer's pool, where the vector of kv head g
- * at position s starts at cache + g * head_stride + table[s / block_size] * block_stride + (s % block_size) * D.
- * slopes: ALiBi's (Hq,) slopes, adding slope * (s - query position) to the scores, or NULL.
+ * heads: ALiBi's slopes add slope * (s - query position) to the scores.
  * out: row r at out + r * out_stride, (Hq, D). Query head h reads kv head h / (Hq / Hkv). */
-void lmforge_attention(const float *qkv, long qkv_stride, const float *cos, const float *sin, float *k_cache,
-                       float *v_cache, long head_stride, long block_stride, int block_size, const int *tables,
-                       int width, const int *first, const int *ends, int B, const float *slopes, float scale,
-                       float *out, long out_stride, int Hq, int Hkv, int D, int threads) {
+void lmforge_attention(const float *qkv, long qkv_stride, const lmforge_pool *pool, const lmforge_chunks *chunks,
+                       const lmforge_heads *heads, float *out, long out_stride, int threads) {
+    float *k_cache = pool->keys, *v_cache = pool->values;
+    const long head_stride = pool->head_stride, block_stride = pool->block_stride;
+    const int block_size = pool->block_size;
+    const int *tables = chunks->tables, *first = chunks->first, *ends = chunks->ends, width = chunks->width;
+    const int B = chunks->count, Hq = heads->n_heads, Hkv = heads->n_kv_heads, D = heads->head_dim;
+    const float *cos = heads->cos, *sin = heads->sin, *slopes = heads->slopes, scale = heads->scale;
     const int group = Hq / Hkv, rows = first[B];
     int *chunk_of = malloc(sizeof(int) * (size_t)rows), longest = 0;
     for (int b = 0; b < B; b++) {
@@ -392,16 +418,26 @@ void lmforge_rmsnorm(const float *x, long xs, const float *w, float *y, long ys,
     }
 }
 
+/* A Llama-style decoder's layers: per layer six addresses in weights (see lmforge_layers), their sizes and heads. */
+typedef struct {
+    int n_layers, dim, hidden;
+    const float *const *weights;
+    int packed;
+    float eps;
+    lmforge_heads heads;
+} lmforge_stack;
+
 /* Every layer of a Llama-style decoder (RMSNorm, SwiGLU, no biases) over the M rows of x (M, C), in place: per layer
  * x += proj(attention(qkv(norm(x)))), then x += down(silu(gate) * up(norm(x))). weights: per layer six addresses, the
  * attention norm's (C,) weight, then qkv's and proj's, the MLP norm's weight, then gate_up's and down's: packed W^T
- * (see gemm), or with packed 0 (one row only) nn.Linear's row-major W, through gemv; caches: per layer the keys' and
- * the values' pool; the step's chunks and the positions as for lmforge_attention. scratch: M (C + (Hq + 2 Hkv) D +
+ * (see gemm), or with packed 0 (one row only) nn.Linear's row-major W, through gemv; pools: every layer's; the step's
+ * chunks as for lmforge_attention. scratch: M (C + (Hq + 2 Hkv) D +
  * Hq D + 3 H) floats. One call a step instead of ~10 per layer from Python. */
-void lmforge_layers(float *x, int M, int C, int L, const float *const *weights, int packed, float *const *caches,
-                    long head_stride, long block_stride, int block_size, const int *tables, int width, const int *first,
-                    const int *ends, int B, const float *cos, const float *sin, const float *slopes, float scale,
-                    float eps, int Hq, int Hkv, int D, int H, float *scratch, int threads) {
+void lmforge_layers(float *x, int M, const lmforge_stack *stack, const lmforge_pool *pools,
+                    const lmforge_chunks *chunks, float *scratch, int threads) {
+    const int C = stack->dim, L = stack->n_layers, H = stack->hidden, packed = stack->packed;
+    const int Hq = stack->heads.n_heads, Hkv = stack->heads.n_kv_heads, D = stack->heads.head_dim;
+    const float *const *weights = stack->weights, eps = stack->eps;
     const int W = (Hq + 2 * Hkv) * D, A = Hq * D;
     float *normed = scratch, *qkv = normed + (long)M * C, *attended = qkv + (long)M * W;
     float *gate_up = attended + (long)M * A, *hidden = gate_up + (long)M * 2 * H;
@@ -414,8 +450,7 @@ void lmforge_layers(float *x, int M, int C, int L, const float *const *weights, 
         const float *const *w = weights + 6L * l;
         lmforge_rmsnorm(x, C, w[0], normed, C, M, C, eps, threads);
         PRODUCT(normed, C, w[1], qkv, W, 0)
-        lmforge_attention(qkv, W, cos, sin, caches[2 * l], caches[2 * l + 1], head_stride, block_stride, block_size,
-                          tables, width, first, ends, B, slopes, scale, attended, A, Hq, Hkv, D, threads);
+        lmforge_attention(qkv, W, pools + l, chunks, &stack->heads, attended, A, threads);
         PRODUCT(attended, A, w[2], x, C, 1)
         lmforge_rmsnorm(x, C, w[3], normed, C, M, C, eps, threads);
         PRODUCT(normed, C, w[4], gate_up, 2 * H, 0)
