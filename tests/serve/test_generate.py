@@ -182,4 +182,4 @@ def test_cli_refuses_non_finite_sampling_in_one_line(tiny_run, capsys, flag, val
     with pytest.raises(SystemExit) as exit_:
         run_cli([str(tiny_run), "--prompt", "x", flag, value], capsys)
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and f"argument {flag}: {value}" in err and "Traceback" not in err
+    assert exit_.value.code == 2 and f"argument {flag}: " in err and value in err and "Traceback" not in err

@@ -9,7 +9,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lmforge import cli
-from lmforge.serve.generate import generate_tokens, stream_text
+from lmforge.sampling import stream_text
+from lmforge.serve.generate import generate_tokens
 from lmforge.serve.server import MAX_BODY_BYTES
 
 JSON = {"content-type": "application/json"}
