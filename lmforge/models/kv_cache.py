@@ -141,7 +141,9 @@ class _Group:
     def __init__(self, q_pos: list[list[int]], rows: list[list[int]], tables: list[list[int]], lengths, bs, device):
         width = max(len(t) for t in tables)
         self.rows = torch.tensor(rows, device=device)  # (B, Tq)
-        self.tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)  # (B, blocks)
+        # padded with each sequence's own last block, never another's: the mask's -inf does not hide NaN keys
+        # (NaN + -inf is NaN), and a block another sequence is writing in this step may hold them
+        self.tables = torch.tensor([t + t[-1:] * (width - len(t)) for t in tables], device=device)  # (B, blocks)
         self.q_pos, self.lengths, self.block_size = q_pos, lengths, bs
         self._masks: dict[tuple[ScoreBias, torch.dtype], Tensor] = {}  # built in a step's first layer, then reused
 

@@ -319,6 +319,17 @@ class Engine:
         for pool in (self.store.k, self.store.v):
             pool[:, :, target] = pool[:, :, source]
 
+    def _scrub(self, seq: Sequence) -> None:
+        """Zero the blocks only a failed sequence holds and forget their prefixes: its keys may be NaN, and a later
+        owner's unwritten slots, though masked, would pass NaN through attention."""
+        own = [b for b in seq.table if self.blocks.refs[b] == 1]
+        for block in own:
+            self.blocks.forget(block)
+        if own:
+            index = torch.tensor(own, device=self.store.k.device)
+            for pool in (self.store.k, self.store.v):
+                pool.index_fill_(2, index, 0.0)
+
     def _wants_prompt(self, seq: Sequence) -> bool:
         return seq.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.prompt_len
 
@@ -381,6 +392,8 @@ class Engine:
     def _finish(self, seq: Sequence, out: Output | None = None, reason: str = "abort") -> Output | None:
         if seq in self.running:
             self.running.remove(seq)
+        if reason == "error":
+            self._scrub(seq)
         self.blocks.release(seq.table)
         seq.table = []
         if out is not None:

@@ -103,6 +103,12 @@ class BlockManager:
                 if block in self.claims:
                     self.claimed[block : self.claims.pop(block)] = False
 
+    def forget(self, block: int) -> None:
+        """Drop the prefix hash of a block whose contents are not to be reused (a failed sequence's)."""
+        if block in self.hash_of:
+            del self.by_hash[self.hash_of.pop(block)]
+            self.open[block] = self.refs[block] == 0
+
     def lookup(self, block_hash: int) -> int | None:
         """The cached block holding this prefix hash, now referenced once more; None on a miss."""
         self.prefix_queries += 1

@@ -99,9 +99,10 @@ def test_the_cpu_runner_is_picked_for_a_plain_model(tokenizer):
     assert isinstance(Engine(tiny_model(), tokenizer, EngineConfig(kv_blocks=64)).runner, CpuRunner)
 
 
+@pytest.mark.parametrize("poisoned_first", [True, False])
 @pytest.mark.parametrize("greedy", [True, False])
 @pytest.mark.parametrize("backend", ["auto", "torch"])
-def test_a_failing_sequence_ends_alone(tokenizer, backend, greedy):
+def test_a_failing_sequence_ends_alone(tokenizer, backend, greedy, poisoned_first):
     model, batch = tiny_model(), prompts(4, seed=2)
     expected = [torch_greedy(model, p, tokenizer.eos_id) for p in batch]
     poison = 250  # a corrupted embedding row: that request's logits are NaN, and neither pick nor draw takes them
@@ -109,12 +110,20 @@ def test_a_failing_sequence_ends_alone(tokenizer, backend, greedy):
         model.embed.weight[poison] = float("nan")
     engine = Engine(model, tokenizer, EngineConfig(block_size=4, backend=backend))
     failing = GREEDY if greedy else SamplingParams(max_tokens=16, temperature=1.0, seed=0)
-    # added last, so block 0 is not its: the torch runner (paged.PagedBatch) pads decode tables with block 0, and NaN
-    # keys there or in a reused block's unwritten slots pass SDPA's -inf mask (NaN + -inf is NaN) into other requests
-    outs = engine.generate_each(batch + [[1, 9, poison, 12]], [GREEDY] * len(batch) + [failing])
-    assert outs[-1].finish_reason == "error" and outs[-1].token_ids == []
-    assert [o.token_ids for o in outs[:-1]] == expected
-    assert all(o.finish_reason in ("stop", "length") for o in outs[:-1])
+    # first, it takes block 0 and its NaN keys sit in blocks the others later reuse: neither padding nor stale slots
+    # may carry them into other requests (NaN + -inf is NaN under SDPA's mask)
+    bad, params = [[1, 9, poison, 12]], [failing]
+    if poisoned_first:
+        outs = engine.generate_each(bad + batch, params + [GREEDY] * len(batch))
+        failed, rest = outs[0], outs[1:]
+    else:
+        outs = engine.generate_each(batch + bad, [GREEDY] * len(batch) + params)
+        failed, rest = outs[-1], outs[:-1]
+    assert failed.finish_reason == "error" and failed.token_ids == []
+    assert [o.token_ids for o in rest] == expected
+    assert all(o.finish_reason in ("stop", "length") for o in rest)
+    again = engine.generate_each(batch, [GREEDY] * len(batch))  # in the blocks the failed request held
+    assert [o.token_ids for o in again] == expected
     assert engine.blocks.num_free == engine.blocks.num_blocks and not engine.has_work()
 
 
