@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from lmforge import cli_args
 from lmforge.errors import LmforgeError
 from lmforge.serve.chat_page import CHAT_PAGE
 from lmforge.serve.engine import Engine, EngineConfig, EngineFull, Output, SamplingParams
@@ -41,12 +42,13 @@ MAX_BODY_BYTES = 4 << 20
 class SamplingRequest(BaseModel):
     model: str
     max_tokens: int | None = Field(default=None, ge=1, le=1 << 20)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)  # not in OpenAI's API; vLLM and llama.cpp accept it too
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)  # vLLM's extension
+    # sampling values are typed here and checked in one place, SamplingParams.validate (a 400 naming the value)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # not in OpenAI's API; vLLM and llama.cpp accept it too
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # vLLM's extension
     stop: str | list[str] | None = None
     stop_token_ids: list[int] = Field(default_factory=list)
     stream: bool = False
@@ -424,17 +426,10 @@ def _sse(data: dict) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
-def port(text: str) -> int:
-    """--port's type: argparse turns the error into one line and exit status 2."""
-    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port; give a number from 0 to 65535 (0: any free port)")
-    return int(text)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run folder, a run name under runs/, or a transformers model folder")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=port, default=8000, help="port to listen on, 0-65535 (default 8000)")
+    parser.add_argument("--port", type=cli_args.port, default=8000, help="port to listen on, 0-65535 (default 8000)")
     parser.add_argument("--name", default=None, help="model name clients ask for (default: the run folder's name)")
     parser.add_argument(
         "--api-key", default=None, help="require Authorization: Bearer KEY on /v1 and /metrics (default: open)"
