@@ -19,8 +19,8 @@ from lmforge.train.config import TrainConfig
 from lmforge.train.dcp import dcp_dirs
 from lmforge.train.optim import build_optimizers
 from lmforge.train.parallel import ParallelConfig, checkpoint_blocks, saved_activation_bytes
-from lmforge.train.pretrain import optimizer_step
 from lmforge.train.schedule import build_schedulers
+from lmforge.train.steps import optimizer_step
 
 TINY = [
     "model.vocab_size=384",
