@@ -1,9 +1,9 @@
 """report.md and its plots, rendered from what the stages wrote into the run folder (a view, no logic).
 
-Run: `lmforge report RUN` (stages also call it when they finish). Each stage that wrote `<stage>_config.json` and
-`<stage>.json` (or logged rows to metrics.jsonl) gets a section: its loss plot, then its summary, rendered as it is
-nested (a dict of values as a table, a list of records as a table, prompts and completions as code), so a new stage
-needs no code here.
+Run: `lmforge report RUN` (stages also call it when they finish). Each stage that wrote its config
+`<stage>_config.json` (with its `run` section) and its summary `<stage>.json`, or logged rows to metrics.jsonl, gets a
+section: its loss plot, then its summary, rendered as it is nested (a dict of values as a table, a list of records as a
+table, prompts and completions as code), so a new stage needs no code here.
 """
 
 from __future__ import annotations
@@ -41,15 +41,24 @@ def write_report(run_dir: str | Path) -> Path:
 
 
 def stages(run: Run) -> list[str]:
-    """The stages of the run in the order they started: those that wrote `<stage>_config.json` and `<stage>.json`,
-    then any other that only logged metrics."""
+    """The stages of the run in the order they started: those that wrote their config and a summary, then any other
+    that only logged metrics. A stage's config holds its `run` section, which tells it from other files named
+    *_config.json (the tokenizer's, in transformers' layout)."""
     configs = sorted(run.path.glob("*_config.json"), key=lambda p: p.stat().st_mtime)
-    names = [c.name.removesuffix("_config.json") for c in configs]
+    names = [c.name.removesuffix("_config.json") for c in configs if _is_stage_config(c)]
     names = [n for n in names if run.file(f"{n}.json").is_file()]
     for row in run.read_metrics():
         if isinstance(row.get("stage"), str) and row["stage"] not in names:
             names.append(row["stage"])
     return names
+
+
+def _is_stage_config(path: Path) -> bool:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("run"), dict)
 
 
 def _stage_section(run: Run, stage: str) -> list[str]:
@@ -66,6 +75,7 @@ def _stage_section(run: Run, stage: str) -> list[str]:
 
 def _render(values: dict[str, Any], level: int) -> list[str]:
     """Scalars (and lists of scalars) as one table, then each nested dict or list of records under its own heading."""
+    values = {k: v for k, v in values.items() if v != [] and v != {}}  # nothing to show (no samples asked for)
     scalars = {k: v for k, v in values.items() if not _nested(v)}
     lines = _table(scalars) if scalars else []
     for key, value in values.items():

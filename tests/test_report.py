@@ -23,13 +23,16 @@ FINETUNE = {
 def make_run(tmp_path) -> Run:
     run = Run(tmp_path / "r")
     for stage, summary, mtime in (("pretrain", PRETRAIN, 1_000), ("finetune", FINETUNE, 2_000)):
-        run.write_json(f"{stage}_config.json", {})
+        run.write_json(f"{stage}_config.json", {"run": {"name": "r"}})
         os.utime(run.file(f"{stage}_config.json"), (mtime, mtime))
         run.write_json(f"{stage}.json", summary)
     for step in (1, 2, 3):
         run.log_metrics({"step": step, "loss": 6.0 - step})
         run.log_metrics({"step": step, "loss": 3.0 - step / 2}, stage="finetune")
     run.log_metrics({"step": 3, "val_loss": 2.5}, stage="finetune")
+    # the tokenizer's files in transformers' layout: not a stage
+    run.write_json("tokenizer.json", {"version": "1.0", "model": {}})
+    run.write_json("tokenizer_config.json", {"model_max_length": 128})
     run.close()
     return run
 
@@ -49,6 +52,7 @@ def test_each_stage_gets_its_section_plot_and_tables(tmp_path):
     assert "#### Split" in finetune and "| train | 900 |" in finetune
     assert "| epoch | loss | note |" in finetune and "| 2 | 2 | a\\|b |" in finetune
     assert "| lora ranks | 8, 16 |" in finetune
+    assert "tokenizer" not in text
     for plot in ("loss_curve.png", "finetune_loss_curve.png"):
         assert run.file(plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
