@@ -117,6 +117,9 @@ def test_muon_under_fsdp_follows_one_process(muon_runs, name):
     gradients summed in another order move single weights by up to ~5e-3, but no further."""
     for key in ("loss", "grad_norm", "val_loss"):
         assert muon_runs.metrics(name, key) == pytest.approx(muon_runs.metrics("muon", key), rel=1e-4), key
+    # the compute section counts the same FLOPs, and both ranks' device time
+    compute = {n: json.loads((muon_runs.root / n / "pretrain.json").read_text())["compute"] for n in (name, "muon")}
+    assert compute[name]["flops"] == compute["muon"]["flops"] and compute[name]["ranks"] == 2
 
 
 def test_muon_zero3_resume_continues_exactly(muon_runs):
