@@ -32,13 +32,8 @@ class Checkpointer:
     ):
         """`global_batch`: sequences per micro-batch over the dp ranks, which a resume must keep to continue exactly;
         `keep_last`: checkpoints kept."""
-        self.run, self.global_batch, self.dp_size, self.scaler, self.keep_last = (
-            run,
-            global_batch,
-            dp_size,
-            scaler,
-            keep_last,
-        )
+        self.run, self.global_batch, self.dp_size = run, global_batch, dp_size
+        self.scaler, self.keep_last = scaler, keep_last
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         # tp's interleaved rows of fused matrices go back to the model's order in the checkpoint
         self.rows = (fused_rows(model), layout.tp) if layout.tp > 1 else None
