@@ -1,6 +1,9 @@
 """report.md and its plots, rendered from what the stages wrote into the run folder (a view, no logic).
 
-Run: `lmforge report RUN` (stages also call it when they finish).
+Run: `lmforge report RUN` (stages also call it when they finish). Each stage that wrote its config
+`<stage>_config.json` (with its `run` section) and its summary `<stage>.json`, or logged rows to metrics.jsonl, gets a
+section: its loss plot, then its summary, rendered as it is nested (a dict of values as a table, a list of records as a
+table, prompts and completions as code), so a new stage needs no code here.
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ from typing import Any
 
 from lmforge.run import Run, atomic_write, resolve_run
 
+# the pre-training plot keeps the name the README and older runs use
+PLOT_NAMES = {"pretrain": "loss_curve.png"}
+PERCENT_KEYS = {"mfu"}
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run folder or name under runs/")
@@ -26,29 +33,102 @@ def command(args: argparse.Namespace) -> None:
 def write_report(run_dir: str | Path) -> Path:
     run = Run(run_dir)
     lines = [f"# Run `{run.path.name}`", ""]
-    pretrain_rows = run.read_metrics("pretrain")
-    if pretrain_rows and _loss_plot(run, pretrain_rows):
-        lines += ["![loss curve](loss_curve.png)", ""]
-    summary_path = run.file("pretrain.json")
-    if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
-        lines += _table("Corpus", summary["corpus"])
-        lines += _table("Model", summary["model"])
-        lines += _table("Pre-training", summary["training"])
-        lines += ["## Samples", ""]
-        for sample in summary.get("samples", []):
-            lines += [f"Prompt `{sample['prompt']!r}`:", "", "```", sample["prompt"] + sample["completion"], "```", ""]
+    for stage in stages(run):
+        lines += _stage_section(run, stage)
     path = run.file("report.md")
     atomic_write(path, "\n".join(lines))
     return path
 
 
-def _table(title: str, values: dict[str, Any]) -> list[str]:
-    lines = [f"## {title}", "", "| | |", "|---|---|"]
+def stages(run: Run) -> list[str]:
+    """The stages of the run in the order they started: those that wrote their config and a summary, then any other
+    that only logged metrics. A stage's config holds its `run` section, which tells it from other files named
+    *_config.json (the tokenizer's, in transformers' layout)."""
+    configs = sorted(run.path.glob("*_config.json"), key=lambda p: p.stat().st_mtime)
+    names = [c.name.removesuffix("_config.json") for c in configs if _is_stage_config(c)]
+    names = [n for n in names if run.file(f"{n}.json").is_file()]
+    for row in run.read_metrics():
+        if isinstance(row.get("stage"), str) and row["stage"] not in names:
+            names.append(row["stage"])
+    return names
+
+
+def _is_stage_config(path: Path) -> bool:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("run"), dict)
+
+
+def _stage_section(run: Run, stage: str) -> list[str]:
+    lines = [f"## {stage}", ""]
+    plot = PLOT_NAMES.get(stage, f"{stage}_loss_curve.png")
+    if _loss_plot(run, run.read_metrics(stage), plot):
+        lines += [f"![{stage} loss curve]({plot})", ""]
+    summary_path = run.file(f"{stage}.json")
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        lines += _render(summary, level=3) if isinstance(summary, dict) else _render({"summary": summary}, level=3)
+    return lines
+
+
+def _render(values: dict[str, Any], level: int) -> list[str]:
+    """Scalars (and lists of scalars) as one table, then each nested dict or list of records under its own heading."""
+    values = {k: v for k, v in values.items() if v != [] and v != {}}  # nothing to show (no samples asked for)
+    scalars = {k: v for k, v in values.items() if not _nested(v)}
+    lines = _table(scalars) if scalars else []
     for key, value in values.items():
-        shown = f"{value:.1%}" if key == "mfu" and isinstance(value, float) else _fmt(value)
-        lines.append(f"| {key.replace('_', ' ')} | {shown} |")
+        if not _nested(value):
+            continue
+        lines += [f"{'#' * level} {_title(key)}", ""]
+        if isinstance(value, dict):
+            lines += _render(value, level + 1)
+        elif all(isinstance(v, dict) and {"prompt", "completion"} <= v.keys() for v in value):
+            lines += _samples(value)
+        else:
+            lines += _records(value)
+    return lines
+
+
+def _nested(value: Any) -> bool:
+    return isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, dict | list) for v in value))
+
+
+def _title(key: str) -> str:
+    return key.replace("_", " ").capitalize()
+
+
+def _table(values: dict[str, Any]) -> list[str]:
+    lines = ["| | |", "|---|---|"]
+    for key, value in values.items():
+        lines.append(f"| {key.replace('_', ' ')} | {_cell(key, value)} |")
     return lines + [""]
+
+
+def _records(rows: list[Any]) -> list[str]:
+    """A list of records as a table with a column per key (the union, in order of first appearance)."""
+    rows = [r if isinstance(r, dict) else {"value": r} for r in rows]
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(k.replace("_", " ") for k in keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        lines.append("| " + " | ".join(_cell(k, r[k]) if k in r else "" for k in keys) + " |")
+    return lines + [""]
+
+
+def _samples(samples: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for sample in samples:
+        lines += [f"Prompt `{sample['prompt']!r}`:", "", "```", sample["prompt"] + sample["completion"], "```", ""]
+    return lines
+
+
+def _cell(key: str, value: Any) -> str:
+    if key in PERCENT_KEYS and isinstance(value, float):
+        return f"{value:.1%}"
+    if isinstance(value, list):
+        return ", ".join(_fmt(v) for v in value)
+    return _fmt(value).replace("|", "\\|").replace("\n", "<br>")
 
 
 def _fmt(value: Any) -> str:
@@ -58,33 +138,40 @@ def _fmt(value: Any) -> str:
         if abs(value) >= 1e6:
             return f"{value:.3e}"
         return f"{value:,.4g}" if abs(value) < 1000 else f"{value:,.0f}"
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
+    if isinstance(value, dict | list):
+        return json.dumps(value)
     return str(value)
 
 
-def _loss_plot(run: Run, rows: list[dict[str, Any]]) -> bool:
+def _loss_plot(run: Run, rows: list[dict[str, Any]], name: str) -> bool:
+    """Every numeric metric whose name ends in `loss` against the step, in one plot."""
+    keys = list(dict.fromkeys(k for r in rows for k, v in r.items() if k.endswith("loss") and _number(v)))
+    curves = {k: [(r["step"], r[k]) for r in rows if _number(r.get(k)) and _number(r.get("step"))] for k in keys}
+    curves = {k: points for k, points in curves.items() if points}
+    if not curves:
+        return False
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    if not train and not val:
-        return False
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train loss")
-    if val:
-        ax.plot(*zip(*val, strict=True), "o-", label="val loss")
+    for key, points in curves.items():
+        style = "o-" if key.startswith("val") else "-"  # validation points are few and far apart
+        ax.plot(*zip(*points, strict=True), style, label=key.replace("_", " "))
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel("loss (nats/token for cross-entropy)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    atomic_write(run.file("loss_curve.png"), buf.getvalue())
+    atomic_write(run.file(name), buf.getvalue())
     return True
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

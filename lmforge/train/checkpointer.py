@@ -1,21 +1,18 @@
-"""Checkpoint I/O of the pre-training loop: DCP shards that resume on another world size and layout, and a
-single-file export for the rest of lmforge."""
+"""Checkpoint I/O of a training loop: DCP shards that resume on another world size and layout, and a single-file
+export for the rest of lmforge."""
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from lmforge.checkpoint import prune_checkpoints
 from lmforge.errors import LmforgeError
+from lmforge.models import ModelConfig
 from lmforge.run import Run
 from lmforge.train import dcp, parallel
+from lmforge.train.parallel import ParallelConfig
 from lmforge.train.tensor_parallel import fused_rows
-
-if TYPE_CHECKING:
-    from lmforge.train.pretrain import PretrainConfig
 
 
 class Checkpointer:
@@ -23,16 +20,27 @@ class Checkpointer:
     runs/<name>/dcp/step_N, which resumes on any world size and layout whose global batch is the same; rank 0 exports
     the weights to checkpoints/step_N/{model.safetensors, model.json} for generate, export and serve."""
 
-    def __init__(self, run: Run, cfg: PretrainConfig, dp_size: int, scaler: torch.amp.GradScaler):
-        self.run, self.cfg, self.dp_size, self.scaler = run, cfg, dp_size, scaler
+    def __init__(
+        self,
+        run: Run,
+        model: ModelConfig,
+        layout: ParallelConfig,
+        global_batch: int,
+        dp_size: int,
+        scaler: torch.amp.GradScaler,
+        keep_last: int,
+    ):
+        """`global_batch`: sequences per micro-batch over the dp ranks, which a resume must keep to continue exactly;
+        `keep_last`: checkpoints kept."""
+        self.run, self.global_batch, self.dp_size = run, global_batch, dp_size
+        self.scaler, self.keep_last = scaler, keep_last
         self.rank = dist.get_rank() if dist.is_initialized() else 0
-        tp = cfg.parallel.tp
-        self.rows = (fused_rows(cfg.model), tp) if tp > 1 else None
-        self.global_batch = cfg.train.batch_size * dp_size
+        # tp's interleaved rows of fused matrices go back to the model's order in the checkpoint
+        self.rows = (fused_rows(model), layout.tp) if layout.tp > 1 else None
 
     def save(self, step: int, model, optimizers, schedulers, loader) -> None:
         """Every rank calls this."""
-        run, keep_last = self.run, self.cfg.train.keep_last
+        run, keep_last = self.run, self.keep_last
         state = {"loader": loader.state_dict(), "dp_size": self.dp_size, "global_batch": self.global_batch}
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()

@@ -48,6 +48,9 @@ class TrainConfig:
     eval_every: int = 50
     """Validation loss every this many steps (0: only at the end)."""
     eval_batches: int = 8
+    """Validation batches of the global micro-batch (batch_size x data-parallel ranks windows): the validation set is
+    the split's first eval_batches x batch_size x dp windows, so every layout of one global batch reports the same
+    loss."""
     log_every: int = 10
     ckpt_every: int = 0
     """Checkpoint every this many steps (0: only at the end)."""
@@ -55,6 +58,13 @@ class TrainConfig:
     """Checkpoints to keep."""
     device: str = "auto"
     """auto (cuda if present, else cpu), cpu, cuda or cuda:N."""
+    grid_g_co2_per_kwh: float = 480.0
+    """Carbon intensity of the electricity grid (g CO2 per kWh) for the report's CO2 figure; the default is the
+    world average of 2023 (Ember, Global Electricity Review 2024). Set your own grid's."""
+    cpu_watts_per_core: float = 10.0
+    """Power of one busy CPU core, for the energy estimate where the RAPL counters cannot be read (often root-only)."""
+    gpu_watts: float = 400.0
+    """Power of one GPU, for the energy estimate where NVML cannot be read (pynvml missing)."""
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_batches", "log_every", "keep_last", "ac_every"):
@@ -65,4 +75,6 @@ class TrainConfig:
         check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         check(0 < self.decay_fraction <= 1, f"train.decay_fraction={self.decay_fraction} must be in (0, 1]")
         check(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip} must be >= 0")
+        for name in ("grid_g_co2_per_kwh", "cpu_watts_per_core", "gpu_watts"):
+            check(getattr(self, name) >= 0, f"train.{name}={getattr(self, name)} must be >= 0")
         check(self.loss_scale > 0, f"train.loss_scale={self.loss_scale} must be positive (fp16 starts from it)")

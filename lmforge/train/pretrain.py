@@ -8,7 +8,6 @@ world size) plus a single-file export (runs/<name>/checkpoints/) for generate, e
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -28,12 +27,14 @@ from lmforge.tokenizer import Tokenizer, TokenizerConfig
 from lmforge.train import parallel, pipeline
 from lmforge.train.checkpointer import Checkpointer
 from lmforge.train.config import TrainConfig
+from lmforge.train.energy import EnergyMeter
 from lmforge.train.flops import matmul_peak_flops
 from lmforge.train.optim import build_optimizers
 from lmforge.train.parallel import ParallelConfig
 from lmforge.train.precision import loss_scaler
 from lmforge.train.progress import TrainProgress
 from lmforge.train.schedule import build_schedulers
+from lmforge.train.steps import AUTOCAST, autocast_for, evaluate, forward_backward, optimizer_step, pick_device
 
 
 @dataclass
@@ -66,11 +67,6 @@ class PretrainConfig:
         )
         pc = self.parallel
         pc.check_model(self.model)
-        check(
-            pc.zero < 2 or self.train.optimizer == "adamw",
-            f"parallel.zero={pc.zero} shards each matrix over the ranks but Muon orthogonalises whole matrices; use "
-            f"train.optimizer=adamw or parallel.zero<=1",
-        )
         microbatches = pc.microbatches or self.train.grad_accum
         check(
             pc.pp == 1 or (self.train.batch_size * self.train.grad_accum) % microbatches == 0,
@@ -85,31 +81,6 @@ class PretrainConfig:
             self.parallel.backend != "nccl" or self.train.device != "cpu",
             "parallel.backend=nccl needs CUDA devices; use parallel.backend=gloo (or auto) with train.device=cpu",
         )
-
-
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def optimizer_step(model, optimizers, schedulers, scaler: torch.amp.GradScaler, clip: float, pc, mesh) -> torch.Tensor:
-    """Unscale the gradients (fp16), clip their global norm, step every optimizer (the scaler skips the step when a
-    gradient is inf or NaN) and schedule; return the norm before clipping."""
-    for opt in optimizers:
-        scaler.unscale_(opt)
-    grad_norm = parallel.clip_grad_norm(model, clip if clip > 0 else 1e30, pc, mesh)
-    for opt in optimizers:
-        scaler.step(opt)
-    scaler.update()
-    for sched in schedulers:
-        sched.step()
-    return grad_norm
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LmforgeError(f"train.device={name} but no CUDA device is visible; use train.device=cpu")
-    return torch.device(name)
 
 
 def prepare_data(cfg: PretrainConfig, run: Run) -> tuple[Tokenizer, dict[str, Any]]:
@@ -142,29 +113,17 @@ def prepare_data(cfg: PretrainConfig, run: Run) -> tuple[Tokenizer, dict[str, An
     return tokenizer, manifests
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, val_dir, cfg: PretrainConfig, autocast) -> float:
-    """Mean next-token loss over the first `train.eval_batches` validation windows."""
-    was_training = model.training
-    model.eval()
-    losses = []
-    for x, y in eval_batches(val_dir, cfg.model.max_seq_len, cfg.train.batch_size, cfg.train.eval_batches):
-        with autocast():
-            losses.append(model(x.to(_device(model)), y.to(_device(model))).item())
-    model.train(was_training)
-    return sum(losses) / len(losses)
-
-
 def main(cfg: PretrainConfig, run: Run) -> dict[str, float]:
     tc, mc = cfg.train, cfg.model
     pc = cfg.parallel
     rank, world_size, device = parallel.init_distributed(pc, pick_device(tc.device))
     mesh = parallel.build_mesh(pc, world_size, device)
     dp_rank, dp_size = parallel.dp_rank_and_size(mesh)
+    dp_group = mesh["dp"].get_group() if mesh is not None else None
     # every rank holds only part of the model (rank 0 keeps a whole CPU copy for samples and pipeline validation)
     sharded = world_size > 1 and (pc.zero >= 2 or pc.tp > 1 or pc.pp > 1)
     scaler = loss_scaler(tc, device, world_size)
-    ckpt = Checkpointer(run, cfg, dp_size, scaler)
+    ckpt = Checkpointer(run, mc, pc, tc.batch_size * dp_size, dp_size, scaler, tc.keep_last)
     t_data = time.perf_counter()
     if rank == 0:
         run.write_json("pretrain_config.json", to_dict(cfg))
@@ -205,14 +164,13 @@ def main(cfg: PretrainConfig, run: Run) -> dict[str, float]:
         torch.manual_seed(cfg.run.seed)
 
     train_model = torch.compile(dist_model) if tc.compile else dist_model
-    amp = AUTOCAST[tc.dtype]
-
-    def autocast():
-        return torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
-
+    autocast = autocast_for(device, tc.dtype)
     flops_per_step = mc.flops_per_token() * tokens_per_step
-    peak = world_size * matmul_peak_flops(device.type, amp or torch.float32)
+    peak = world_size * matmul_peak_flops(device.type, AUTOCAST[tc.dtype] or torch.float32)
     val_dir = run.file("data/val")
+    # the first eval_batches global micro-batches of windows, each dp rank a share: the same set on every layout
+    val_set = (val_dir, mc.max_seq_len, tc.batch_size, tc.eval_batches * dp_size, autocast)
+    meter = EnergyMeter(device, tc)
     losses: list[float] = []
     val_loss = math.nan
     train_seconds = 0.0
@@ -220,21 +178,10 @@ def main(cfg: PretrainConfig, run: Run) -> dict[str, float]:
     with TrainProgress(tc.steps, step, show=rank == 0) as progress:
         while step < tc.steps:
             t0 = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
-            if pipe is not None:  # the schedule runs the micro-batches: one step over all of the step's rows
-                batches = [loader.next_batch() for _ in range(tc.grad_accum)]
-                x, y = (torch.cat([b[i] for b in batches]).to(device) for i in (0, 1))
-                with autocast():
-                    loss_sum = pipe.step(x, y)
-            else:
-                for micro in range(tc.grad_accum):
-                    x, y = loader.next_batch()
-                    with parallel.grad_sync(dist_model, sync=micro == tc.grad_accum - 1):
-                        with autocast():
-                            loss = train_model(x.to(device), y.to(device)) / tc.grad_accum
-                        scaler.scale(loss).backward()
-                    loss_sum += loss.detach()
+            batches = [tuple(t.to(device) for t in loader.next_batch()) for _ in range(tc.grad_accum)]
+            loss_sum = forward_backward(train_model, batches, scaler, autocast, sync_model=dist_model, pipe=pipe)
             grad_norm = optimizer_step(model, optimizers, schedulers, scaler, tc.grad_clip, pc, mesh)
+            meter.sample()
             if step + 1 == tc.steps:  # with the gradients still held: what ZeRO's stages shard
                 memory.update(parallel.rank_bytes(model, optimizers))
             model.zero_grad(set_to_none=True)
@@ -255,15 +202,16 @@ def main(cfg: PretrainConfig, run: Run) -> dict[str, float]:
                     f"{tok_s:,.0f} tok/s | MFU {mfu:.1%} | ETA {eta:.0f}s"
                 )
             if (tc.eval_every and step % tc.eval_every == 0) or step == tc.steps:
-                if pipe is None:
-                    val_loss = evaluate(train_model, val_dir, cfg, autocast)  # every rank: FSDP gathers in forward
+                if pipe is None:  # every rank: FSDP gathers in forward
+                    val_loss = evaluate(train_model, *val_set, (dp_rank, dp_size), dp_group)
                 else:
-                    val_loss = _evaluate_gathered(model, plain, rank, val_dir, cfg, mesh, autocast)
+                    val_loss = _evaluate_gathered(model, plain, rank, val_set, pc, mc, mesh)
                 if rank == 0:
                     run.log_metrics(dict(step=step, val_loss=val_loss, val_ppl=math.exp(val_loss)))
                     progress.line(f"step {step:>6} | val loss {val_loss:.4f} | val ppl {math.exp(val_loss):.2f}")
             if (tc.ckpt_every and step % tc.ckpt_every == 0) or step == tc.steps:
                 ckpt.save(step, model, optimizers, schedulers, loader)
+    compute = meter.stop((step - start_step) * flops_per_step)  # every rank: the ranks' energy is summed
 
     summary = {
         "steps": step,
@@ -281,7 +229,7 @@ def main(cfg: PretrainConfig, run: Run) -> dict[str, float]:
         if sharded:  # the final weights, from the export of the final checkpoint
             load_weights(plain, latest_checkpoint(run.path) / "model.safetensors")
         samples = _samples(plain, tokenizer, cfg.sample)
-        _write_summary(run, cfg, plain, manifests, tokenizer, summary, samples)
+        _write_summary(run, cfg, plain, manifests, tokenizer, summary, compute, samples)
     run.close()
     parallel.destroy()  # after a barrier, so rank 0 has written pretrain.json before any rank returns
     return summary
@@ -310,14 +258,14 @@ def _activation_memory(cfg: PretrainConfig, run: Run, device: torch.device) -> d
     return {"activation_bytes_without_ac": without, "activation_bytes": with_ac}
 
 
-def _evaluate_gathered(model, plain, rank: int, val_dir, cfg: PretrainConfig, mesh, autocast) -> float:
-    """Validation loss of pipeline stages: rank 0 evaluates the gathered model (a pipeline's buffers are sized for the
-    training micro-batch, and the last eval batch may be smaller)."""
-    weights = parallel.full_state_dict(model, cfg.parallel, mesh, cfg.model)
+def _evaluate_gathered(model, plain, rank: int, val_set: tuple, pc: ParallelConfig, mc: ModelConfig, mesh) -> float:
+    """Validation loss of pipeline stages: rank 0 evaluates the whole validation set on the gathered model (a
+    pipeline's buffers are sized for the training micro-batch, and the last eval batch may be smaller)."""
+    weights = parallel.full_state_dict(model, pc, mesh, mc)
     out = [math.nan]
     if rank == 0:
         plain.load_state_dict(weights)
-        out[0] = evaluate(plain, val_dir, cfg, autocast)
+        out[0] = evaluate(plain, *val_set)
     dist.broadcast_object_list(out, src=0)
     return out[0]
 
@@ -333,7 +281,7 @@ def _samples(model: Decoder, tokenizer: Tokenizer, cfg: SampleConfig) -> list[di
     return out
 
 
-def _write_summary(run, cfg, model, manifests, tokenizer, summary, samples) -> None:
+def _write_summary(run, cfg, model, manifests, tokenizer, summary, compute, samples) -> None:
     train_m, val_m = manifests["train"], manifests["val"]
     run.write_json(
         "pretrain.json",
@@ -357,10 +305,7 @@ def _write_summary(run, cfg, model, manifests, tokenizer, summary, samples) -> N
                 "variant": f"{cfg.model.pos}, {cfg.model.norm}, {cfg.model.mlp}",
             },
             "training": {**summary, "total_flops": summary["tokens_trained"] * cfg.model.flops_per_token()},
+            "compute": compute,
             "samples": samples,
         },
     )
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device

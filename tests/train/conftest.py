@@ -97,10 +97,13 @@ class Runs:
         return [r[key] for r in Run(self.root / name).read_metrics() if key in r]
 
     def assert_same_training(self, name: str, reference: str, rel: float = 1e-5, steps=(2, 4)) -> None:
-        """Loss and gradient norm (before clipping) at every logged step within `rel` (fp32 sums in another order
-        differ by ~1e-7), and weights at each checkpoint within atol 1e-5 (10 * rel), equal the reference run's."""
+        """Loss, validation loss and gradient norm (before clipping) at every logged step within `rel` (fp32 sums in
+        another order differ by ~1e-7), and weights at each checkpoint within atol 1e-5 (10 * rel), equal the
+        reference run's."""
         assert self.metrics(name, "step") == self.metrics(reference, "step")  # rank 0 writes each row once
         assert self.metrics(name, "loss") == pytest.approx(self.metrics(reference, "loss"), rel=rel)
+        # the same validation windows, however the layout splits them over the ranks
+        assert self.metrics(name, "val_loss") == pytest.approx(self.metrics(reference, "val_loss"), rel=rel)
         expected = pytest.approx(self.metrics(reference, "grad_norm"), rel=rel, nan_ok=True)  # fp16 skips: inf, nan
         assert self.metrics(name, "grad_norm") == expected
         for step in steps:

@@ -13,14 +13,15 @@ from lmforge.checkpoint import checkpoint_dirs, load_run
 from lmforge.config import load_config
 from lmforge.errors import LmforgeError
 from lmforge.models import ModelConfig, build_model
+from lmforge.report import write_report
 from lmforge.run import Run
 from lmforge.train import pretrain
 from lmforge.train.config import TrainConfig
 from lmforge.train.dcp import dcp_dirs
 from lmforge.train.optim import build_optimizers
 from lmforge.train.parallel import ParallelConfig, checkpoint_blocks, saved_activation_bytes
-from lmforge.train.pretrain import optimizer_step
 from lmforge.train.schedule import build_schedulers
+from lmforge.train.steps import optimizer_step
 
 TINY = [
     "model.vocab_size=384",
@@ -81,8 +82,17 @@ def test_run_folder_holds_every_artifact_and_the_model_learns(tmp_path, corpus):
         assert (run / name).is_file(), name
     model, tokenizer = load_run(run)
     assert model.cfg.vocab_size == tokenizer.vocab_size == 384
-    samples = json.loads((run / "pretrain.json").read_text())["samples"]
+    written = json.loads((run / "pretrain.json").read_text())
+    samples = written["samples"]
     assert len(samples) == 3 and all(isinstance(s["completion"], str) for s in samples)
+    compute = written["compute"]
+    assert compute["flops"] == written["training"]["total_flops"] == 40 * 4 * 32 * written["model"]["flops_per_token"]
+    assert compute["device"] == "cpu" and compute["ranks"] == 1 and compute["device_seconds"] > 0
+    assert compute["energy_kwh"] > 0 and compute["energy_source"].startswith(("estimate", "RAPL"))
+    assert compute["co2_g"] == pytest.approx(compute["energy_kwh"] * compute["grid_g_co2_per_kwh"])
+    report = write_report(run).read_text()
+    assert "### Compute" in report and f"| energy source | {compute['energy_source']} |" in report
+    assert "![pretrain loss curve](loss_curve.png)" in report and "Prompt `" in report
 
 
 def test_keep_last_deletes_old_checkpoints(tmp_path, corpus):

@@ -22,7 +22,7 @@ def trained(runs):
     runs.single("alibi", "train.batch_size=8", *ALIBI_2D)
     # 2 data-parallel x 2 tensor-parallel ranks: FSDP shards the tp shards; 2 x batch 4 = 8 windows
     runs.torchrun("alibi_dp2_tp2", "train.batch_size=4", *ALIBI_2D, "parallel.tp=2", "parallel.zero=3", nproc=4)
-    # RoPE, fused SwiGLU, GQA with Muon, which computes on the DTensor shards with whole-matrix semantics
+    # RoPE, fused SwiGLU, GQA with Muon, which gathers each sharded matrix whole for its orthogonalisation
     runs.single("muon", "train.batch_size=8", "train.optimizer=muon")
     runs.torchrun("muon_tp2", "train.batch_size=8", "train.optimizer=muon", "parallel.tp=2")
     return runs
@@ -46,8 +46,8 @@ def test_tensor_parallel_checkpoint_holds_the_model_row_order_and_resumes_on_one
 
 
 def test_tensor_parallel_muon_follows_one_process(trained):
-    # Muon runs Newton-Schulz in bfloat16, where the shards' other summation order moves each update by ~2% (measured
-    # on one step of a 32x32 matrix); orthogonalising each shard on its own instead would change it entirely
+    # Muon runs Newton-Schulz in bfloat16 on the gathered matrix, whose fused rows tp interleaves: the other summation
+    # order moves single elements of an update; orthogonalising each shard on its own instead would change it entirely
     loss, reference = trained.metrics("muon_tp2", "loss"), trained.metrics("muon", "loss")
     assert loss == pytest.approx(reference, rel=1e-4)
     assert trained.metrics("muon_tp2", "grad_norm") == pytest.approx(trained.metrics("muon", "grad_norm"), rel=5e-3)
