@@ -20,6 +20,8 @@ from lmforge.run import Run, atomic_write, resolve_run
 # the pre-training plot keeps the name the README and older runs use
 PLOT_NAMES = {"pretrain": "loss_curve.png"}
 PERCENT_KEYS = {"mfu"}
+# summaries in transformers' layout that the tokenizer and exports write into a run folder: not stages
+NOT_STAGES = {"tokenizer", "special_tokens_map", "config", "generation_config"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,12 +43,20 @@ def write_report(run_dir: str | Path) -> Path:
 
 
 def stages(run: Run) -> list[str]:
-    """The stages of the run in the order they started: those that wrote their config and a summary, then any other
-    that only logged metrics. A stage's config holds its `run` section, which tells it from other files named
-    *_config.json (the tokenizer's, in transformers' layout)."""
-    configs = sorted(run.path.glob("*_config.json"), key=lambda p: p.stat().st_mtime)
-    names = [c.name.removesuffix("_config.json") for c in configs if _is_stage_config(c)]
-    names = [n for n in names if run.file(f"{n}.json").is_file()]
+    """The stages of the run in the order they started: each that wrote its config (by the config's time) or only a
+    summary (by the summary's time, as pre-training's record of prepared data, data.json), then any other that only
+    logged metrics. A stage's config holds its `run` section, which tells it from other files named *_config.json
+    (the tokenizer's, in transformers' layout)."""
+    started = {}
+    for config in run.path.glob("*_config.json"):
+        name = config.name.removesuffix("_config.json")
+        if _is_stage_config(config) and run.file(f"{name}.json").is_file():
+            started[name] = config.stat().st_mtime
+    for summary in run.path.glob("*.json"):
+        name = summary.stem
+        if name not in started and not name.endswith("_config") and name not in NOT_STAGES:
+            started[name] = summary.stat().st_mtime
+    names = sorted(started, key=started.get)
     for row in run.read_metrics():
         if isinstance(row.get("stage"), str) and row["stage"] not in names:
             names.append(row["stage"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 
-from lmforge.config import check
+from lmforge.config import check, to_dict
 from lmforge.data import prepare
 from lmforge.data.config import DataPrepConfig
 from lmforge.data.corpus import DataConfig
@@ -96,6 +96,7 @@ def pretrain_config(cfg: SpeedrunConfig, data_path: str = "") -> pretrain.Pretra
 
 def main(cfg: SpeedrunConfig, run: Run) -> dict[str, float]:
     data = replace(cfg.data, output=cfg.data.output or str(run.file("data")))
+    run.write_json("data_config.json", {"run": to_dict(cfg.run), **to_dict(data)})  # its report section comes first
     t0 = time.perf_counter()
     prepare.main(data)
     prepare_seconds = time.perf_counter() - t0

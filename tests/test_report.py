@@ -64,3 +64,18 @@ def test_a_stage_that_only_logged_metrics_gets_its_plot(tmp_path):
     text = write_report(run.path).read_text()
     assert "## align" in text and "![align loss curve](align_loss_curve.png)" in text
     assert json.loads(run.file("metrics.jsonl").read_text().splitlines()[0])["stage"] == "align"
+
+
+def test_a_summary_without_a_config_gets_its_section_in_time_order(tmp_path):
+    """pretrain's record of the prepared data it read (data.json) is a section, before the stage written after it."""
+    run = Run(tmp_path / "r")
+    run.write_json("data.json", {"stages": [{"stage": "dedup", "docs_in": 10, "docs_kept": 8}]})
+    os.utime(run.file("data.json"), (1_000, 1_000))
+    run.write_json("pretrain_config.json", {"run": {"name": "r"}})
+    run.write_json("pretrain.json", PRETRAIN)
+    run.write_json("special_tokens_map.json", {"bos_token": "<|bos|>"})
+    run.close()
+    text = write_report(run.path).read_text()
+    data, pretrain = text.split("## data\n")[1].split("## pretrain\n")
+    assert "| stage | docs in | docs kept |" in data and "| dedup | 10 | 8 |" in data
+    assert "### Corpus" in pretrain and "special" not in text

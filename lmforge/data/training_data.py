@@ -96,6 +96,20 @@ def use_prepared(path: str | Path, vocab_size: int, run: Run) -> tuple[Tokenizer
     return prep.tokenizer, prep.manifests
 
 
+def data_lineage(data_path: str, tokenizer: Tokenizer, manifests: dict[str, dict[str, Any]], run: Run) -> dict:
+    """What a checkpoint records of the data it was trained on: the prepared folder with the hashes of its stats and
+    tokenizer (data.json), or for raw text the source and the tokenizer's hash."""
+    if data_path and is_prepared(data_path):
+        return run.read_json("data.json")["lineage"]
+    return {
+        "source": data_path or "embedded: Python standard library",
+        "tokenizer_sha256": tokenizer.sha256,
+        "vocab_size": tokenizer.vocab_size,
+        "train_tokens": manifests["train"]["total_tokens"],
+        "val_tokens": manifests["val"]["total_tokens"],
+    }
+
+
 def data_summary(prep: PreparedData) -> dict[str, Any]:
     """The run's data lineage and one row per data stage: documents and bytes in and kept, and why others went."""
     stages = []

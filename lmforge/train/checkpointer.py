@@ -3,13 +3,15 @@ export for the rest of lmforge."""
 
 from __future__ import annotations
 
+import json
+
 import torch
 import torch.distributed as dist
 
 from lmforge.checkpoint import prune_checkpoints
 from lmforge.errors import LmforgeError
 from lmforge.models import ModelConfig
-from lmforge.run import Run
+from lmforge.run import Run, atomic_write
 from lmforge.train import dcp, parallel
 from lmforge.train.parallel import ParallelConfig
 from lmforge.train.tensor_parallel import fused_rows
@@ -37,6 +39,8 @@ class Checkpointer:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         # tp's interleaved rows of fused matrices go back to the model's order in the checkpoint
         self.rows = (fused_rows(model), layout.tp) if layout.tp > 1 else None
+        self.lineage: dict | None = None
+        """The data the weights were trained on, written beside each exported checkpoint (data_lineage.json)."""
 
     def save(self, step: int, model, optimizers, schedulers, loader) -> None:
         """Every rank calls this."""
@@ -48,7 +52,10 @@ class Checkpointer:
         local = parallel.local_optimizers(optimizers)
         saved = dcp.save_dcp(run.path, step, model, local, schedulers, state, keep_last, self.rows)
         if self.rank == 0:  # reads the shards back in one process: no collective, no whole copy on the other ranks
-            dcp.export_safetensors(saved, run.file(f"checkpoints/step_{step:06d}"))
+            exported = run.file(f"checkpoints/step_{step:06d}")
+            dcp.export_safetensors(saved, exported)
+            if self.lineage is not None:
+                atomic_write(exported / "data_lineage.json", json.dumps(self.lineage, indent=2) + "\n")
             prune_checkpoints(run.path, keep_last)
         parallel.barrier()
 

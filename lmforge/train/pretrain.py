@@ -20,6 +20,7 @@ from lmforge.checkpoint import latest_checkpoint, load_weights
 from lmforge.config import check, to_dict
 from lmforge.data.corpus import DataConfig, load_corpus
 from lmforge.data.shards import ShardLoader, eval_batches, read_manifest, shards_ready, write_shards
+from lmforge.data.training_data import data_lineage
 from lmforge.errors import LmforgeError
 from lmforge.models import Decoder, ModelConfig, build_model
 from lmforge.run import Run, RunConfig
@@ -132,6 +133,7 @@ def main(cfg: PretrainConfig, run: Run) -> dict[str, float]:
     if rank != 0:
         tokenizer, manifests = prepare_data(cfg, run)  # rank 0 wrote everything, so this only reads
     data_seconds = time.perf_counter() - t_data
+    ckpt.lineage = data_lineage(cfg.data.path, tokenizer, manifests, run)
     if manifests["val"]["total_tokens"] <= mc.max_seq_len:
         raise LmforgeError(
             f"the validation split has {manifests['val']['total_tokens']} tokens, fewer than one window of "

@@ -92,6 +92,8 @@ def test_pretrain_trains_on_the_prepared_shards_and_records_the_lineage(tmp_path
     assert "too_few_words 1" in rows["quality"]["removed"]
     assert rows["dedup"]["docs_removed"] >= 1 and "exact_duplicate" in rows["dedup"]["removed"]
     assert data["split"]["train_docs"] + data["split"]["val_docs"] == stats["docs_out"]
+    (checkpoint,) = sorted(run.file("checkpoints").glob("step_*"))
+    assert json.loads((checkpoint / "data_lineage.json").read_text()) == data["lineage"]
 
     # resuming finds everything in place and continues
     before = run.file("data.json").stat().st_mtime_ns

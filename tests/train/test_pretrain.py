@@ -82,6 +82,8 @@ def test_run_folder_holds_every_artifact_and_the_model_learns(tmp_path, corpus):
         assert (run / name).is_file(), name
     model, tokenizer = load_run(run)
     assert model.cfg.vocab_size == tokenizer.vocab_size == 384
+    lineage = json.loads((checkpoint_dirs(run)[-1] / "data_lineage.json").read_text())
+    assert lineage["source"] == str(corpus) and lineage["tokenizer_sha256"] == tokenizer.sha256
     written = json.loads((run / "pretrain.json").read_text())
     samples = written["samples"]
     assert len(samples) == 3 and all(isinstance(s["completion"], str) for s in samples)
