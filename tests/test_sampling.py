@@ -96,7 +96,6 @@ def test_extreme_repetition_penalties_keep_a_distribution(penalty):
         ("repetition_penalty", 0.0),
         ("repetition_penalty", math.inf),
         ("presence_penalty", math.nan),
-        ("presence_penalty", 2.5),
         ("frequency_penalty", -math.inf),
         ("max_tokens", -1),
         ("logprobs", -2),

@@ -52,9 +52,10 @@ class SamplingParams:
         _integer("top_k", self.top_k, ">= 0 (0 switches it off)", minimum=0)
         _finite("top_p", self.top_p, "in (0, 1] (1 switches it off)", lambda p: 0 < p <= 1)
         _finite("repetition_penalty", self.repetition_penalty, "> 0 (1 switches it off)", lambda r: r > 0)
-        # OpenAI's range for the two additive penalties (vLLM's too)
-        _finite("presence_penalty", self.presence_penalty, "in [-2, 2] (0 switches it off)", lambda x: -2 <= x <= 2)
-        _finite("frequency_penalty", self.frequency_penalty, "in [-2, 2] (0 switches it off)", lambda x: -2 <= x <= 2)
+        # any finite value is safe (sample.penalized clamps the logits); OpenAI documents [-2, 2], and larger values
+        # are a user's way to forbid repeats outright
+        _finite("presence_penalty", self.presence_penalty, "(0 switches it off)", lambda _: True)
+        _finite("frequency_penalty", self.frequency_penalty, "(0 switches it off)", lambda _: True)
         if self.seed is not None:
             _integer("seed", self.seed, "(any integer)")
         if self.logprobs is not None:
