@@ -33,8 +33,10 @@ lint: dev
 chromium:
 	test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium)
 
+# two workers, each test file in one of them (module fixtures such as the torchrun layouts run once): 5.5 min on
+# 2 cores against 10.5 min in one process
 test: lint chromium
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n 2 --dist loadfile
 
 bench: dev
 	$(PY) benchmarks/bench_train.py
