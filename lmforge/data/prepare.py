@@ -101,7 +101,8 @@ def near_duplicate_labels(
 ) -> np.ndarray:
     """Near-duplicate cluster labels of the `selected` documents of every shard, in order. The signatures (512 bytes a
     document) stay in the shards' files: each shard's band hashes go to `folder` for the step's duration, then
-    sharded_near_duplicate_clusters reads them a band at a time. 200,000 documents peaked at ? MB, ? MB in memory."""
+    sharded_near_duplicate_clusters reads them a band at a time. Loading 200,000 documents' results (5 shards) then
+    deduplicating them peaked at 345 MB RSS, 231 MB of it imports; with every signature in memory, 633 MB."""
     bands, rows = cfg.dedup.banding()
     shutil.rmtree(folder, ignore_errors=True)  # a killed run's
     folder.mkdir(parents=True)
