@@ -275,18 +275,18 @@ class SignatureShard:
 
     band_hashes: Path
     """.npy file of the (bands, n) uint64 array band_hashes() gives for the shard's n documents."""
-    signatures: Callable[[], np.ndarray]
-    """Loads the shard's (n, num_perm) signatures."""
+    signatures: Callable[[np.ndarray], np.ndarray]
+    """Loads the (len(positions), num_perm) signatures of the documents at the given positions of the shard."""
 
 
 def sharded_near_duplicate_clusters(
     shards: Sequence[SignatureShard], bands: int, rows: int, threshold: float | None = None
 ) -> np.ndarray:
-    """near_duplicate_clusters() over the documents of every shard in order, the same labels, in ~40 bytes per
-    document plus the signatures of the candidates. One band at a time, every document's hash is read from disk and
-    sorted; a document whose hash another shares is a candidate. Only candidates can be linked, and every member of a
-    bucket is one, so clustering the candidates alone (ranks, buckets and checks among them as among all) gives every
-    link; each shard's candidates' signatures are read once."""
+    """near_duplicate_clusters() over the documents of every shard in order, the same labels, in ~40 bytes a document
+    plus the signatures of the candidates (4*num_perm bytes each). One band at a time, every document's hash is read
+    from disk and sorted; a document whose hash another shares is a candidate. Only candidates can be linked, and every
+    member of a bucket is one, so clustering the candidates alone (ranks, buckets and checks among them as among all)
+    gives every link; each shard's candidates' signatures are read once."""
     sizes = [np.load(s.band_hashes, mmap_mode="r").shape[1] for s in shards]
     n = sum(sizes)
     labels = np.arange(n)
@@ -306,8 +306,14 @@ def sharded_near_duplicate_clusters(
         return labels
     per_shard = np.split(found, np.searchsorted(found, np.cumsum(sizes)[:-1]))
     offsets = np.cumsum(sizes) - sizes
-    parts = zip(shards, per_shard, offsets, strict=True)
-    sig = np.concatenate([s.signatures()[idx - start] for s, idx, start in parts if idx.size])
+    sig, filled = None, 0  # filled a shard at a time: concatenating parts would hold the candidates' twice
+    for shard, idx, start in zip(shards, per_shard, offsets, strict=True):
+        if idx.size:
+            part = shard.signatures(idx - start)
+            if sig is None:
+                sig = np.empty((found.size, part.shape[1]), dtype=part.dtype)
+            sig[filled : filled + idx.size] = part
+            filled += idx.size
     labels[found] = found[near_duplicate_clusters(sig, bands, rows, threshold)]
     return labels
 

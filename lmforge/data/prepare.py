@@ -13,6 +13,7 @@ import shutil
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +92,11 @@ def dedup_reasons(tasks: list[ShardTask], results: list[ShardResult], cfg: DataP
     return reasons
 
 
-def shard_signatures(task: ShardTask) -> np.ndarray:
+def shard_signatures(task: ShardTask, positions: np.ndarray | None = None, at: np.ndarray | None = None) -> np.ndarray:
+    """The signatures of the shard's documents, or of those at positions[at]."""
     with np.load(task.path(".npz")) as arrays:
-        return arrays["signatures"]
+        signatures = arrays["signatures"]
+    return signatures if positions is None else signatures[positions[at]]
 
 
 def near_duplicate_labels(
@@ -110,8 +113,8 @@ def near_duplicate_labels(
         shards = []
         for task, wanted in zip(tasks, selected, strict=True):
             path = folder / f"bands_{task.index:05d}.npy"
-            np.save(path, band_hashes(shard_signatures(task)[wanted], bands, rows))
-            shards.append(SignatureShard(path, lambda task=task, wanted=wanted: shard_signatures(task)[wanted]))
+            np.save(path, band_hashes(shard_signatures(task), bands, rows)[:, wanted])  # 128 bytes a row, not 512
+            shards.append(SignatureShard(path, partial(shard_signatures, task, np.flatnonzero(wanted))))
         return sharded_near_duplicate_clusters(shards, bands, rows, cfg.dedup.threshold if cfg.dedup.verify else None)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

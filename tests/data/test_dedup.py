@@ -222,9 +222,9 @@ def on_disk(sig: np.ndarray, cuts: list[int], folder, bands: int, rows: int, has
     loaded = []
 
     def load(part: np.ndarray):
-        def signatures() -> np.ndarray:
-            loaded.append(len(part))
-            return part
+        def signatures(at: np.ndarray) -> np.ndarray:
+            loaded.append(len(at))
+            return part[at]
 
         return signatures
 
@@ -248,7 +248,7 @@ def test_sharded_clusters_on_disk_equal_the_in_memory_ones(tmp_path, bands, rows
     labels = sharded_near_duplicate_clusters(shards, bands, rows, threshold)
     assert labels.tolist() == expected.tolist()
     assert (expected != np.arange(len(texts))).sum() >= 250  # the planted copies are removed
-    assert loaded == [100, 301, 504]  # not the empty shard, not the unrelated one
+    assert len(loaded) == 3 and sum(loaded) < 905  # candidates only: not of the empty shard, nor the unrelated one
 
 
 def test_colliding_band_hashes_change_nothing(tmp_path):
@@ -275,7 +275,7 @@ def test_band_hashes_are_equal_exactly_where_bands_are():
 
 def test_sharded_clustering_memory_is_a_few_bytes_per_document(tmp_path):
     """50,000 documents, 500 of them planted duplicates: the clustering's peak is under 100 bytes per document, where
-    the signatures alone take 512 (the loads here return views, so a shard's signatures are not counted)."""
+    the signatures alone take 512."""
     import tracemalloc
 
     rng = np.random.default_rng(0)
@@ -287,5 +287,5 @@ def test_sharded_clustering_memory_is_a_few_bytes_per_document(tmp_path):
     labels = sharded_near_duplicate_clusters(shards, 16, 8, 0.8)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert labels.tolist() == expected and len(loaded) == 10
+    assert labels.tolist() == expected and sum(loaded) <= 1_000
     assert peak < 100 * len(sig), peak / len(sig)
