@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -14,6 +15,7 @@ from lmforge.config import check
 from lmforge.data.corpus import Document
 
 _MAX32 = np.uint64((1 << 32) - 1)
+_PAIRS = 8192  # candidate pairs compared at a time: ~9 MB of rows
 _CHUNK = 2048  # shingles per block: a (2048, 128) block stays in cache; 1024 and 4096 were 20-40% slower
 
 
@@ -232,8 +234,13 @@ def near_duplicate_clusters(signatures: np.ndarray, bands: int, rows: int, thres
         right.append(order[~new])
     i = np.concatenate(left) if left else np.zeros(0, dtype=np.int64)
     j = np.concatenate(right) if right else np.zeros(0, dtype=np.int64)
+    pair = np.unique(i * n + j)  # a pair linked in several bands is checked once
+    i, j = pair // n, pair % n
     if threshold is not None and i.size:
-        keep = (sig[i] == sig[j]).mean(1) >= threshold
+        # A block of pairs at a time: all at once took ~1.1 KB a pair, and near-copies share most of 16 bands.
+        keep = np.concatenate(
+            [(sig[i[k : k + _PAIRS]] == sig[j[k : k + _PAIRS]]).mean(1) >= threshold for k in range(0, i.size, _PAIRS)]
+        )
         i, j = i[keep], j[keep]
     # Connected components by min-label propagation with pointer jumping: a few vectorised rounds, not a Python loop.
     labels = np.arange(n)
@@ -246,6 +253,69 @@ def near_duplicate_clusters(signatures: np.ndarray, bands: int, rows: int, thres
         if np.array_equal(labels, before):
             break
     return labels.tolist()
+
+
+def band_hashes(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """(bands, N) uint64: a hash of each document's `rows` signature values in each band, 8 bytes where the values
+    take 4*rows. Equal bands hash equal; unequal ones rarely collide, and a collision only adds a candidate."""
+    n = signatures.shape[0]
+    hashes = np.empty((bands, n), dtype=np.uint64)
+    for band in range(bands):
+        h = np.full(n, 0x9E3779B97F4A7C15, dtype=np.uint64)
+        for col in range(band * rows, (band + 1) * rows):
+            h = (h ^ signatures[:, col]) * _BASE
+            h ^= h >> np.uint64(29)
+        hashes[band] = _mix(h)
+    return hashes
+
+
+@dataclass
+class SignatureShard:
+    """One shard's documents in a sharded near-dedup: their band hashes on disk, their signatures read when asked."""
+
+    band_hashes: Path
+    """.npy file of the (bands, n) uint64 array band_hashes() gives for the shard's n documents."""
+    signatures: Callable[[np.ndarray], np.ndarray]
+    """Loads the (len(positions), num_perm) signatures of the documents at the given positions of the shard."""
+
+
+def sharded_near_duplicate_clusters(
+    shards: Sequence[SignatureShard], bands: int, rows: int, threshold: float | None = None
+) -> np.ndarray:
+    """near_duplicate_clusters() over the documents of every shard in order, the same labels, in ~40 bytes a document
+    plus the signatures of the candidates (4*num_perm bytes each). One band at a time, every document's hash is read
+    from disk and sorted; a document whose hash another shares is a candidate. Only candidates can be linked, and every
+    member of a bucket is one, so clustering the candidates alone (ranks, buckets and checks among them as among all)
+    gives every link; each shard's candidates' signatures are read once."""
+    sizes = [np.load(s.band_hashes, mmap_mode="r").shape[1] for s in shards]
+    n = sum(sizes)
+    labels = np.arange(n)
+    if not n:
+        return labels
+    candidate = np.zeros(n, dtype=bool)
+    for band in range(bands):
+        h = np.concatenate([np.load(s.band_hashes, mmap_mode="r")[band] for s in shards])
+        order = np.argsort(h)
+        h = h[order]
+        shared = h[1:] == h[:-1]
+        del h
+        candidate[order[1:][shared]] = True
+        candidate[order[:-1][shared]] = True
+    found = np.flatnonzero(candidate)
+    if not found.size:
+        return labels
+    per_shard = np.split(found, np.searchsorted(found, np.cumsum(sizes)[:-1]))
+    offsets = np.cumsum(sizes) - sizes
+    sig, filled = None, 0  # filled a shard at a time: concatenating parts would hold the candidates' twice
+    for shard, idx, start in zip(shards, per_shard, offsets, strict=True):
+        if idx.size:
+            part = shard.signatures(idx - start)
+            if sig is None:
+                sig = np.empty((found.size, part.shape[1]), dtype=part.dtype)
+            sig[filled : filled + idx.size] = part
+            filled += idx.size
+    labels[found] = found[near_duplicate_clusters(sig, bands, rows, threshold)]
+    return labels
 
 
 def exact_key(text: str) -> bytes:

@@ -7,7 +7,16 @@ from datasketch.lsh import _optimal_param
 
 from lmforge.config import from_dict
 from lmforge.data import Document
-from lmforge.data.dedup import DedupConfig, deduplicate, minhash_signatures, near_duplicate_clusters, optimal_banding
+from lmforge.data.dedup import (
+    DedupConfig,
+    SignatureShard,
+    band_hashes,
+    deduplicate,
+    minhash_signatures,
+    near_duplicate_clusters,
+    optimal_banding,
+    sharded_near_duplicate_clusters,
+)
 from lmforge.errors import LmforgeError
 
 
@@ -205,3 +214,78 @@ def test_a_huge_document_is_signed_in_bounded_memory():
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak < 24 << 20, peak  # whole, its shingle block alone would take ~85 bytes a character (~150 MB)
+
+
+def on_disk(sig: np.ndarray, cuts: list[int], folder, bands: int, rows: int, hashes=band_hashes) -> tuple:
+    """The signatures cut into shards at `cuts`, each shard's band hashes saved in `folder`; returns the shards and a
+    list that records how many signature rows each load returned."""
+    loaded = []
+
+    def load(part: np.ndarray):
+        def signatures(at: np.ndarray) -> np.ndarray:
+            loaded.append(len(at))
+            return part[at]
+
+        return signatures
+
+    shards = []
+    for k, part in enumerate(np.split(sig, cuts)):
+        np.save(folder / f"bands_{k}.npy", hashes(part, bands, rows))
+        shards.append(SignatureShard(folder / f"bands_{k}.npy", load(part)))
+    return shards, loaded
+
+
+@pytest.mark.parametrize(("bands", "rows", "threshold"), [(16, 8, 0.8), (16, 8, None), (9, 13, 0.8), (32, 2, 0.5)])
+def test_sharded_clusters_on_disk_equal_the_in_memory_ones(tmp_path, bands, rows, threshold):
+    """Uneven shards, an empty one among them, clustered from band hashes on disk: the very labels of the in-memory
+    clustering (the first of each cluster kept, every other removed). A shard without candidates is not read."""
+    texts, _ = planted_corpus(150, edits=(1, 2, 13, 30, 60))
+    texts += texts[:5]  # identical signatures: ties in rank go by position
+    texts += planted_corpus(100, edits=(), seed=1)[0]  # unrelated to all the others
+    sig = minhash_signatures(texts, DedupConfig())
+    expected = np.array(near_duplicate_clusters(sig, bands, rows, threshold))
+    shards, loaded = on_disk(sig, [100, 100, 401, 905], tmp_path, bands, rows)
+    labels = sharded_near_duplicate_clusters(shards, bands, rows, threshold)
+    assert labels.tolist() == expected.tolist()
+    assert (expected != np.arange(len(texts))).sum() >= 250  # the planted copies are removed
+    assert len(loaded) == 3 and sum(loaded) < 905  # candidates only: not of the empty shard, nor the unrelated one
+
+
+def test_colliding_band_hashes_change_nothing(tmp_path):
+    """A hash shared by documents whose bands differ only makes them candidates: with every hash equal, every document
+    is one, and the labels are still the in-memory ones."""
+    texts, _ = planted_corpus(60, edits=(1, 13, 45))
+    sig = minhash_signatures(texts, DedupConfig())
+    shards, loaded = on_disk(sig, [50, 120], tmp_path, 16, 8, lambda s, b, r: np.zeros((b, len(s)), np.uint64))
+    labels = sharded_near_duplicate_clusters(shards, 16, 8, 0.8)
+    assert labels.tolist() == near_duplicate_clusters(sig, 16, 8, 0.8) and sum(loaded) == len(texts)
+    assert sharded_near_duplicate_clusters([], 16, 8, 0.8).size == 0
+
+
+def test_band_hashes_are_equal_exactly_where_bands_are():
+    rng = np.random.default_rng(0)
+    sig = rng.integers(0, 4, size=(400, 12), dtype=np.uint32)  # few values: many bands repeat
+    hashes = band_hashes(sig, 4, 3)
+    assert hashes.shape == (4, 400) and hashes.dtype == np.uint64
+    for band in range(4):
+        rows = sig[:, band * 3 : band * 3 + 3]
+        same_rows = (rows[:, None] == rows[None]).all(-1)
+        assert np.array_equal(hashes[band][:, None] == hashes[band][None], same_rows)
+
+
+def test_sharded_clustering_memory_is_a_few_bytes_per_document(tmp_path):
+    """50,000 documents, 500 of them planted duplicates: the clustering's peak is under 100 bytes per document, where
+    the signatures alone take 512."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    sig = rng.integers(0, 1 << 32, size=(50_000, 128), dtype=np.uint32)
+    sig[rng.choice(50_000, 500, replace=False)] = sig[rng.choice(50_000, 500, replace=False)]
+    shards, loaded = on_disk(sig, list(range(5_000, 50_000, 5_000)), tmp_path, 16, 8)
+    expected = near_duplicate_clusters(sig, 16, 8, 0.8)
+    tracemalloc.start()
+    labels = sharded_near_duplicate_clusters(shards, 16, 8, 0.8)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert labels.tolist() == expected and sum(loaded) <= 1_000
+    assert peak < 100 * len(sig), peak / len(sig)
