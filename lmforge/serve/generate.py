@@ -81,33 +81,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
-    """Flags shared by `lmforge generate` and `lmforge chat`."""
+    """Flags shared by `lmforge generate` and `lmforge chat`. Their types only read numbers; the ranges are checked
+    once, by SamplingParams.validate (check_sampling), as for the engine and the server."""
     parser.add_argument(
         "--max-new-tokens",
-        type=cli_args.non_negative_int,
+        type=cli_args.integer,
         default=max_new_tokens,
         help=f"most tokens to generate (default {max_new_tokens})",
     )
     parser.add_argument(
-        "--temperature",
-        type=cli_args.non_negative_float,
-        default=0.8,
-        help="softmax temperature; 0 is greedy (default 0.8)",
+        "--temperature", type=cli_args.finite_float, default=0.8, help="softmax temperature; 0 is greedy (default 0.8)"
     )
     parser.add_argument(
-        "--top-k",
-        type=cli_args.non_negative_int,
-        default=0,
-        help="sample from the k likeliest tokens; 0 is off (default)",
+        "--top-k", type=cli_args.integer, default=0, help="sample from the k likeliest tokens; 0 is off (default)"
     )
     parser.add_argument(
         "--top-p",
-        type=cli_args.probability,
+        type=cli_args.finite_float,
         default=0.95,
         help="smallest token set of this much probability mass to sample from; 1 is off (default 0.95)",
     )
     parser.add_argument(
-        "--seed", type=cli_args.seed, default=None, help="seed for reproducible sampling (default: random)"
+        "--seed", type=cli_args.integer, default=None, help="seed for reproducible sampling (default: random)"
     )
 
 
@@ -120,7 +115,9 @@ def check_sampling(args: argparse.Namespace) -> None:
         params.validate()
     except sampling.SamplingError as e:
         flag = "--max-new-tokens" if e.param == "max_tokens" else f"--{e.param.replace('_', '-')}"
-        raise LmforgeError(f"{flag} {e.value} {e.rule}") from None
+        raise LmforgeError(
+            f"{flag} {e.value:g} {e.rule}" if isinstance(e.value, float) else f"{flag} {e.value} {e.rule}"
+        ) from None
 
 
 def command(args: argparse.Namespace) -> None:
