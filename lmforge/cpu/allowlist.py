@@ -49,6 +49,9 @@ def unsupported_reason(model: nn.Module) -> str | None:
     for name, module in model.named_modules():
         if type(module) not in known or type(module) is not expected.get(name, type(module)):
             return f"its module {name or 'model'} is a {type(module).__name__}, which the CPU path does not run"
+    for name, module in model.named_modules():  # the kernels attend causally over the sequence's own keys
+        if isinstance(module, Attention) and not (module.causal and hasattr(module, "qkv")):
+            return f"its module {name} is not causal self-attention, which the CPU path does not run"
     tensors = [*model.parameters(), *model.buffers()]
     if any(type(t.data) is not torch.Tensor for t in tensors):
         return "its weights are distributed tensors (tensor parallel)"

@@ -88,6 +88,17 @@ def test_a_subclass_of_an_allowlisted_module_is_not_taken():
     assert "GeluMLP" in unsupported_reason(model)
 
 
+def test_bidirectional_attention_serves_through_torch(tokenizer):
+    """The kernels attend causally: a decoder whose layer attends both ways (a prefix decoder's) is not taken, and
+    the engine's tokens are the model's own."""
+    model, batch, eos = tiny_model(), prompts(3, seed=5), tokenizer.eos_id
+    model.layers[1].attn.causal = False
+    assert "causal self-attention" in unsupported_reason(model)
+    engine = Engine(model, tokenizer, EngineConfig(block_size=4))
+    assert isinstance(engine.runner, TorchRunner)
+    assert [o.token_ids for o in engine.generate(batch, GREEDY)] == [torch_greedy(model, p, eos) for p in batch]
+
+
 def test_allowlisted_variants_are_the_models_with_a_cpu_implementation():
     implemented = {"pos": decode.POSITIONS, "norm": decode.NORMS, "mlp": decode.MLPS}
     built = {"pos": POSITIONS, "norm": NORMS, "mlp": MLPS}
