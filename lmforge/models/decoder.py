@@ -71,13 +71,19 @@ class Decoder(nn.Module):
         self.positions.init_weights()
 
     def forward(
-        self, idx: Tensor, targets: Tensor | None = None, cache: Cache | None = None, last_only: bool = False
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        cache: Cache | None = None,
+        last_only: bool = False,
+        prompt: Tensor | None = None,
     ) -> Tensor:
         """idx: (B, T) token ids. Returns logits (B, T, V), or (B, 1, V) of the last position with last_only, or the
         mean cross-entropy when targets (B, T) are given (positions with target -100 are ignored). With a cache,
-        idx continues the cached sequences."""
+        idx continues the cached sequences. `prompt` (B, P, C): embeddings that stand before idx's tokens (a soft
+        prompt, Lester et al., 2021); they take positions [0, P) and get no logits of their own."""
         B, T = idx.shape
-        x = self.hidden_states(idx, cache)  # (B, T, C)
+        x = self.hidden_states(idx, cache, prompt)  # (B, T, C)
         if last_only:
             x = x[:, -1:]  # (B, 1, C): a prefill needs only the next token's logits, not a (B, T, V) tensor
         logits = self.lm_head(self.norm(x))  # (B, T, V)
@@ -85,16 +91,21 @@ class Decoder(nn.Module):
             return logits
         return F.cross_entropy(logits.view(B * T, -1).float(), targets.reshape(B * T), ignore_index=-100)
 
-    def hidden_states(self, idx: Tensor, cache: Cache | None = None) -> Tensor:
-        """idx: (B, T) -> the last block's output (B, T, C), before the final norm and the head."""
-        T = idx.shape[1]
+    def hidden_states(self, idx: Tensor, cache: Cache | None = None, prompt: Tensor | None = None) -> Tensor:
+        """idx: (B, T) -> the last block's output (B, T, C), before the final norm and the head; a soft `prompt`
+        (B, P, C) runs in front of the tokens and is cut from the output."""
+        x = self.embed(idx)  # (B, T, C)
+        P = 0 if prompt is None else prompt.shape[1]
+        if P:
+            x = torch.cat([prompt.to(x.dtype), x], dim=1)  # (B, P + T, C)
+        T = x.shape[1]
         pos = torch.arange(T, device=idx.device) if cache is None else cache.positions(T, idx.device)
-        x = self.drop(self.positions.embed(self.embed(idx), pos))  # (B, T, C)
+        x = self.drop(self.positions.embed(x, pos))
         for block in self.layers:
             x = block(x, self.positions, pos, cache)
         if cache is not None:
             cache.advance(T)
-        return x
+        return x[:, P:]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -70,7 +70,7 @@ class Positions(nn.Module):
         pass
 
     def embed(self, x: Tensor, pos: Tensor) -> Tensor:
-        """x: (B, T, C) token embeddings; pos: (T,) absolute positions."""
+        """x: (B, T, C) token embeddings; pos: (T,) absolute positions, or (B, T) per row (models/packed.py)."""
         return x
 
     def rotate(self, q: Tensor, k: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
@@ -133,7 +133,9 @@ class RotaryPositions(Positions):
         self.sin.copy_(angles.sin())
 
     def rotate(self, q: Tensor, k: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
-        cos, sin = self.cos[pos].to(q.dtype), self.sin[pos].to(q.dtype)  # (T, D)
+        cos, sin = self.cos[pos].to(q.dtype), self.sin[pos].to(q.dtype)  # (T, D), or (B, T, D) for packed rows
+        if pos.dim() == 2:
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D): one table per row, shared by its heads
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
