@@ -81,3 +81,11 @@ def name(value: str) -> str:
     if not value or value in (".", "..") or "/" in value or "\\" in value:
         raise argparse.ArgumentTypeError(f"{value!r} is not a plain folder name (no '/', not '.' or '..')")
     return value
+
+
+def name_and_path(value: str) -> tuple[str, str]:
+    """NAME=PATH, as `--lora` takes it: a model name clients ask for and the folder that holds it."""
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{value!r} is not NAME=DIR (for example --lora sql=runs/sql/adapter)")
+    return name, path

@@ -73,6 +73,8 @@ class Chunk:
     tokens: list[int]
     start: int
     block_table: list[int]
+    adapter: int = 0
+    """Which served LoRA adapter computes these tokens (serve/adapters.py); 0 is the base model."""
 
 
 class PagedBatch:

@@ -32,6 +32,7 @@ from torch import Tensor
 from lmforge.errors import LmforgeError
 from lmforge.models import Decoder
 from lmforge.sampling import SamplingParams, TextStream, logprob_entry, penalized, sample_next, seeded_generator
+from lmforge.serve.adapters import AdapterSet
 from lmforge.serve.paged import BlockManager, Chunk, PagedKVStore, block_hashes
 from lmforge.serve.runners import make_runner
 from lmforge.serve.speculative import Speculator
@@ -79,8 +80,10 @@ class Output:
 
 
 class Sequence:
-    def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, tokenizer, order: int):
-        self.id, self.params, self.order = request_id, params, order
+    def __init__(
+        self, request_id: str, prompt: list[int], params: SamplingParams, tokenizer, order: int, adapter: int = 0
+    ):
+        self.id, self.params, self.order, self.adapter = request_id, params, order, adapter
         self.tokens = list(prompt)
         self.prompt_len = len(prompt)
         self.computed = 0  # tokens whose keys and values are in the cache
@@ -99,7 +102,8 @@ class Sequence:
 
 
 class Engine:
-    """draft: a smaller model sharing the tokenizer, for speculative decoding of spec_tokens tokens a step."""
+    """draft: a smaller model sharing the tokenizer, for speculative decoding of spec_tokens tokens a step;
+    adapters: LoRA adapters installed into `model` (serve/adapters.py), picked per request by `add(adapter=...)`."""
 
     def __init__(
         self,
@@ -108,6 +112,7 @@ class Engine:
         cfg: EngineConfig | None = None,
         draft: Decoder | None = None,
         spec_tokens: int = 4,
+        adapters: AdapterSet | None = None,
     ):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.cfg = cfg = cfg or EngineConfig()
@@ -117,7 +122,10 @@ class Engine:
         num_blocks = cfg.kv_blocks or cfg.max_num_seqs * math.ceil(self.context / cfg.block_size)
         self.blocks = BlockManager(num_blocks, cfg.block_size, move=self._move_block)
         self.store = PagedKVStore(model.cfg, num_blocks, cfg.block_size, self.device, dtype)
-        self.runner = make_runner(model, self.store, cfg.backend)  # made here, at start-up, not in a first step
+        self.adapters = adapters
+        self.runner = make_runner(
+            model, self.store, cfg.backend, adapters
+        )  # made here, at start-up, not in a first step
         self.speculator = None
         if draft is not None:
             self.speculator = Speculator(draft, model, spec_tokens, num_blocks, cfg.block_size, cfg.backend)
@@ -130,9 +138,12 @@ class Engine:
 
     # requests
 
-    def add(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
-        """Queue a request; LmforgeError if it cannot be served (the message says why)."""
+    def add(self, request_id: str, prompt: list[int], params: SamplingParams, adapter: int = 0) -> None:
+        """Queue a request, computed by LoRA adapter `adapter` (0: the base model); LmforgeError if it cannot be
+        served (the message says why)."""
         params.validate()
+        if adapter and (self.adapters is None or adapter > len(self.adapters.adapters)):
+            raise LmforgeError(f"adapter {adapter} is not loaded; load it with --lora NAME=DIR")
         if not prompt:
             raise LmforgeError("the prompt is empty; send at least one token of text")
         if len(prompt) >= self.context:
@@ -149,7 +160,7 @@ class Engine:
             )
         if len(self.waiting) >= self.cfg.max_waiting:
             raise EngineFull(f"{len(self.waiting)} requests are already waiting; retry later")
-        self.waiting.append(Sequence(request_id, prompt, params, self.tokenizer, next(self._order)))
+        self.waiting.append(Sequence(request_id, prompt, params, self.tokenizer, next(self._order), adapter))
 
     def abort(self, request_id: str) -> bool:
         """Drop a request wherever it is and free its blocks; False if it is not here (already finished)."""
@@ -253,7 +264,7 @@ class Engine:
 
     def _reuse_prefix(self, seq: Sequence) -> None:
         # at least the last token is computed anew: its logits give the next token
-        for h in block_hashes(seq.tokens[: len(seq.tokens) - 1], self.cfg.block_size):
+        for h in block_hashes(seq.tokens[: len(seq.tokens) - 1], self.cfg.block_size, seq.adapter):
             block = self.blocks.lookup(h)
             if block is None:
                 break
@@ -278,7 +289,9 @@ class Engine:
             spec = {seq: k for seq in decoding if (k := self._lookahead(seq))}
             drafts, draft_probs = self.speculator.propose(plan, spec)
         chunks = [
-            Chunk(seq.tokens[seq.computed : seq.computed + n] + drafts.get(seq, []), seq.computed, seq.table)
+            Chunk(
+                seq.tokens[seq.computed : seq.computed + n] + drafts.get(seq, []), seq.computed, seq.table, seq.adapter
+            )
             for seq, n in plan
         ]
         logits = self.runner.run(chunks, [self._wants_prompt(seq) or seq in spec for seq, _ in plan])
@@ -348,7 +361,7 @@ class Engine:
             return  # nothing would look the hashes up
         bs = self.cfg.block_size
         for i in range(len(seq.hashes), seq.computed // bs):
-            parent = seq.hashes[-1] if seq.hashes else 0
+            parent = seq.hashes[-1] if seq.hashes else seq.adapter  # as block_hashes starts
             seq.hashes.append(hash((parent, tuple(seq.tokens[i * bs : (i + 1) * bs]))))
             self.blocks.register(seq.table[i], seq.hashes[-1])
 

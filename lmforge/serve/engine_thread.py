@@ -33,13 +33,15 @@ class EngineThread:
         self.wake.set()
         self.thread.join(timeout=30)
 
-    async def add(self, request_id: str, prompt: list[int], params: SamplingParams, queue: asyncio.Queue) -> None:
+    async def add(
+        self, request_id: str, prompt: list[int], params: SamplingParams, queue: asyncio.Queue, adapter: int = 0
+    ) -> None:
         """Queue a request (LmforgeError or EngineFull if refused); its Outputs will arrive on `queue`."""
-        await asyncio.to_thread(self._add, request_id, prompt, params, queue)
+        await asyncio.to_thread(self._add, request_id, prompt, params, queue, adapter)
 
-    def _add(self, request_id, prompt, params, queue) -> None:
+    def _add(self, request_id, prompt, params, queue, adapter) -> None:
         with self.lock:
-            self.engine.add(request_id, prompt, params)
+            self.engine.add(request_id, prompt, params, adapter)
             self.queues[request_id] = queue
             self.metrics.arrived(request_id)
         self.wake.set()

@@ -130,9 +130,10 @@ class BlockManager:
             self.open[block] &= self.move is not None
 
 
-def block_hashes(tokens: list[int], block_size: int) -> list[int]:
-    """One hash per full block, each covering the block's tokens and every token before it."""
-    hashes, parent = [], 0
+def block_hashes(tokens: list[int], block_size: int, adapter: int = 0) -> list[int]:
+    """One hash per full block, each covering the block's tokens and every token before it, and the adapter that
+    computed its keys and values (another adapter's cache of the same tokens holds other values)."""
+    hashes, parent = [], adapter
     for start in range(0, len(tokens) - block_size + 1, block_size):
         parent = hash((parent, tuple(tokens[start : start + block_size])))
         hashes.append(parent)

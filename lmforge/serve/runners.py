@@ -13,6 +13,7 @@ from lmforge.cpu.allowlist import unsupported_reason
 from lmforge.cpu.runner import CpuRunner
 from lmforge.errors import LmforgeError
 from lmforge.models import Decoder
+from lmforge.serve.adapters import AdapterSet
 from lmforge.serve.paged import Chunk, PagedBatch, PagedKVStore
 
 BACKENDS = ("auto", "torch")
@@ -28,11 +29,14 @@ class Runner(Protocol):
 class TorchRunner:
     """The model's own forward pass over the packed chunks (paged.PagedBatch as its cache)."""
 
-    def __init__(self, model: Decoder, store: PagedKVStore):
+    def __init__(self, model: Decoder, store: PagedKVStore, adapters: AdapterSet | None = None):
         self.model, self.store, self.device = model, store, model.lm_head.weight.device
+        self.adapters = adapters
 
     def run(self, chunks: list[Chunk], all_rows: list[bool]) -> list[Tensor]:
         model = self.model
+        if self.adapters is not None:  # every adapted linear reads which rows take which adapter from here
+            self.adapters.step.set([c.adapter for c in chunks for _ in c.tokens], self.device)
         batch = PagedBatch(self.store, chunks, self.device)
         hidden = model.hidden_states(batch.ids, batch)[0]  # (N, C)
         rows, row = [], 0
@@ -45,12 +49,14 @@ class TorchRunner:
         return list(logits.split([len(rs) for rs in rows]))
 
 
-def make_runner(model: Decoder, store: PagedKVStore, backend: str = "auto") -> Runner:
+def make_runner(
+    model: Decoder, store: PagedKVStore, backend: str = "auto", adapters: AdapterSet | None = None
+) -> Runner:
     """backend "auto": the CPU runner where its allowlist admits the model and the store is on the CPU, else torch;
-    "torch": the torch runner always."""
+    "torch": the torch runner always. A model with served adapters is no longer on the allowlist: torch runs it."""
     if backend not in BACKENDS:
         raise LmforgeError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
-    torch_runner = TorchRunner(model, store)
+    torch_runner = TorchRunner(model, store, adapters)
     if backend == "auto" and store.k.device.type == "cpu" and unsupported_reason(model) is None:
         return CpuRunner(model, store, fallback=torch_runner)
     return torch_runner

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException
 
 from lmforge import cli_args
 from lmforge.errors import LmforgeError
+from lmforge.serve.adapters import AdapterSet
 from lmforge.serve.chat_page import CHAT_PAGE
 from lmforge.serve.engine import Engine, EngineConfig, EngineFull, Output, SamplingParams
 from lmforge.serve.engine_thread import EngineThread
@@ -144,15 +145,22 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None) -> Fa
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    # the base model and each LoRA adapter are models a request can name (as vLLM lists --lora-modules)
+    adapters = engine.adapters.adapters if engine.adapters is not None else []
+    served = {model_name: 0} | {a.name: i for i, a in enumerate(adapters, start=1)}
+
     @app.get("/v1/models")
     async def models() -> dict:
         card = {"id": model_name, "object": "model", "created": 0, "owned_by": "lmforge", "max_model_len": context}
-        return {"object": "list", "data": [card]}
+        cards = [card] + [{**card, "id": a.name, "parent": model_name, "root": str(a.path)} for a in adapters]
+        return {"object": "list", "data": cards}
 
     def check_model(req: SamplingRequest) -> None:
-        if req.model != model_name:
+        if req.model not in served:
             raise ApiError(
-                404, f"model {req.model!r} not found; this server serves {model_name!r}", code="model_not_found"
+                404,
+                f"model {req.model!r} not found; this server serves {', '.join(map(repr, served))}",
+                code="model_not_found",
             )
 
     async def submit(request: Request, prompts: list[list[int]], req: SamplingRequest, params) -> tuple:
@@ -162,7 +170,7 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None) -> Fa
         try:
             for i, request_id in enumerate(ids):
                 seed = None if req.seed is None else req.seed + i % req.n
-                await worker.add(request_id, prompts[i // req.n], params(seed), queue)
+                await worker.add(request_id, prompts[i // req.n], params(seed), queue, served[req.model])
         except EngineFull as e:
             worker.abort(ids)
             raise ApiError(429, str(e), type="rate_limit_error", code="engine_full") from e
@@ -444,6 +452,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft", default=None, help="run folder of a smaller model for speculative decoding")
     parser.add_argument("--spec-tokens", type=int, default=4, help="tokens the draft proposes per step (default 4)")
     parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        type=cli_args.name_and_path,
+        metavar="NAME=DIR",
+        help="serve a LoRA adapter (a PEFT folder) as model NAME beside the base; repeat for more",
+    )
+    parser.add_argument(
         "--resident-layers",
         type=int,
         default=-1,
@@ -478,12 +494,17 @@ def command(args: argparse.Namespace) -> None:
     prepare_for_decode(model)
     if args.resident_layers >= 0:
         stream_layers(model, args.resident_layers)
+    adapters = None
+    if args.lora:
+        adapters = AdapterSet(model)
+        for name, path in args.lora:
+            adapters.load(name, path)
     if args.draft:
         draft, draft_tokenizer = load_run(resolve_run(args.draft))
         if draft_tokenizer.sha256 != tokenizer.sha256:
             raise LmforgeError(f"--draft {args.draft} has another tokenizer; the draft must share the target's")
-        engine = Engine(model, tokenizer, cfg, draft=draft, spec_tokens=args.spec_tokens)
+        engine = Engine(model, tokenizer, cfg, draft=draft, spec_tokens=args.spec_tokens, adapters=adapters)
     else:
-        engine = Engine(model, tokenizer, cfg)
+        engine = Engine(model, tokenizer, cfg, adapters=adapters)
     app = build_app(engine, args.name or run_dir.resolve().name, args.api_key)
     uvicorn.run(app, host=args.host, port=args.port)
