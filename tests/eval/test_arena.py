@@ -159,3 +159,12 @@ def test_api_records_votes_refuses_bad_ones_and_keeps_answers(two_runs, tmp_path
     with TestClient(build_app(contenders, prompts, db, Settings(max_new_tokens=4), rounds=20)) as client:
         assert client.post("/api/pair").json()["a"] != "from the cache"
     assert json.loads(sqlite3.connect(db).execute("SELECT settings FROM answers").fetchone()[0])["max_new_tokens"]
+
+
+def test_a_prompt_too_long_for_a_run_is_a_422_and_the_server_keeps_serving(two_runs, tmp_path):
+    contenders = load_contenders([str(r) for r in two_runs])
+    app = build_app(contenders, ["word " * 400], tmp_path / "arena.sqlite", Settings(max_new_tokens=4), rounds=5)
+    with TestClient(app) as client:
+        refused = client.post("/api/pair")
+        assert refused.status_code == 422 and "cannot answer this prompt" in refused.json()["detail"]
+        assert client.get("/api/leaderboard").json()["votes"] == 0
