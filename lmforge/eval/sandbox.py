@@ -1,0 +1,222 @@
+"""Run an untrusted Python program in its own process, temp dir and Linux namespaces: no network, the filesystem
+read-only outside the temp dir, limits on CPU, memory, processes, file size and wall-clock time.
+
+How (checked on kernel 6.18, as root and as an unprivileged user): a bootstrap interpreter drops root to `nobody`
+(root is exempt from RLIMIT_NPROC and from file permissions), unshares user+mount+net+pid namespaces, makes every
+mount read-only but a bind of the temp dir (`mount_setattr`, Linux >= 5.12), and forks the program as pid 1 of the new
+pid namespace: when it exits, or the wall clock kills the process group, the kernel kills everything it started.
+The program execs as a non-root uid, so it holds no capability to undo the mounts. Without user namespaces there is
+no fallback that keeps these guarantees: `run_program` raises and names the sysctl to set.
+"""
+
+import functools
+import inspect
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+from lmforge.config import check
+from lmforge.errors import LmforgeError
+
+NOBODY = 65534
+STATUSES = ("passed", "failed", "timeout", "killed", "error")
+
+
+@dataclass
+class SandboxLimits:
+    timeout_s: float = 10.0
+    """Wall-clock limit; the whole process group is killed after it."""
+    cpu_s: int = 10
+    """CPU seconds (RLIMIT_CPU): the program is killed when it has used them."""
+    memory_mb: int = 1024
+    """Address space (RLIMIT_AS): allocations beyond it raise MemoryError."""
+    nproc: int = 32
+    """Processes and threads of the sandbox uid (RLIMIT_NPROC), counted in the sandbox's own user namespace."""
+    fsize_mb: int = 16
+    """Largest file the program may write, stdout and stderr included (RLIMIT_FSIZE)."""
+    tail_chars: int = 4000
+    """How much of the end of stdout and stderr the result keeps."""
+
+    def validate(self) -> None:
+        check(self.timeout_s > 0, f"sandbox.timeout_s must be > 0, got {self.timeout_s}")
+        for name in ("cpu_s", "memory_mb", "nproc", "fsize_mb", "tail_chars"):
+            check(getattr(self, name) >= 1, f"sandbox.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class SandboxResult:
+    passed: bool
+    status: str
+    """One of STATUSES: passed (exit 0), failed (exit != 0), timeout (wall clock), killed (a signal: the CPU limit,
+    a crash), error (the sandbox itself could not be set up; the reason is in stderr)."""
+    returncode: int | None
+    """Exit code, or minus the signal number; None on timeout or error."""
+    stdout: str
+    stderr: str
+    wall_s: float
+
+
+def _boot() -> None:
+    """Runs in a fresh `python -I -S` between the caller and the program, so it imports only the standard library."""
+    import ctypes
+    import json
+    import os
+    import resource
+    import signal
+    import sys
+
+    cfg = json.loads(sys.argv[1])
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def report(**fields: object) -> None:
+        os.write(cfg["status_fd"], (json.dumps(fields) + "\n").encode())
+
+    def ok(ret: int, what: str) -> None:
+        if ret != 0:
+            report(error=f"{what}: {os.strerror(ctypes.get_errno())}")
+            os._exit(125)
+
+    if os.geteuid() == 0:  # root ignores RLIMIT_NPROC and file modes: run as nobody (the caller chowned the dir)
+        os.setgroups([])
+        os.setresgid(cfg["nobody"], cfg["nobody"], cfg["nobody"])
+        os.setresuid(cfg["nobody"], cfg["nobody"], cfg["nobody"])
+        libc.prctl(4, 1)  # PR_SET_DUMPABLE: the uid change made /proc/self root's, and we must write uid_map there
+    uid, gid = os.geteuid(), os.getegid()
+    CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x20000, 0x10000000, 0x20000000, 0x40000000
+    ok(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID), "unshare(user, mount, net, pid)")
+    # Map our own uid only: the program execs as that non-zero uid, so execve drops the namespace capabilities.
+    for name, text in (("uid_map", f"{uid} {uid} 1"), ("setgroups", "deny"), ("gid_map", f"{gid} {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+    MS_BIND, MS_PRIVATE, AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY, SYS_mount_setattr = (
+        4096,
+        1 << 18,
+        -100,
+        0x8000,
+        1,
+        442,
+    )
+    home = cfg["dir"].encode()
+    ok(libc.mount(home, home, None, MS_BIND, None), "bind-mount the temp dir")
+    attr = (ctypes.c_uint64 * 4)(MOUNT_ATTR_RDONLY, 0, MS_PRIVATE, 0)  # struct mount_attr: set, clear, propagation
+    ok(libc.syscall(SYS_mount_setattr, AT_FDCWD, b"/", AT_RECURSIVE, attr, 32), "mount_setattr(/, read-only)")
+    attr = (ctypes.c_uint64 * 4)(0, MOUNT_ATTR_RDONLY, 0, 0)
+    ok(libc.syscall(SYS_mount_setattr, AT_FDCWD, home, 0, attr, 32), "mount_setattr(temp dir, writable)")
+    pid = os.fork()
+    if pid == 0:  # pid 1 of the new namespace: when it exits, the kernel kills whatever it left behind
+        PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, SIGKILL = 1, 38, 9
+        libc.prctl(PR_SET_PDEATHSIG, SIGKILL)
+        libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        for res, value in cfg["rlimits"].items():
+            resource.setrlimit(getattr(resource, res), (value, value))  # soft == hard: the CPU limit kills (pid 1
+        os.chdir(cfg["dir"])  # ignores SIGXCPU)
+        os.set_inheritable(cfg["status_fd"], False)
+        try:
+            os.execve(cfg["python"], [cfg["python"], "-I", "-B", "program.py"], cfg["env"])
+        except OSError as e:
+            report(error=f"exec {cfg['python']}: {e}")
+            os._exit(125)
+    # The caller's SIGTERM (wall clock) kills pid 1, hence the namespace; we reap it, so no zombie goes to init.
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(pid, signal.SIGKILL))
+    _, status = os.waitpid(pid, 0)
+    report(wait=status)
+
+
+_BOOT_SOURCE = inspect.getsource(_boot) + "\n_boot()\n"
+
+
+@functools.cache
+def sandbox_python() -> str:
+    """The interpreter the program runs under: ours, unless we are root and `nobody` cannot reach it (a pyenv under
+    /root, mode 0700), then the system's /usr/bin/python3 (standard library only)."""
+    if os.geteuid() != 0:
+        return sys.executable
+    paths = [os.path.realpath(sys.executable), os.path.dirname(os.__file__)]
+    if all(_world_readable(p) for p in paths):
+        return sys.executable
+    if os.path.exists("/usr/bin/python3") and _world_readable("/usr/bin/python3"):
+        return "/usr/bin/python3"
+    raise LmforgeError(
+        f"sandbox: running as root, and user nobody cannot run {sys.executable}; run as a non-root user or install "
+        "python3 where every user can read it (/usr/bin/python3)"
+    )
+
+
+def _world_readable(path: str) -> bool:
+    """Whether a user in no group of ours can reach `path`: o+x on every directory above it, o+r on it."""
+    path = os.path.realpath(path)
+    if not os.stat(path).st_mode & 0o004:
+        return False
+    while path != "/":
+        path = os.path.dirname(path)
+        if not os.stat(path).st_mode & 0o001:
+            return False
+    return True
+
+
+def _tail(f, chars: int) -> str:
+    f.seek(0)
+    return f.read().decode("utf-8", "replace")[-chars:]
+
+
+def run_program(source: str, limits: SandboxLimits | None = None) -> SandboxResult:
+    """Run `source` as `python program.py` in a fresh temp dir (also its cwd and HOME) and return how it ended."""
+    limits = limits or SandboxLimits()
+    limits.validate()
+    mb = 1 << 20
+    rlimits = {"RLIMIT_CPU": limits.cpu_s, "RLIMIT_AS": limits.memory_mb * mb, "RLIMIT_NPROC": limits.nproc}
+    rlimits |= {"RLIMIT_FSIZE": limits.fsize_mb * mb, "RLIMIT_CORE": 0, "RLIMIT_NOFILE": 256}
+    with (
+        tempfile.TemporaryDirectory(prefix="lmforge-sandbox-") as home,
+        tempfile.TemporaryFile() as out,
+        tempfile.TemporaryFile() as err,
+    ):
+        with open(os.path.join(home, "program.py"), "w") as f:
+            f.write(source)
+        if os.geteuid() == 0:
+            os.chown(home, NOBODY, NOBODY)
+        env = {"HOME": home, "TMPDIR": home, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+        status_r, status_w = os.pipe()
+        cfg = {"dir": home, "python": sandbox_python(), "env": env, "rlimits": rlimits, "status_fd": status_w}
+        cfg["nobody"] = NOBODY
+        argv = [sys.executable, "-I", "-S", "-B", "-c", _BOOT_SOURCE, json.dumps(cfg)]
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, pass_fds=(status_w,), start_new_session=True,
+            cwd=home, env=env,
+        )  # fmt: skip
+        os.close(status_w)
+        timed_out = False
+        try:
+            proc.wait(timeout=limits.timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            proc.terminate()
+            try:
+                proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:  # the bootstrap is stuck: kill it and pid 1 (PR_SET_PDEATHSIG)
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        wall_s = time.perf_counter() - start
+        with os.fdopen(status_r, "rb") as f:
+            report = [json.loads(line) for line in f.read().splitlines()]
+        stdout, stderr = _tail(out, limits.tail_chars), _tail(err, limits.tail_chars)
+    returncode = None
+    if timed_out:
+        status = "timeout"
+    elif not report or "error" in report[-1]:
+        status = "error"
+        why = report[-1]["error"] if report else f"bootstrap exited {proc.returncode}"
+        if why.startswith("unshare"):
+            why += "; enable user namespaces (sysctl user.max_user_namespaces=10000, on Ubuntu also "
+            why += "kernel.apparmor_restrict_unprivileged_userns=0)"
+        stderr = f"sandbox: {why}\n{stderr}"
+    else:
+        returncode = os.waitstatus_to_exitcode(report[-1]["wait"])
+        status = "passed" if returncode == 0 else "failed" if returncode > 0 else "killed"
+    return SandboxResult(status == "passed", status, returncode, stdout, stderr, wall_s)

@@ -1,0 +1,131 @@
+"""The sandbox contains what a generated program can do: fork bombs, deletions, network, memory, loops, writes."""
+
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from lmforge.errors import LmforgeError
+from lmforge.eval.sandbox import SandboxLimits, run_program
+
+FAST = SandboxLimits(timeout_s=3)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture(params=["pytest", "world-writable"])
+def outside(request, tmp_path):
+    """A dir outside the sandbox: pytest's, and one anyone may write (under root, pytest's is 0700 and nobody is
+    stopped by its mode; in the world-writable one, only the read-only mount stops the sandbox)."""
+    if request.param == "pytest":
+        yield tmp_path
+        return
+    with tempfile.TemporaryDirectory(prefix="lmforge-outside-") as path:
+        os.chmod(path, 0o777)
+        yield Path(path)
+
+
+def test_exit_codes_and_output():
+    ok = run_program("print('hello')", FAST)
+    assert (ok.passed, ok.status, ok.returncode, ok.stdout) == (True, "passed", 0, "hello\n")
+    bad = run_program("import sys\nprint('x' * 10000)\nsys.exit(3)", SandboxLimits(tail_chars=100))
+    assert (bad.passed, bad.status, bad.returncode, bad.stdout) == (False, "failed", 3, "x" * 99 + "\n")
+    crash = run_program("raise ValueError('boom')", FAST)
+    assert crash.status == "failed" and "ValueError: boom" in crash.stderr
+
+
+def test_fork_bomb_is_stopped_and_leaves_nothing():
+    # Counts its successful forks and reports its host pid (the host's /proc is still mounted, read-only).
+    bomb = (
+        "import os, time\nhost = open('/proc/self/stat').read().split()[0]\nforks = 0\n"
+        "while True:\n    try:\n        os.fork(); forks += 1\n    except OSError:\n        break\n"
+        "print(host, forks, flush=True)\ntime.sleep(60)\n"
+    )
+    start = time.perf_counter()
+    result = run_program(bomb, SandboxLimits(timeout_s=2, nproc=16))
+    assert result.status == "timeout" and time.perf_counter() - start < 6
+    lines = [line.split() for line in result.stdout.splitlines()]
+    assert lines and all(int(forks) < 16 for _, forks in lines)  # RLIMIT_NPROC counts in the sandbox's namespace
+    assert not any(alive(int(pid)) for pid, _ in lines)  # the whole pid namespace died with it
+    assert run_program("print(1)", FAST).passed  # and the machine still runs programs
+
+
+def test_escaped_session_is_killed():
+    escape = (
+        "import os, time\nif os.fork() == 0:\n    os.setsid()\n"
+        "    print(open('/proc/self/stat').read().split()[0], flush=True)\n    time.sleep(60)\ntime.sleep(0.5)\n"
+    )
+    result = run_program(escape, FAST)
+    assert result.status == "passed" and not alive(int(result.stdout))
+
+
+def test_rm_rf_home_and_absolute_paths(outside):
+    sentinel = outside / "sentinel.txt"
+    sentinel.write_text("keep")
+    os.chmod(sentinel, 0o666)
+    real_home = os.path.expanduser("~")
+    before = sorted(os.listdir(real_home))
+    program = (
+        "import os, shutil\nprint(os.path.expanduser('~') == os.getcwd())\n"
+        f"os.system('rm -rf ~ {real_home} {outside} {sentinel} 2>/dev/null')\n"
+        f"shutil.rmtree({str(outside)!r}, ignore_errors=True)\n"
+    )
+    result = run_program(program, FAST)
+    assert result.stdout == "True\n"  # HOME is the sandbox's own dir
+    assert sentinel.read_text() == "keep"
+    assert sorted(os.listdir(real_home)) == before
+
+
+def test_write_outside_temp_dir_fails(outside):
+    target = outside / "written.txt"
+    result = run_program(f"open({str(target)!r}, 'w').write('x')", FAST)
+    assert result.status == "failed"
+    if os.stat(outside).st_mode & 0o002 or os.geteuid() != 0:  # only the mount can have stopped it
+        assert "Read-only file system" in result.stderr
+    assert not target.exists()
+    assert run_program("open('inside.txt', 'w').write('ok')\nprint(open('inside.txt').read())", FAST).stdout == "ok\n"
+
+
+def test_no_connection_to_loopback():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.settimeout(0.2)
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):  # the listener works for us
+            server.accept()[0].close()
+        result = run_program(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)", FAST)
+        assert result.status == "failed" and "OSError" in result.stderr
+        with pytest.raises(TimeoutError):
+            server.accept()
+
+
+def test_huge_allocation_raises_memory_error():
+    result = run_program("x = bytearray(10 * 1024**3)", FAST)
+    assert result.status == "failed" and "MemoryError" in result.stderr
+
+
+def test_infinite_loop_times_out():
+    result = run_program("while True:\n    pass", SandboxLimits(timeout_s=1))
+    assert result.status == "timeout" and not result.passed and 1 <= result.wall_s < 4
+
+
+def test_cpu_and_file_size_limits():
+    spin = run_program("while True:\n    pass", SandboxLimits(timeout_s=20, cpu_s=1))
+    assert spin.status == "killed" and spin.returncode == -9  # pid 1 ignores SIGXCPU: the hard limit kills
+    big = run_program("open('big', 'wb').write(b'x' * (2 << 20))", SandboxLimits(timeout_s=3, fsize_mb=1))
+    assert big.status == "failed" and "File too large" in big.stderr
+
+
+def test_limits_are_validated():
+    with pytest.raises(LmforgeError, match="sandbox.nproc"):
+        run_program("pass", SandboxLimits(nproc=0))
