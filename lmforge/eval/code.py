@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lmforge.config import check
 from lmforge.errors import LmforgeError
-from lmforge.eval.sandbox import SandboxLimits, run_program
+from lmforge.eval.sandbox import SandboxConfig, run_program
 
 FIELDS = ("task_id", "prompt", "test", "entry_point")
 
@@ -57,7 +57,7 @@ def run_problems(
     generate_fn: Callable[[str, int], list[str]],
     n: int,
     ks: list[int],
-    limits: SandboxLimits | None = None,
+    sandbox: SandboxConfig | None = None,
     workers: int = 2,
 ) -> tuple[dict[str, float], list[dict]]:
     """Sample n completions per problem, run each program in the sandbox, and return ({"pass@k": mean over problems}
@@ -77,7 +77,7 @@ def run_problems(
                 len(completions) == n,
                 f"generate_fn returned {len(completions)} completions for {problem['task_id']}, expected n={n}",
             )
-            jobs.append([(c, pool.submit(run_program, program(problem, c), limits)) for c in completions])
+            jobs.append([(c, pool.submit(run_program, program(problem, c), sandbox)) for c in completions])
         rows = []
         for problem, samples in zip(problems, jobs, strict=True):
             results = [(c, job.result()) for c, job in samples]

@@ -1,12 +1,14 @@
 """Run an untrusted Python program in its own process, temp dir and Linux namespaces: no network, the filesystem
 read-only outside the temp dir, limits on CPU, memory, processes, file size and wall-clock time.
 
-How (checked on kernel 6.18, as root and as an unprivileged user): a bootstrap interpreter drops root to `nobody`
-(root is exempt from RLIMIT_NPROC and from file permissions), unshares user+mount+net+pid namespaces, makes every
-mount read-only but a bind of the temp dir (`mount_setattr`, Linux >= 5.12), and forks the program as pid 1 of the new
-pid namespace: when it exits, or the wall clock kills the process group, the kernel kills everything it started.
-The program execs as a non-root uid, so it holds no capability to undo the mounts. Without user namespaces there is
-no fallback that keeps these guarantees: `run_program` raises and names the sysctl to set.
+How (kernel 6.18, checked as root and as an unprivileged user): a bootstrap interpreter unshares mount, net and pid
+namespaces, makes every mount read-only but a bind of the temp dir (`mount_setattr`, Linux >= 5.12), and forks the
+program as pid 1 of the new pid namespace: when it exits, or the wall clock kills it, the kernel kills all it started.
+The program runs as a non-root uid (root is exempt from RLIMIT_NPROC and file modes: root's programs run as nobody)
+with no capability to undo the mounts, and PR_SET_NO_NEW_PRIVS stops setuid binaries. Isolations, tried in this order:
+"user": a user namespace too, so any user can do it and RLIMIT_NPROC counts this sandbox's processes only; "root":
+for root where user namespaces are off, the namespaces are made as root before dropping to nobody (RLIMIT_NPROC then
+counts all of nobody's processes). If neither works, the result's status is "error" and the message names the sysctl.
 """
 
 import functools
@@ -25,27 +27,33 @@ from lmforge.errors import LmforgeError
 
 NOBODY = 65534
 STATUSES = ("passed", "failed", "timeout", "killed", "error")
+ISOLATIONS = ("auto", "user", "root")
 
 
 @dataclass
-class SandboxLimits:
+class SandboxConfig:
     timeout_s: float = 10.0
-    """Wall-clock limit; the whole process group is killed after it."""
+    """Wall-clock limit, after which the program and all it started are killed."""
     cpu_s: int = 10
     """CPU seconds (RLIMIT_CPU): the program is killed when it has used them."""
     memory_mb: int = 1024
     """Address space (RLIMIT_AS): allocations beyond it raise MemoryError."""
     nproc: int = 32
-    """Processes and threads of the sandbox uid (RLIMIT_NPROC), counted in the sandbox's own user namespace."""
+    """Processes and threads of the sandbox's uid (RLIMIT_NPROC)."""
     fsize_mb: int = 16
     """Largest file the program may write, stdout and stderr included (RLIMIT_FSIZE)."""
     tail_chars: int = 4000
     """How much of the end of stdout and stderr the result keeps."""
+    isolation: str = "auto"
+    """One of ISOLATIONS: "user" (user+mount+net+pid namespaces), "root" (mount+net+pid made by root), "auto" (the
+    first of these that works here)."""
 
     def validate(self) -> None:
         check(self.timeout_s > 0, f"sandbox.timeout_s must be > 0, got {self.timeout_s}")
         for name in ("cpu_s", "memory_mb", "nproc", "fsize_mb", "tail_chars"):
             check(getattr(self, name) >= 1, f"sandbox.{name} must be >= 1, got {getattr(self, name)}")
+        check(self.isolation in ISOLATIONS, f"sandbox.isolation must be one of {ISOLATIONS}, got {self.isolation!r}")
+        check(self.isolation != "root" or os.geteuid() == 0, "sandbox.isolation=root needs root; use user or auto")
 
 
 @dataclass
@@ -78,32 +86,36 @@ def _boot(cfg: dict) -> None:
             report("error", f"{what}: {os.strerror(ctypes.get_errno())}")
             os._exit(125)
 
-    if os.geteuid() == 0:  # root ignores RLIMIT_NPROC and file modes: run as nobody (the caller chowned the dir)
+    CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x20000, 0x10000000, 0x20000000, 0x40000000
+    MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
+    AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY, SYS_mount_setattr = -100, 0x8000, 1, 442
+
+    def drop_root() -> None:  # root ignores RLIMIT_NPROC and file modes: run as nobody (the caller chowned the dir)
         os.setgroups([])
         os.setresgid(cfg["nobody"], cfg["nobody"], cfg["nobody"])
         os.setresuid(cfg["nobody"], cfg["nobody"], cfg["nobody"])
-        libc.prctl(4, 1)  # PR_SET_DUMPABLE: the uid change made /proc/self root's, and we must write uid_map there
-    uid, gid = os.geteuid(), os.getegid()
-    CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x20000, 0x10000000, 0x20000000, 0x40000000
-    ok(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID), "unshare(user, mount, net, pid)")
-    # Map our own uid only: the program execs as that non-zero uid, so execve drops the namespace capabilities.
-    for name, text in (("uid_map", f"{uid} {uid} 1"), ("setgroups", "deny"), ("gid_map", f"{gid} {gid} 1")):
-        with open(f"/proc/self/{name}", "w") as f:
-            f.write(text)
-    MS_BIND, MS_PRIVATE, AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY, SYS_mount_setattr = (
-        4096,
-        1 << 18,
-        -100,
-        0x8000,
-        1,
-        442,
-    )
+
+    if cfg["isolation"] == "user":
+        if os.geteuid() == 0:
+            drop_root()
+            libc.prctl(4, 1)  # PR_SET_DUMPABLE: the uid change made /proc/self root's, and we write uid_map there
+        uid, gid = os.geteuid(), os.getegid()
+        ok(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID), "unshare(user, mount, net, pid)")
+        # Map our own uid only: the program execs as that non-zero uid, so execve drops the namespace's capabilities.
+        for name, text in (("uid_map", f"{uid} {uid} 1"), ("setgroups", "deny"), ("gid_map", f"{gid} {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+    else:
+        ok(libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID), "unshare(mount, net, pid)")
     home = cfg["dir"].encode()
+    ok(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")  # nothing leaks to the host
     ok(libc.mount(home, home, None, MS_BIND, None), "bind-mount the temp dir")
-    attr = (ctypes.c_uint64 * 4)(MOUNT_ATTR_RDONLY, 0, MS_PRIVATE, 0)  # struct mount_attr: set, clear, propagation
+    attr = (ctypes.c_uint64 * 4)(MOUNT_ATTR_RDONLY, 0, 0, 0)  # struct mount_attr: set, clear, propagation, userns
     ok(libc.syscall(SYS_mount_setattr, AT_FDCWD, b"/", AT_RECURSIVE, attr, 32), "mount_setattr(/, read-only)")
     attr = (ctypes.c_uint64 * 4)(0, MOUNT_ATTR_RDONLY, 0, 0)
     ok(libc.syscall(SYS_mount_setattr, AT_FDCWD, home, 0, attr, 32), "mount_setattr(temp dir, writable)")
+    if cfg["isolation"] == "root":
+        drop_root()  # after the mounts, which need root; nobody keeps no capability to undo them
     pid = os.fork()
     if pid == 0:  # pid 1 of the new namespace: when it exits, the kernel kills whatever it left behind
         PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, SIGKILL = 1, 38, 9
@@ -174,13 +186,33 @@ def _tail(f, chars: int) -> str:
     return f.read().decode("utf-8", "replace")[-chars:]
 
 
-def run_program(source: str, limits: SandboxLimits | None = None) -> SandboxResult:
+_auto: list[str] = []  # the isolation that "auto" found to work in this process
+
+
+def run_program(source: str, cfg: SandboxConfig | None = None) -> SandboxResult:
     """Run `source` as `python program.py` in a fresh temp dir (also its cwd and HOME) and return how it ended."""
-    limits = limits or SandboxLimits()
-    limits.validate()
+    cfg = cfg or SandboxConfig()
+    cfg.validate()
+    if cfg.isolation != "auto":
+        return _run(source, cfg, cfg.isolation)
+    for isolation in _auto or (["user", "root"] if os.geteuid() == 0 else ["user"]):
+        result = _run(source, cfg, isolation)
+        if not result.stderr.startswith("sandbox: unshare"):
+            _auto[:] = [isolation]
+            return result
+    result.stderr = result.stderr.replace(
+        "\n",
+        "; enable user namespaces (sysctl user.max_user_namespaces=10000; on "
+        "Ubuntu also kernel.apparmor_restrict_unprivileged_userns=0)\n",
+        1,
+    )
+    return result
+
+
+def _run(source: str, cfg: SandboxConfig, isolation: str) -> SandboxResult:
     mb = 1 << 20
-    rlimits = {"RLIMIT_CPU": limits.cpu_s, "RLIMIT_AS": limits.memory_mb * mb, "RLIMIT_NPROC": limits.nproc}
-    rlimits |= {"RLIMIT_FSIZE": limits.fsize_mb * mb, "RLIMIT_CORE": 0, "RLIMIT_NOFILE": 256}
+    rlimits = {"RLIMIT_CPU": cfg.cpu_s, "RLIMIT_AS": cfg.memory_mb * mb, "RLIMIT_NPROC": cfg.nproc}
+    rlimits |= {"RLIMIT_FSIZE": cfg.fsize_mb * mb, "RLIMIT_CORE": 0, "RLIMIT_NOFILE": 256}
     with (
         tempfile.TemporaryDirectory(prefix="lmforge-sandbox-") as home,
         tempfile.TemporaryFile() as out,
@@ -192,19 +224,18 @@ def run_program(source: str, limits: SandboxLimits | None = None) -> SandboxResu
             os.chown(home, NOBODY, NOBODY)
         env = {"HOME": home, "TMPDIR": home, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
         status_r, status_w = os.pipe()
-        cfg = {"dir": home, "python": sandbox_python(), "env": env, "rlimits": rlimits, "status_fd": status_w}
-        cfg["nobody"] = NOBODY
-        argv = [sys.executable, "-I", "-S", "-B", "-c", f"{_BOOT_SOURCE}\n_boot({cfg!r})\n"]
+        boot = {"dir": home, "python": sandbox_python(), "env": env, "rlimits": rlimits, "status_fd": status_w}
+        boot |= {"nobody": NOBODY, "isolation": isolation}
+        argv = [sys.executable, "-I", "-S", "-B", "-c", f"{_BOOT_SOURCE}\n_boot({boot!r})\n"]
         start = time.perf_counter()
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, pass_fds=(status_w,), start_new_session=True,
             cwd=home, env=env,
         )  # fmt: skip
         os.close(status_w)
-        lines = _read_until_eof(status_r, start + limits.timeout_s)  # Popen.wait(timeout) polls: up to 50 ms late
+        lines = _read_until_eof(status_r, start + cfg.timeout_s)  # Popen.wait(timeout) polls: up to 50 ms late
         os.close(status_r)
-        timed_out = lines is None
-        if timed_out:
+        if lines is None:
             proc.terminate()
             try:
                 proc.wait(timeout=2)
@@ -212,19 +243,13 @@ def run_program(source: str, limits: SandboxLimits | None = None) -> SandboxResu
                 os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         wall_s = time.perf_counter() - start
-        report = dict(line.split(" ", 1) for line in (lines or b"").decode().splitlines())
-        stdout, stderr = _tail(out, limits.tail_chars), _tail(err, limits.tail_chars)
-    returncode = None
-    if timed_out:
-        status = "timeout"
-    elif "wait" not in report:
-        status = "error"
+        stdout, stderr = _tail(out, cfg.tail_chars), _tail(err, cfg.tail_chars)
+    report = dict(line.split(" ", 1) for line in (lines or b"").decode().splitlines())
+    if lines is None:
+        return SandboxResult(False, "timeout", None, stdout, stderr, wall_s)
+    if "wait" not in report:
         why = report.get("error", f"bootstrap exited {proc.returncode}")
-        if why.startswith("unshare"):
-            why += "; enable user namespaces (sysctl user.max_user_namespaces=10000, on Ubuntu also "
-            why += "kernel.apparmor_restrict_unprivileged_userns=0)"
-        stderr = f"sandbox: {why}\n{stderr}"
-    else:
-        returncode = os.waitstatus_to_exitcode(int(report["wait"]))
-        status = "passed" if returncode == 0 else "failed" if returncode > 0 else "killed"
+        return SandboxResult(False, "error", None, stdout, f"sandbox: {why}\n{stderr}", wall_s)
+    returncode = os.waitstatus_to_exitcode(int(report["wait"]))
+    status = "passed" if returncode == 0 else "failed" if returncode > 0 else "killed"
     return SandboxResult(status == "passed", status, returncode, stdout, stderr, wall_s)

@@ -9,7 +9,7 @@ from lm_eval.tasks.cruxeval.utils import _pass_at_k as human_eval_pass_at_k  # h
 
 from lmforge.errors import LmforgeError
 from lmforge.eval.code import load_problems, pass_at_k, program, run_problems
-from lmforge.eval.sandbox import SandboxLimits
+from lmforge.eval.sandbox import SandboxConfig
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "code_problems.jsonl"
 
@@ -51,7 +51,7 @@ def test_run_problems_canonical_pass_and_wrong_fail():
         p = by_prompt[prompt]
         return [p["canonical_solution"], p["wrong_solution"], p["canonical_solution"]][:n]
 
-    metrics, rows = run_problems(problems, generate, n=3, ks=[1, 2, 5], limits=SandboxLimits(timeout_s=2))
+    metrics, rows = run_problems(problems, generate, n=3, ks=[1, 2, 5], sandbox=SandboxConfig(timeout_s=2))
     assert set(metrics) == {"pass@1", "pass@2"}  # k > n is left out
     assert metrics["pass@1"] == pytest.approx(2 / 3)
     assert metrics["pass@2"] == pytest.approx(pass_at_k(3, 2, 2)) == pytest.approx(1.0)

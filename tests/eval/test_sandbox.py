@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from lmforge.errors import LmforgeError
-from lmforge.eval.sandbox import SandboxLimits, run_program
+from lmforge.eval.sandbox import SandboxConfig, run_program
 
-FAST = SandboxLimits(timeout_s=3)
+FAST = SandboxConfig(timeout_s=3)
 
 
 def alive(pid: int) -> bool:
@@ -20,6 +20,13 @@ def alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+@pytest.fixture(params=["user", "root"])
+def isolation(request) -> str:
+    if request.param == "root" and os.geteuid() != 0:
+        pytest.skip("isolation=root needs root")
+    return request.param
 
 
 @pytest.fixture(params=["pytest", "world-writable"])
@@ -37,13 +44,13 @@ def outside(request, tmp_path):
 def test_exit_codes_and_output():
     ok = run_program("print('hello')", FAST)
     assert (ok.passed, ok.status, ok.returncode, ok.stdout) == (True, "passed", 0, "hello\n")
-    bad = run_program("import sys\nprint('x' * 10000)\nsys.exit(3)", SandboxLimits(tail_chars=100))
+    bad = run_program("import sys\nprint('x' * 10000)\nsys.exit(3)", SandboxConfig(tail_chars=100))
     assert (bad.passed, bad.status, bad.returncode, bad.stdout) == (False, "failed", 3, "x" * 99 + "\n")
     crash = run_program("raise ValueError('boom')", FAST)
     assert crash.status == "failed" and "ValueError: boom" in crash.stderr
 
 
-def test_fork_bomb_is_stopped_and_leaves_nothing():
+def test_fork_bomb_is_stopped_and_leaves_nothing(isolation):
     # Counts its successful forks and reports its host pid (the host's /proc is still mounted, read-only).
     bomb = (
         "import os, time\nhost = open('/proc/self/stat').read().split()[0]\nforks = 0\n"
@@ -51,7 +58,7 @@ def test_fork_bomb_is_stopped_and_leaves_nothing():
         "print(host, forks, flush=True)\ntime.sleep(60)\n"
     )
     start = time.perf_counter()
-    result = run_program(bomb, SandboxLimits(timeout_s=2, nproc=16))
+    result = run_program(bomb, SandboxConfig(timeout_s=2, nproc=16, isolation=isolation))
     assert result.status == "timeout" and time.perf_counter() - start < 6
     lines = [line.split() for line in result.stdout.splitlines()]
     assert lines and all(int(forks) < 16 for _, forks in lines)  # RLIMIT_NPROC counts in the sandbox's namespace
@@ -59,16 +66,16 @@ def test_fork_bomb_is_stopped_and_leaves_nothing():
     assert run_program("print(1)", FAST).passed  # and the machine still runs programs
 
 
-def test_escaped_session_is_killed():
+def test_escaped_session_is_killed(isolation):
     escape = (
         "import os, time\nif os.fork() == 0:\n    os.setsid()\n"
         "    print(open('/proc/self/stat').read().split()[0], flush=True)\n    time.sleep(60)\ntime.sleep(0.5)\n"
     )
-    result = run_program(escape, FAST)
+    result = run_program(escape, SandboxConfig(timeout_s=3, isolation=isolation))
     assert result.status == "passed" and not alive(int(result.stdout))
 
 
-def test_rm_rf_home_and_absolute_paths(outside):
+def test_rm_rf_home_and_absolute_paths(outside, isolation):
     sentinel = outside / "sentinel.txt"
     sentinel.write_text("keep")
     os.chmod(sentinel, 0o666)
@@ -79,15 +86,15 @@ def test_rm_rf_home_and_absolute_paths(outside):
         f"os.system('rm -rf ~ {real_home} {outside} {sentinel} 2>/dev/null')\n"
         f"shutil.rmtree({str(outside)!r}, ignore_errors=True)\n"
     )
-    result = run_program(program, FAST)
+    result = run_program(program, SandboxConfig(timeout_s=3, isolation=isolation))
     assert result.stdout == "True\n"  # HOME is the sandbox's own dir
     assert sentinel.read_text() == "keep"
     assert sorted(os.listdir(real_home)) == before
 
 
-def test_write_outside_temp_dir_fails(outside):
+def test_write_outside_temp_dir_fails(outside, isolation):
     target = outside / "written.txt"
-    result = run_program(f"open({str(target)!r}, 'w').write('x')", FAST)
+    result = run_program(f"open({str(target)!r}, 'w').write('x')", SandboxConfig(timeout_s=3, isolation=isolation))
     assert result.status == "failed"
     if os.stat(outside).st_mode & 0o002 or os.geteuid() != 0:  # only the mount can have stopped it
         assert "Read-only file system" in result.stderr
@@ -95,7 +102,7 @@ def test_write_outside_temp_dir_fails(outside):
     assert run_program("open('inside.txt', 'w').write('ok')\nprint(open('inside.txt').read())", FAST).stdout == "ok\n"
 
 
-def test_no_connection_to_loopback():
+def test_no_connection_to_loopback(isolation):
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
@@ -103,7 +110,10 @@ def test_no_connection_to_loopback():
         port = server.getsockname()[1]
         with socket.create_connection(("127.0.0.1", port)):  # the listener works for us
             server.accept()[0].close()
-        result = run_program(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)", FAST)
+        result = run_program(
+            f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)",
+            SandboxConfig(timeout_s=3, isolation=isolation),
+        )
         assert result.status == "failed" and "OSError" in result.stderr
         with pytest.raises(TimeoutError):
             server.accept()
@@ -115,17 +125,17 @@ def test_huge_allocation_raises_memory_error():
 
 
 def test_infinite_loop_times_out():
-    result = run_program("while True:\n    pass", SandboxLimits(timeout_s=1))
+    result = run_program("while True:\n    pass", SandboxConfig(timeout_s=1))
     assert result.status == "timeout" and not result.passed and 1 <= result.wall_s < 4
 
 
 def test_cpu_and_file_size_limits():
-    spin = run_program("while True:\n    pass", SandboxLimits(timeout_s=20, cpu_s=1))
+    spin = run_program("while True:\n    pass", SandboxConfig(timeout_s=20, cpu_s=1))
     assert spin.status == "killed" and spin.returncode == -9  # pid 1 ignores SIGXCPU: the hard limit kills
-    big = run_program("open('big', 'wb').write(b'x' * (2 << 20))", SandboxLimits(timeout_s=3, fsize_mb=1))
+    big = run_program("open('big', 'wb').write(b'x' * (2 << 20))", SandboxConfig(timeout_s=3, fsize_mb=1))
     assert big.status == "failed" and "File too large" in big.stderr
 
 
 def test_limits_are_validated():
     with pytest.raises(LmforgeError, match="sandbox.nproc"):
-        run_program("pass", SandboxLimits(nproc=0))
+        run_program("pass", SandboxConfig(nproc=0))
