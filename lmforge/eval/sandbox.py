@@ -1,14 +1,15 @@
 """Run an untrusted Python program in its own process, temp dir and Linux namespaces: no network, the filesystem
-read-only outside the temp dir, limits on CPU, memory, processes, file size and wall-clock time.
+read-only outside the temp dir, limits on CPU, memory, processes, file size, disk and wall-clock time.
 
 How (kernel 6.18, checked as root and as an unprivileged user): a bootstrap interpreter unshares mount, net and pid
-namespaces, makes every mount read-only but a bind of the temp dir (`mount_setattr`, Linux >= 5.12), and forks the
-program as pid 1 of the new pid namespace: when it exits, or the wall clock kills it, the kernel kills all it started.
-The program runs as a non-root uid (root is exempt from RLIMIT_NPROC and file modes: root's programs run as nobody)
-with no capability to undo the mounts, and PR_SET_NO_NEW_PRIVS stops setuid binaries. Isolations, tried in this order:
-"user": a user namespace too, so any user can do it and RLIMIT_NPROC counts this sandbox's processes only; "root":
-for root where user namespaces are off, the namespaces are made as root before dropping to nobody (RLIMIT_NPROC then
-counts all of nobody's processes). If neither works, the result's status is "error" and the message names the sysctl.
+namespaces, makes every mount read-only (`mount_setattr`, Linux >= 5.12), mounts a small tmpfs on the temp dir, and
+forks the program as pid 1 of the new pid namespace: when it exits, or the wall clock kills it, the kernel kills all
+it started. The program runs as a non-root uid (root is exempt from RLIMIT_NPROC and file modes, so root's programs
+run as nobody) with no capability to undo the mounts, and PR_SET_NO_NEW_PRIVS disarms setuid binaries.
+Isolations, tried in this order: "user" adds a user namespace, so any user can do it and RLIMIT_NPROC counts this
+sandbox's processes only; "root", for root where user namespaces are off, makes the namespaces as root before
+dropping to nobody (RLIMIT_NPROC then counts all of nobody's processes). If neither works, the result's status is
+"error" and its message names the sysctl to set.
 """
 
 import functools
@@ -42,6 +43,8 @@ class SandboxConfig:
     """Processes and threads of the sandbox's uid (RLIMIT_NPROC)."""
     fsize_mb: int = 16
     """Largest file the program may write, stdout and stderr included (RLIMIT_FSIZE)."""
+    disk_mb: int = 64
+    """Size of the program's writable dir, a tmpfs in memory."""
     tail_chars: int = 4000
     """How much of the end of stdout and stderr the result keeps."""
     isolation: str = "auto"
@@ -50,7 +53,7 @@ class SandboxConfig:
 
     def validate(self) -> None:
         check(self.timeout_s > 0, f"sandbox.timeout_s must be > 0, got {self.timeout_s}")
-        for name in ("cpu_s", "memory_mb", "nproc", "fsize_mb", "tail_chars"):
+        for name in ("cpu_s", "memory_mb", "nproc", "fsize_mb", "disk_mb", "tail_chars"):
             check(getattr(self, name) >= 1, f"sandbox.{name} must be >= 1, got {getattr(self, name)}")
         check(self.isolation in ISOLATIONS, f"sandbox.isolation must be one of {ISOLATIONS}, got {self.isolation!r}")
         check(self.isolation != "root" or os.geteuid() == 0, "sandbox.isolation=root needs root; use user or auto")
@@ -87,7 +90,7 @@ def _boot(cfg: dict) -> None:
             os._exit(125)
 
     CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x20000, 0x10000000, 0x20000000, 0x40000000
-    MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
+    MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 2, 4, 16384, 1 << 18
     AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY, SYS_mount_setattr = -100, 0x8000, 1, 442
 
     def drop_root() -> None:  # root ignores RLIMIT_NPROC and file modes: run as nobody (the caller chowned the dir)
@@ -95,11 +98,11 @@ def _boot(cfg: dict) -> None:
         os.setresgid(cfg["nobody"], cfg["nobody"], cfg["nobody"])
         os.setresuid(cfg["nobody"], cfg["nobody"], cfg["nobody"])
 
+    uid, gid = (cfg["nobody"], cfg["nobody"]) if os.geteuid() == 0 else (os.geteuid(), os.getegid())
     if cfg["isolation"] == "user":
         if os.geteuid() == 0:
             drop_root()
             libc.prctl(4, 1)  # PR_SET_DUMPABLE: the uid change made /proc/self root's, and we write uid_map there
-        uid, gid = os.geteuid(), os.getegid()
         ok(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID), "unshare(user, mount, net, pid)")
         # Map our own uid only: the program execs as that non-zero uid, so execve drops the namespace's capabilities.
         for name, text in (("uid_map", f"{uid} {uid} 1"), ("setgroups", "deny"), ("gid_map", f"{gid} {gid} 1")):
@@ -108,27 +111,32 @@ def _boot(cfg: dict) -> None:
     else:
         ok(libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID), "unshare(mount, net, pid)")
     home = cfg["dir"].encode()
+    with open(cfg["dir"] + "/program.py", "rb") as f:  # before the tmpfs hides it
+        source = f.read()
     ok(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")  # nothing leaks to the host
-    ok(libc.mount(home, home, None, MS_BIND, None), "bind-mount the temp dir")
     attr = (ctypes.c_uint64 * 4)(MOUNT_ATTR_RDONLY, 0, 0, 0)  # struct mount_attr: set, clear, propagation, userns
     ok(libc.syscall(SYS_mount_setattr, AT_FDCWD, b"/", AT_RECURSIVE, attr, 32), "mount_setattr(/, read-only)")
-    attr = (ctypes.c_uint64 * 4)(0, MOUNT_ATTR_RDONLY, 0, 0)
-    ok(libc.syscall(SYS_mount_setattr, AT_FDCWD, home, 0, attr, 32), "mount_setattr(temp dir, writable)")
+    # The one writable place: a size-limited tmpfs over the temp dir, so the disk cannot fill and it vanishes with us.
+    opts = f"size={cfg['disk_mb']}m,mode=0700,uid={uid},gid={gid}".encode()
+    ok(libc.mount(b"tmpfs", home, b"tmpfs", MS_NOSUID | MS_NODEV, opts), "mount a tmpfs on the temp dir")
+    with open(cfg["dir"] + "/program.py", "wb") as f:
+        f.write(source)
     if cfg["isolation"] == "root":
         drop_root()  # after the mounts, which need root; nobody keeps no capability to undo them
     pid = os.fork()
     if pid == 0:  # pid 1 of the new namespace: when it exits, the kernel kills whatever it left behind
         PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, SIGKILL = 1, 38, 9
-        libc.prctl(PR_SET_PDEATHSIG, SIGKILL)
-        libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-        for res, value in cfg["rlimits"].items():
-            resource.setrlimit(getattr(resource, res), (value, value))  # soft == hard: the CPU limit kills (pid 1
-        os.chdir(cfg["dir"])  # ignores SIGXCPU)
-        os.set_inheritable(cfg["status_fd"], False)
         try:
+            libc.prctl(PR_SET_PDEATHSIG, SIGKILL)
+            libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+            # soft == hard: pid 1 ignores SIGXCPU at the soft limit, the kernel's SIGKILL at the hard one stops it
+            for res, value in cfg["rlimits"].items():
+                resource.setrlimit(getattr(resource, res), (value, value))
+            os.chdir(cfg["dir"])
+            os.set_inheritable(cfg["status_fd"], False)
             os.execve(cfg["python"], [cfg["python"], "-I", "-B", "program.py"], cfg["env"])
-        except OSError as e:
-            report("error", f"exec {cfg['python']}: {e}")
+        except BaseException as e:
+            report("error", f"start {cfg['python']}: {e!r}")
             os._exit(125)
     # The caller's SIGTERM (wall clock) kills pid 1, hence the namespace; we reap it, so no zombie goes to init.
     signal.signal(signal.SIGTERM, lambda *_: os.kill(pid, signal.SIGKILL))
@@ -225,7 +233,7 @@ def _run(source: str, cfg: SandboxConfig, isolation: str) -> SandboxResult:
         env = {"HOME": home, "TMPDIR": home, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
         status_r, status_w = os.pipe()
         boot = {"dir": home, "python": sandbox_python(), "env": env, "rlimits": rlimits, "status_fd": status_w}
-        boot |= {"nobody": NOBODY, "isolation": isolation}
+        boot |= {"nobody": NOBODY, "isolation": isolation, "disk_mb": cfg.disk_mb}
         argv = [sys.executable, "-I", "-S", "-B", "-c", f"{_BOOT_SOURCE}\n_boot({boot!r})\n"]
         start = time.perf_counter()
         proc = subprocess.Popen(

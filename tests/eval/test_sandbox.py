@@ -129,11 +129,14 @@ def test_infinite_loop_times_out():
     assert result.status == "timeout" and not result.passed and 1 <= result.wall_s < 4
 
 
-def test_cpu_and_file_size_limits():
+def test_cpu_file_size_and_disk_limits():
     spin = run_program("while True:\n    pass", SandboxConfig(timeout_s=20, cpu_s=1))
     assert spin.status == "killed" and spin.returncode == -9  # pid 1 ignores SIGXCPU: the hard limit kills
     big = run_program("open('big', 'wb').write(b'x' * (2 << 20))", SandboxConfig(timeout_s=3, fsize_mb=1))
     assert big.status == "failed" and "File too large" in big.stderr
+    fill = "for i in range(8):\n    open(f'f{i}', 'wb').write(b'x' * (1 << 20))"
+    full = run_program(fill, SandboxConfig(timeout_s=3, disk_mb=4))  # the writable dir is a 4 MB tmpfs
+    assert full.status == "failed" and "No space left on device" in full.stderr
 
 
 def test_limits_are_validated():
