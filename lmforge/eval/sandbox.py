@@ -90,7 +90,7 @@ def _boot(cfg: dict) -> None:
             os._exit(125)
 
     CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x20000, 0x10000000, 0x20000000, 0x40000000
-    MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 2, 4, 16384, 1 << 18
+    MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 16384, 1 << 18
     AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY, SYS_mount_setattr = -100, 0x8000, 1, 442
 
     def drop_root() -> None:  # root ignores RLIMIT_NPROC and file modes: run as nobody (the caller chowned the dir)
@@ -121,12 +121,17 @@ def _boot(cfg: dict) -> None:
     ok(libc.mount(b"tmpfs", home, b"tmpfs", MS_NOSUID | MS_NODEV, opts), "mount a tmpfs on the temp dir")
     with open(cfg["dir"] + "/program.py", "wb") as f:
         f.write(source)
-    if cfg["isolation"] == "root":
-        drop_root()  # after the mounts, which need root; nobody keeps no capability to undo them
     pid = os.fork()
     if pid == 0:  # pid 1 of the new namespace: when it exits, the kernel kills whatever it left behind
         PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, SIGKILL = 1, 38, 9
         try:
+            # Our own /proc, from inside the new pid namespace: the host's processes (and their command lines) vanish.
+            ok(
+                libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, None),
+                "mount /proc",
+            )
+            if cfg["isolation"] == "root":
+                drop_root()  # after the mounts, which need root; nobody keeps no capability to undo them
             libc.prctl(PR_SET_PDEATHSIG, SIGKILL)
             libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
             # soft == hard: pid 1 ignores SIGXCPU at the soft limit, the kernel's SIGKILL at the hard one stops it

@@ -14,12 +14,16 @@ from lmforge.eval.sandbox import SandboxConfig, run_program
 FAST = SandboxConfig(timeout_s=3)
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+def in_namespace(ns: str) -> list[int]:
+    """Host pids of the processes whose pid namespace is `ns` (as in `readlink /proc/self/ns/pid`)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.readlink(f"/proc/{pid}/ns/pid") == ns:
+                pids.append(int(pid))
+        except OSError:  # gone, or not ours to inspect
+            pass
+    return pids
 
 
 @pytest.fixture(params=["user", "root"])
@@ -51,28 +55,34 @@ def test_exit_codes_and_output():
 
 
 def test_fork_bomb_is_stopped_and_leaves_nothing(isolation):
-    # Counts its successful forks and reports its host pid (the host's /proc is still mounted, read-only).
+    # Each process counts its successful forks and reports its pid namespace, which the test then looks for.
     bomb = (
-        "import os, time\nhost = open('/proc/self/stat').read().split()[0]\nforks = 0\n"
+        "import os, time\nforks = 0\n"
         "while True:\n    try:\n        os.fork(); forks += 1\n    except OSError:\n        break\n"
-        "print(host, forks, flush=True)\ntime.sleep(60)\n"
+        "print(os.readlink('/proc/self/ns/pid'), forks, flush=True)\ntime.sleep(60)\n"
     )
     start = time.perf_counter()
     result = run_program(bomb, SandboxConfig(timeout_s=2, nproc=16, isolation=isolation))
     assert result.status == "timeout" and time.perf_counter() - start < 6
     lines = [line.split() for line in result.stdout.splitlines()]
     assert lines and all(int(forks) < 16 for _, forks in lines)  # RLIMIT_NPROC counts in the sandbox's namespace
-    assert not any(alive(int(pid)) for pid, _ in lines)  # the whole pid namespace died with it
+    assert in_namespace(os.readlink("/proc/self/ns/pid"))  # the check sees processes where there are some
+    assert not in_namespace(lines[0][0])  # the whole pid namespace died with it
     assert run_program("print(1)", FAST).passed  # and the machine still runs programs
 
 
 def test_escaped_session_is_killed(isolation):
     escape = (
         "import os, time\nif os.fork() == 0:\n    os.setsid()\n"
-        "    print(open('/proc/self/stat').read().split()[0], flush=True)\n    time.sleep(60)\ntime.sleep(0.5)\n"
+        "    print(os.readlink('/proc/self/ns/pid'), flush=True)\n    time.sleep(60)\ntime.sleep(0.5)\n"
     )
     result = run_program(escape, SandboxConfig(timeout_s=3, isolation=isolation))
-    assert result.status == "passed" and not alive(int(result.stdout))
+    assert result.status == "passed" and not in_namespace(result.stdout.strip())
+
+
+def test_host_processes_are_invisible():
+    result = run_program("import os\nprint([p for p in os.listdir('/proc') if p.isdigit()])", FAST)
+    assert result.stdout == "['1']\n"  # its own /proc shows pid 1, itself
 
 
 def test_rm_rf_home_and_absolute_paths(outside, isolation):
