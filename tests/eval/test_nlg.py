@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import sacrebleu
+import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.eval.nlg import BERTSCORE_LAYERS, bertscore_f1, bertscore_model_dir, bleu, chrf, rouge
@@ -59,7 +60,16 @@ def test_rouge_is_the_stemmed_f_measure_mean():
     assert rouge(["a b c"], ["d e f"]) == {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
 
 
-def test_bertscore_equals_bert_score_on_the_same_encoder(monkeypatch):
+@pytest.fixture
+def one_thread():
+    # two threads on a busy 2-core machine spin: this test takes twice the CPU time with them
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_bertscore_equals_bert_score_on_the_same_encoder(monkeypatch, one_thread):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     bert_score = pytest.importorskip("bert_score")
     hyps = lines("en-de.hyp.Online-B.de")[:12] + ["The cat sat on the mat.", "same words here"]
