@@ -12,8 +12,16 @@ from lmforge.data.decontaminate import NGRAM, build_index, ngram_hashes, ngrams,
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
 
-__all__ = ["NGRAM", "build_index", "contamination", "ngrams", "overlapping", "run_contamination", "task_items"]
-__all__ += ["training_texts"]
+__all__ = [
+    "NGRAM",
+    "build_index",
+    "contamination",
+    "ngrams",
+    "overlapping",
+    "run_contamination",
+    "task_items",
+    "training_texts",
+]
 
 
 def training_texts(run: str | Path) -> Iterator[str]:
