@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from lmforge.config import check
+from lmforge.data.decontaminate import TASK_FORMATS
 from lmforge.data.dedup import DedupConfig
 from lmforge.data.langid import LangIdConfig
 from lmforge.data.quality import CodeQualityConfig, QualityConfig
@@ -38,6 +39,11 @@ class DataPrepConfig:
     dedup: DedupConfig = field(default_factory=DedupConfig)
     scrub: ScrubConfig = field(default_factory=ScrubConfig)
     toxicity: ToxicityConfig = field(default_factory=ToxicityConfig)
+    decontaminate: list[str] = field(default_factory=list)
+    """Task files (.jsonl, .json, .csv; every string field of an item counts): documents sharing a word n-gram with
+    any item are removed, counted per file in the "decontaminate" stage."""
+    decontaminate_ngram: int = 13
+    """Words per n-gram of decontamination, on lowercased words without punctuation (GPT-3 used 13)."""
     vocab_size: int = 4096
     """Vocabulary of the BPE tokenizer trained on the kept documents."""
     rejects_sample: int = 20
@@ -65,3 +71,9 @@ class DataPrepConfig:
         check(self.rejects_sample >= 0, f"rejects_sample={self.rejects_sample} must be >= 0")
         check(self.workers >= 0, f"workers={self.workers} must be >= 0 (0 uses every core)")
         check(self.shard_bytes > 0, f"shard_bytes={self.shard_bytes} must be > 0")
+        check(self.decontaminate_ngram >= 1, f"decontaminate_ngram={self.decontaminate_ngram} must be >= 1")
+        for path in self.decontaminate:
+            check(
+                Path(path).is_file() and Path(path).suffix in TASK_FORMATS,
+                f"decontaminate entry {path!r} is not a {', '.join(TASK_FORMATS)} file; give task files of items",
+            )

@@ -1,5 +1,6 @@
-"""The data stage: raw files -> read leniently, normalized, language-identified, filtered, deduplicated, scrubbed text
--> tokenizer and train/val token shards, with per-stage statistics, sampled rejects and lineage.
+"""The data stage: raw files -> read leniently, normalized, language-identified, filtered, decontaminated against
+benchmark items, deduplicated, scrubbed text -> tokenizer and train/val token shards, with per-stage statistics,
+sampled rejects and lineage.
 
 Run: `lmforge data prepare --config configs/data/web.yaml input=DIR output=runs/data/web`, then
 `lmforge data stats runs/data/web`.
@@ -8,6 +9,7 @@ Run: `lmforge data prepare --config configs/data/web.yaml input=DIR output=runs/
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 from collections import Counter
@@ -22,6 +24,7 @@ import numpy as np
 from lmforge.config import load_config
 from lmforge.data.config import DataPrepConfig
 from lmforge.data.corpus import Document, split_docs
+from lmforge.data.decontaminate import task_indexes
 from lmforge.data.dedup import SignatureShard, band_hashes, sharded_near_duplicate_clusters
 from lmforge.data.engines import local, ray_data
 from lmforge.data.shards import write_shards
@@ -180,6 +183,8 @@ def main(cfg: DataPrepConfig, scorers: dict[str, Scorer] | None = None) -> dict[
     for folder in (out, work, out / "tokenizer", out / "train", out / "val"):
         for stale in folder.glob(".*.tmp"):
             stale.unlink()
+    # An unreadable task file fails here, once, rather than in every worker.
+    task_indexes(tuple(cfg.decontaminate), cfg.decontaminate_ngram)
     tasks = plan_shards(cfg, work, resolve_scorer(cfg.toxicity, scorers))
     # Shards finished by an earlier, interrupted run of the same input and settings are not redone.
     for _ in ENGINES[cfg.engine]([t for t in tasks if not shard_done(t)], cfg):
@@ -226,6 +231,10 @@ def main(cfg: DataPrepConfig, scorers: dict[str, Scorer] | None = None) -> dict[
         "normalize": {"enabled": cfg.normalize},
         "langid": asdict(cfg.langid),
         "quality": {"kind": cfg.kind, "prose": asdict(cfg.quality), "code": asdict(cfg.code_quality)},
+        "decontaminate": {
+            "ngram": cfg.decontaminate_ngram,
+            "tasks": {path: hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in cfg.decontaminate},
+        },
         "dedup": asdict(cfg.dedup),
         "scrub": asdict(cfg.scrub),
         "toxicity": asdict(cfg.toxicity),

@@ -1,7 +1,7 @@
-"""One input shard through the per-document stages (read, normalize, language, quality, dedup keys and MinHash
-signatures, scrub, toxicity), its survivors spilled to the run's work folder under an atomic done marker. prepare.py
-runs the global steps (dedup, split, tokenizer, shards) once over all shards, so neither the engine nor the number of
-workers changes the output, and an interrupted run redoes only the shards without a marker."""
+"""One input shard through the per-document stages (read, normalize, language, quality, decontamination, dedup keys
+and MinHash signatures, scrub, toxicity), its survivors spilled to the run's work folder under an atomic done marker.
+prepare.py runs the global steps (dedup, split, tokenizer, shards) once over all shards, so neither the engine nor the
+number of workers changes the output, and an interrupted run redoes only the shards without a marker."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lmforge.data.corpus import Document, embedded_corpus
+from lmforge.data.decontaminate import overlap_reason, task_indexes
 from lmforge.data.dedup import exact_key, minhash_signatures
 from lmforge.data.langid import language_reason, load_identifier
 from lmforge.data.normalize import normalize
@@ -86,8 +87,8 @@ def plan_shards(cfg: DataPrepConfig, work: Path, scorer: Scorer | None = None) -
     """The input cut into shards: consecutive files (in reading order) of about cfg.shard_bytes each, a JSONL file
     larger than that cut into runs of whole lines, or runs of EMBEDDED_SHARD_DOCS documents of the embedded corpus."""
     settings = json.dumps({k: v for k, v in asdict(cfg).items() if k not in _GLOBAL_KEYS}, sort_keys=True)
-    if cfg.toxicity.wordlist:
-        stat = Path(cfg.toxicity.wordlist).stat()
+    for path in filter(None, [cfg.toxicity.wordlist, *cfg.decontaminate]):
+        stat = Path(path).stat()
         settings += f"|{stat.st_size}|{stat.st_mtime_ns}"
     tasks = []
 
@@ -263,7 +264,7 @@ def process_shard(task: ShardTask) -> int:
 
 
 def _filter(batch: list[Document | Reject], cfg: DataPrepConfig, counts: _StageCounts) -> list[Document]:
-    """One batch through read, normalize, language and quality; returns the survivors."""
+    """One batch through read, normalize, language, quality and decontamination; returns the survivors."""
     docs, read_rejects = [], []
     for item in batch:
         (read_rejects if isinstance(item, Reject) else docs).append(item)
@@ -301,6 +302,10 @@ def _filter(batch: list[Document | Reject], cfg: DataPrepConfig, counts: _StageC
     if cfg.langid.enabled:
         apply("langid", lambda d: (d, language_reason(d.text, cfg.langid, _identifier())))
     apply("quality", lambda d: (d, quality_reason(d, cfg)))
+    if cfg.decontaminate:
+        n = cfg.decontaminate_ngram
+        indexes = task_indexes(tuple(cfg.decontaminate), n)
+        apply("decontaminate", lambda d: (d, overlap_reason(d.text, indexes, n)))
     return docs
 
 
