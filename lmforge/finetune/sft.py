@@ -48,28 +48,25 @@ class SftData:
 def prepare_data(cfg: FinetuneConfig, tokenizer, seq_len: int) -> SftData:
     """Read, split (by a hash of each conversation) and encode the data; every rejected record is counted by reason."""
     conversations, rejected = load_conversations(cfg.data.path, cfg.data.format)
-    order = sorted(conversations, key=lambda c: hashlib.sha256(json.dumps(c).encode()).digest())
-    n_val = min(len(order) - 1, max(1, round(cfg.data.val_fraction * len(order))))
-    splits: dict[str, list] = {"train": [], "val": [], "val_conversations": []}
-    shown = ""
-    for i, conversation in enumerate(order):
+    fitting = []
+    for conversation in conversations:
         ids, trained = encode_example(tokenizer, conversation)
         if len(ids) - 1 > seq_len:
             rejected[f"longer than the context ({seq_len + 1} tokens)"] += 1
-            continue
-        split = "val" if i < n_val else "train"
-        splits[split].append(shifted(ids, trained))
-        if split == "val":
-            splits["val_conversations"].append(conversation)
-        elif not shown:
-            shown = marked(tokenizer, ids, trained)
+        else:
+            fitting.append((hashlib.sha256(json.dumps(conversation).encode()).digest(), conversation, ids, trained))
+    fitting.sort(key=lambda item: item[0])
+    n_val = min(len(fitting) - 1, max(1, round(cfg.data.val_fraction * len(fitting))))
+    val, train = fitting[:n_val], fitting[n_val:]
+    splits = {"train": [shifted(ids, t) for _, _, ids, t in train], "val": [shifted(ids, t) for _, _, ids, t in val]}
     if not splits["train"] or not splits["val"]:
         reasons = ", ".join(f"{n} {why}" for why, n in rejected.items()) or "none rejected"
         raise LmforgeError(
             f"{cfg.data.path} leaves {len(splits['train'])} training and {len(splits['val'])} held-out conversations "
             f"({reasons}); give more {cfg.data.format} records that fit the context"
         )
-    return SftData(splits["train"], splits["val"], splits["val_conversations"], rejected, shown)
+    shown = marked(tokenizer, train[0][2], train[0][3])
+    return SftData(splits["train"], splits["val"], [c for _, c, _, _ in val], rejected, shown)
 
 
 def build_optimizer(tuned: Tuned, tc: SftTrainConfig) -> torch.optim.AdamW:
