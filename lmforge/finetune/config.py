@@ -1,4 +1,4 @@
-"""FinetuneConfig: the base run, the instruction data, the loop's knobs and the method (`lmforge finetune`)."""
+"""Supervised fine-tuning's settings (`lmforge finetune`): the base run, the data, the loop and the method."""
 
 from __future__ import annotations
 
