@@ -87,9 +87,13 @@ def test_bad_records_are_counted_and_reported(tmp_path, tiny_run, capsys):
     good = [{"prompt": q, "completion": r} for q, r in QA]
     bad = [{"prompt": "no completion"}, "a string", {"prompt": "long " * 300, "completion": "x"}]
     data.write_text("".join(json.dumps(r) + "\n" for r in [*good, *bad]) + "{broken\n")
-    finetune(tmp_path, tiny_run, "mixed", f"data.path={data}", "data.format=prompt_completion", "train.steps=1")
+    overrides = [f"data.path={data}", "data.format=prompt_completion", "data.packing=false", "train.steps=1"]
+    metrics = finetune(tmp_path, tiny_run, "mixed", *overrides)
     out = capsys.readouterr().out
-    rejected = json.loads((tmp_path / "mixed/finetune.json").read_text())["data"]["rejected"]
+    summary = json.loads((tmp_path / "mixed/finetune.json").read_text())
+    assert summary["data"]["rows"] == summary["data"]["train_conversations"] == 4  # one per row, unpacked
+    assert metrics["rejected"] == 4 and "## finetune" in (tmp_path / "mixed/report.md").read_text()
+    rejected = summary["data"]["rejected"]
     assert rejected == {
         "malformed: 'completion' missing or not text": 1,
         "malformed: not a JSON object": 2,
