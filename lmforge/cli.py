@@ -16,6 +16,8 @@ from lmforge.config import load_config
 from lmforge.data import prepare
 from lmforge.errors import LmforgeError
 from lmforge.eval import arena
+from lmforge.finetune import sft
+from lmforge.finetune.config import FinetuneConfig
 from lmforge.interop import hf
 from lmforge.run import Run
 from lmforge.serve import chat, generate, server
@@ -30,6 +32,7 @@ from lmforge.train.pretrain import main as pretrain_main
 VERBS = {
     "pretrain": (PretrainConfig, pretrain_main),
     "speedrun": (SpeedrunConfig, speedrun_main),
+    "finetune": (FinetuneConfig, sft.main),
 }
 # tools: add_arguments(parser) and command(args)
 TOOLS = {

@@ -32,6 +32,10 @@ def test_speedrun_filters_its_corpus_then_trains_on_it(tmp_path, tiny_text):
     assert json.loads((run / "pretrain.json").read_text())["corpus"]["train_tokens"] == manifest["total_tokens"]
     assert metrics["steps"] == 2 and metrics["data_stages_seconds"] > 0
     assert (run / "report.md").is_file()
+    # then fine-tuning on pairs mined from the embedded corpus, into its own run, summarised in this run's report
+    assert metrics["finetune_seconds"] > 0 and (tmp_path / "s-sft/checkpoints").is_dir()
+    assert json.loads((run / "finetune.json").read_text())["training"]["steps"] == 2
+    assert "## finetune" in (run / "report.md").read_text()
 
 
 def test_speedrun_data_settings_are_validated():

@@ -319,7 +319,10 @@ def export_hf(run: str | Path, out_dir: str | Path) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         config.save_pretrained(tmp)
-        transformers.GenerationConfig.from_model_config(config).save_pretrained(tmp)
+        generation = transformers.GenerationConfig.from_model_config(config)
+        # a chat answer ends at the end-of-turn token, where lmforge's chat and serve stop too (a fine-tuned run's)
+        generation.eos_token_id = [tokenizer.eos_id, tokenizer.token_id("<|end|>")]
+        generation.save_pretrained(tmp)
         # q/k/v and gate/up are views of one fused tensor; safetensors before 0.5 refuses tensors that share storage
         tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
         safetensors.torch.save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})

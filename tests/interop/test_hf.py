@@ -77,9 +77,10 @@ def test_greedy_generation_matches_transformers(exported):
     ours = list(generate_tokens(model, prompt, max_new_tokens=20))
     with torch.no_grad():
         theirs = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20)[0, len(prompt) :].tolist()
-    eos = hf.generation_config.eos_token_id
-    if eos in ours:  # transformers stops at eos, ours (without stop_ids) runs on: compare up to it
-        ours = ours[: ours.index(eos) + 1]
+    eos = hf.generation_config.eos_token_id  # EOS and the end-of-turn token
+    stop = next((i for i, t in enumerate(ours) if t in eos), None)
+    if stop is not None:  # transformers stops at them, ours (without stop_ids) runs on: compare up to it
+        ours = ours[: stop + 1]
     assert theirs[: len(ours)] == ours
 
 

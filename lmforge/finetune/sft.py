@@ -1,0 +1,279 @@
+"""Supervised fine-tuning on conversations: the loss on the assistant's tokens only, examples packed without attending
+to each other, a held-out loss before and after, and checkpoints that generate, serve and export read unchanged.
+
+Run: `lmforge finetune --config configs/finetune/sft.yaml base=RUN data.path=FILE data.format=alpaca run.name=NAME
+[--resume]`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import resource
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.checkpoint import checkpoint_dirs, load_run, read_state, save_checkpoint
+from lmforge.config import to_dict
+from lmforge.errors import LmforgeError
+from lmforge.finetune.config import FinetuneConfig, SftTrainConfig
+from lmforge.finetune.formats import Conversation, load_conversations
+from lmforge.finetune.methods import Tuned, tune
+from lmforge.finetune.packing import Example, RowLoader, pack
+from lmforge.finetune.template import encode_example, end_of_turn_id, marked, shifted
+from lmforge.run import Run, atomic_write, resolve_run
+from lmforge.sampling import generate_tokens
+from lmforge.train.progress import TrainProgress
+from lmforge.train.schedule import lr_multiplier
+from lmforge.train.steps import autocast_for, pick_device
+
+STATE_FILE = "finetune_state.pt"
+
+
+@dataclass
+class SftData:
+    train: list[Example]
+    val: list[Example]
+    val_conversations: list[Conversation]
+    rejected: Counter
+    shown: str
+    """The first training example, trained spans in [[...]]."""
+
+
+def prepare_data(cfg: FinetuneConfig, tokenizer, seq_len: int) -> SftData:
+    """Read, split (by a hash of each conversation) and encode the data; every rejected record is counted by reason."""
+    conversations, rejected = load_conversations(cfg.data.path, cfg.data.format)
+    fitting = []
+    for conversation in conversations:
+        ids, trained = encode_example(tokenizer, conversation)
+        if len(ids) - 1 > seq_len:
+            rejected[f"longer than the context ({seq_len + 1} tokens)"] += 1
+        else:
+            fitting.append((hashlib.sha256(json.dumps(conversation).encode()).digest(), conversation, ids, trained))
+    fitting.sort(key=lambda item: item[0])
+    n_val = min(len(fitting) - 1, max(1, round(cfg.data.val_fraction * len(fitting))))
+    val, train = fitting[:n_val], fitting[n_val:]
+    splits = {"train": [shifted(ids, t) for _, _, ids, t in train], "val": [shifted(ids, t) for _, _, ids, t in val]}
+    if not splits["train"] or not splits["val"]:
+        reasons = ", ".join(f"{n} {why}" for why, n in rejected.items()) or "none rejected"
+        raise LmforgeError(
+            f"{cfg.data.path} leaves {len(splits['train'])} training and {len(splits['val'])} held-out conversations "
+            f"({reasons}); give more {cfg.data.format} records that fit the context"
+        )
+    shown = marked(tokenizer, train[0][2], train[0][3])
+    return SftData(splits["train"], splits["val"], [c for _, c, _, _ in val], rejected, shown)
+
+
+def build_optimizer(tuned: Tuned, tc: SftTrainConfig) -> torch.optim.AdamW:
+    """AdamW over the method's parameter groups, each split so that only matrices decay."""
+    groups = []
+    for group in tuned.param_groups(tc.lr):
+        params = group["params"]
+        for decay, keep in ((tc.weight_decay, lambda p: p.ndim >= 2), (0.0, lambda p: p.ndim < 2)):
+            chosen = [p for p in params if keep(p)]
+            if chosen:
+                groups.append({**group, "params": chosen, "weight_decay": decay})
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=1e-8)
+
+
+@torch.no_grad()
+def held_out_loss(tuned: Tuned, rows, batch_size: int, autocast, packing: bool) -> float:
+    """Mean loss per trained token over all held-out rows (each token weighted once however the batches fall)."""
+    was_training = tuned.training
+    tuned.eval()
+    device = next(tuned.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(rows[0]), batch_size):
+        x, y, seg = (t[start : start + batch_size].to(device) for t in rows)
+        n = int((y != -100).sum())
+        if n:
+            with autocast():
+                total += tuned.loss(x, y, seg if packing else None).item() * n
+            count += n
+    tuned.train(was_training)
+    return total / count
+
+
+def main(cfg: FinetuneConfig, run: Run) -> dict[str, float]:
+    tc = cfg.train
+    device = pick_device(tc.device)
+    base = resolve_run(cfg.base, cfg.run.root)
+    model, tokenizer = load_run(base, device)
+    seq_len = cfg.data.seq_len or model.cfg.max_seq_len
+    if seq_len > model.cfg.max_seq_len:
+        raise LmforgeError(f"data.seq_len={seq_len} exceeds the base model's context {model.cfg.max_seq_len}")
+    data = prepare_data(cfg, tokenizer, seq_len)
+    rows = pack(data.train, seq_len, tokenizer.pad_id, cfg.data.packing)
+    val_rows = pack(data.val, seq_len, tokenizer.pad_id, cfg.data.packing)
+    run.write_json("finetune_config.json", {**to_dict(cfg), "base": str(base)})
+    tokenizer.save(run.path)
+    print(f"example (trained tokens in [[...]]):\n{data.shown}\n", flush=True)
+    if data.rejected:
+        print("rejected: " + ", ".join(f"{n} {why}" for why, n in sorted(data.rejected.items())), flush=True)
+
+    tuned = tune(model.train(), cfg.peft)
+    trainable, total = tuned.num_trainable()
+    optimizer = build_optimizer(tuned, tc)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, tc))
+    loader = RowLoader(rows, tc.batch_size, cfg.run.seed)
+    autocast = autocast_for(device, tc.dtype)
+    val_set = (val_rows, tc.batch_size, autocast, cfg.data.packing)
+    print(
+        f"run {run.path} | base {base} | {cfg.peft.method}: {trainable:,} of {total:,} params trained | "
+        f"{len(data.train)} train / {len(data.val)} held-out conversations in {len(rows[0])} rows of {seq_len}",
+        flush=True,
+    )
+    step = 0
+    if cfg.resume:
+        step, val_before = _resume(run, tuned, optimizer, scheduler, loader, device)
+    else:
+        torch.manual_seed(cfg.run.seed)
+        val_before = held_out_loss(tuned, *val_set)
+        run.log_metrics(dict(step=0, val_loss=val_before), stage="finetune")
+
+    losses: list[float] = []
+    val_loss, train_seconds, tokens, start_step = val_before, 0.0, 0, step
+    with TrainProgress(tc.steps, step, description="finetune") as progress:
+        while step < tc.steps:
+            t0 = time.perf_counter()
+            loss_sum, step_tokens = 0.0, 0
+            for _ in range(tc.grad_accum):
+                x, y, seg = (t.to(device) for t in loader.next_batch())
+                with autocast():
+                    loss = tuned.loss(x, y, seg if cfg.data.packing else None) / tc.grad_accum
+                loss.backward()
+                loss_sum += loss.item()
+                step_tokens += int((seg >= 0).sum())  # not padding
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else math.inf)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.perf_counter() - t0
+            train_seconds, tokens = train_seconds + dt, tokens + step_tokens
+            losses.append(loss_sum)
+            progress.update(step, loss_sum, step_tokens / dt)
+            if step % tc.log_every == 0 or step == tc.steps:
+                lr = optimizer.param_groups[0]["lr"]
+                eta = (tc.steps - step) * train_seconds / (step - start_step)
+                row = dict(step=step, loss=loss_sum, lr=lr, tokens_per_s=step_tokens / dt, grad_norm=grad_norm.item())
+                run.log_metrics(row, stage="finetune")
+                progress.line(
+                    f"step {step:>6}/{tc.steps} | loss {loss_sum:.4f} | lr {lr:.2e} | dt {dt * 1000:.0f} ms | "
+                    f"{step_tokens / dt:,.0f} tok/s | ETA {eta:.0f}s"
+                )
+            if (tc.eval_every and step % tc.eval_every == 0) or step == tc.steps:
+                val_loss = held_out_loss(tuned, *val_set)
+                run.log_metrics(dict(step=step, val_loss=val_loss), stage="finetune")
+                progress.line(f"step {step:>6} | held-out loss {val_loss:.4f}")
+            if (tc.ckpt_every and step % tc.ckpt_every == 0) or step == tc.steps:
+                _save(run, step, tuned, optimizer, scheduler, loader, val_before, tc.keep_last)
+
+    summary = {
+        "steps": step,
+        "val_loss_before": val_before,
+        "val_loss_after": val_loss,
+        "train_loss": losses[-1] if losses else math.nan,
+        "trainable_params": trainable,
+        "trainable_share": trainable / total,
+        "train_seconds": train_seconds,
+        "step_seconds": train_seconds / (step - start_step) if step > start_step else math.nan,
+        "tokens_per_s": tokens / train_seconds if train_seconds else math.nan,
+        "peak_memory_bytes": _peak_memory(device),
+    }
+    samples = answers(tuned.merged(), tokenizer, data.val_conversations[: tc.samples], tc.max_new_tokens)
+    run.write_json(
+        "finetune.json",
+        {
+            "data": {
+                "path": cfg.data.path,
+                "format": cfg.data.format,
+                "train_conversations": len(data.train),
+                "held_out_conversations": len(data.val),
+                "rows": len(rows[0]),
+                "rejected": dict(data.rejected),
+            },
+            "training": summary,
+            "samples": samples,
+        },
+    )
+    run.close()
+    return {**summary, "rejected": sum(data.rejected.values())}
+
+
+@torch.no_grad()
+def answers(model, tokenizer, conversations: list[Conversation], max_new_tokens: int) -> list[dict]:
+    """Greedy answers to the prompts before each conversation's last assistant turn (the reference beside them)."""
+    model.eval()
+    stops = {tokenizer.eos_id, end_of_turn_id(tokenizer)}
+    out = []
+    for conversation in conversations:
+        last = max(i for i, m in enumerate(conversation) if m["role"] == "assistant")
+        prompt = conversation[:last]
+        ids = tokenizer.encode_chat(prompt, add_generation_prompt=True, bos=True)
+        if len(ids) >= model.cfg.max_seq_len:
+            continue
+        new = list(generate_tokens(model, ids, max_new_tokens, stop_ids=stops))
+        ended = len(new) < min(max_new_tokens, model.cfg.max_seq_len - len(ids))
+        out.append(
+            {
+                "prompt": tokenizer.render_chat(prompt, add_generation_prompt=True),
+                "completion": tokenizer.decode(new),
+                "reference": conversation[last]["content"],
+                "ended_turn": ended,
+            }
+        )
+    return out
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _save(run: Run, step: int, tuned: Tuned, optimizer, scheduler, loader, val_before: float, keep_last: int) -> None:
+    """The merged weights as a plain checkpoint (for generate, serve, export), and beside them what a resume needs:
+    the trainable weights, the optimizer and schedule, the RNG and the data position."""
+    info = {"stage": "finetune", "val_loss_before": val_before}
+    folder = save_checkpoint(run.path, step, tuned.merged(), info, keep_last)
+    state = {
+        "trainable": tuned.trainable_state(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "loader": loader.state_dict(),
+        "rng": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write(folder / STATE_FILE, buf.getvalue())
+
+
+def _resume(run: Run, tuned: Tuned, optimizer, scheduler, loader, device) -> tuple[int, float]:
+    """Load the newest complete checkpoint's training state; return its step and the held-out loss before training."""
+    complete = [c for c in checkpoint_dirs(run.path) if (c / STATE_FILE).is_file()]
+    if not complete:
+        raise LmforgeError(f"--resume given but {run.path}/checkpoints holds no fine-tuning state; drop --resume")
+    ckpt = complete[-1]
+    state = torch.load(ckpt / STATE_FILE, map_location=device, weights_only=True)
+    missing, unexpected = tuned.load_state_dict(state["trainable"], strict=False)
+    trained = set(tuned.trainable_state())
+    if unexpected or trained & set(missing) or set(state["trainable"]) != trained:
+        raise LmforgeError(f"{ckpt} was trained with another peft method; resume with the same peft settings")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    loader.load_state_dict(state["loader"])
+    torch.set_rng_state(state["rng"].cpu())
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+    info = read_state(ckpt)
+    print(f"resumed from {ckpt} at step {info['step']}", flush=True)
+    return int(info["step"]), float(info["val_loss_before"])
