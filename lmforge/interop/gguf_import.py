@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as RawTokenizer
 from torch import Tensor
 
@@ -25,20 +25,13 @@ from lmforge.models import ModelConfig, build_model
 from lmforge.tokenizer import Tokenizer
 
 QUANTS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 _BYTE_LEVEL = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # GPT-2's split regex
-# tokenizer.ggml.pre -> how the text is split before BPE, as in llama.cpp's llama-vocab.cpp for each name
+# tokenizer.ggml.pre -> how text is split before BPE, as llama.cpp's llama-vocab.cpp splits it for that name: "smollm"
+# and "starcoder" isolate every digit first (transformers' GGUF loader ignores this key and uses GPT-2's regex alone)
 PRE_TOKENIZERS = {
-    "default": _BYTE_LEVEL,
     "gpt-2": _BYTE_LEVEL,
     "smollm": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _BYTE_LEVEL]),
     "starcoder": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _BYTE_LEVEL]),
-    "llama-bpe": pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), "isolated"), pre_tokenizers.ByteLevel(False, use_regex=False)]
-    ),
 }
 # spellings of the token that ends a chat turn in common templates, for files without tokenizer.ggml.eot_token_id
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
@@ -50,11 +43,14 @@ def read_gguf(path: Path):
     gguf = _gguf()
     if not path.is_file():
         raise LmforgeError(f"{path} does not exist; give the path of a .gguf file (make models fetches SmolLM2)")
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise LmforgeError(f"{path} is not a GGUF file (it does not start with b'GGUF'); give a llama.cpp model")
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError, KeyError or struct errors for files that are not GGUF
         raise LmforgeError(
-            f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); give a llama.cpp model file"
+            f"{path} is a damaged GGUF file ({type(e).__name__}: {e}); download or convert it again"
         ) from None
     fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     return fields, {t.name: t for t in reader.tensors}
@@ -140,7 +136,7 @@ def state_dict(cfg: ModelConfig, tensors: dict[str, Any], path: Path) -> dict[st
 def tokenizer(f: dict[str, Any], path: Path) -> Tokenizer:
     """The file's byte-level BPE as a `tokenizers` pipeline, with a tokenizer_config.json naming its special tokens,
     end-of-turn token, whether prompts open with BOS, and its chat template."""
-    kind, pre = f.get("tokenizer.ggml.model"), f.get("tokenizer.ggml.pre", "default")
+    kind, pre = f.get("tokenizer.ggml.model"), f.get("tokenizer.ggml.pre", "gpt-2")  # files before the key: GPT-2
     if kind != "gpt2":
         raise LmforgeError(f"{path} has a {kind!r} vocabulary; lmforge imports byte-level BPE ('gpt2') ones only")
     if pre not in PRE_TOKENIZERS:

@@ -400,6 +400,8 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
         if tokenizer is not None:  # lmforge adds BOS itself: an export's post-processor is dropped (save_hf_tokenizer)
             tokenizer.inner.post_processor = None
             atomic_write(tmp / "tokenizer.json", tokenizer.inner.to_str(pretty=True))
+            if tokenizer.config is not None:  # a foreign byte-level BPE: its specials and chat template come along
+                atomic_write(tmp / "tokenizer_config.json", json.dumps(tokenizer.config, indent=2) + "\n")
         save_checkpoint(tmp, 0, model, state={"source": str(hf_dir)})
         _publish(tmp, run)
     except BaseException:

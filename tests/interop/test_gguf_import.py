@@ -21,14 +21,15 @@ from lmforge.models import ModelConfig, build_model
 Q = gguf.GGMLQuantizationType
 
 
-def requantize(src, dst, qtype=Q.F32, arch="llama"):
-    """A copy of GGUF `src` with every matrix stored as `qtype` (norms stay F32) and `arch` as its architecture."""
+def requantize(src, dst, qtype=Q.F32, arch="llama", replace=None):
+    """A copy of GGUF `src` with every matrix stored as `qtype` (norms stay F32), `arch` as its architecture and the
+    string fields in `replace` changed."""
     reader = gguf.GGUFReader(src)
     w = gguf.GGUFWriter(dst, arch)
     for name, field in reader.fields.items():
         if not name.startswith("GGUF.") and name != "general.architecture":
             sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-            w.add_key_value(name, field.contents(), field.types[0], sub)
+            w.add_key_value(name, (replace or {}).get(name, field.contents()), field.types[0], sub)
     for t in reader.tensors:
         data = np.array(t.data)
         if data.ndim == 2:
@@ -111,17 +112,28 @@ def test_k_quants_dequantise_as_transformers_does(tmp_path, qtype):
     assert torch.equal(ours.flatten(), hf_dequantize(torch.from_numpy(data.flatten()), int(qtype)))
 
 
-def test_bad_files_exit_2_and_write_nothing(exported, tmp_path):
+def test_bad_files_exit_2_and_write_nothing(exported, tmp_path, capsys):
     _, path = exported
     (tmp_path / "notes.gguf").write_text("not a model")
     requantize(path, tmp_path / "gpt2.gguf", arch="gpt2")
+    requantize(path, tmp_path / "spm.gguf", replace={"tokenizer.ggml.model": "llama"})
+    requantize(path, tmp_path / "pre.gguf", replace={"tokenizer.ggml.pre": "llama-bpe"})
     (tmp_path / "runs" / "taken").mkdir(parents=True)
     (tmp_path / "runs" / "taken" / "x").write_text("")
     before = sorted(p.name for p in tmp_path.rglob("*"))
-    for file, name in [("missing.gguf", "a"), ("notes.gguf", "b"), ("gpt2.gguf", "c"), (str(path), "taken")]:
+    cases = {
+        "missing.gguf": "does not exist",
+        "notes.gguf": "is not a GGUF file",
+        "gpt2.gguf": "holds a 'gpt2' model; lmforge imports GGUF files of the 'llama' architecture",
+        "spm.gguf": "has a 'llama' vocabulary; lmforge imports byte-level BPE",
+        "pre.gguf": "splits text as 'llama-bpe'",
+        str(path): "exists and is not empty",
+    }
+    for i, (file, message) in enumerate(cases.items()):
+        name = "taken" if file == str(path) else f"run{i}"
         with pytest.raises(SystemExit) as e:
             cli(["import", "gguf", str(tmp_path / file), "--name", name, "--root", str(tmp_path / "runs")])
-        assert e.value.code == 2
+        assert e.value.code == 2 and message in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
