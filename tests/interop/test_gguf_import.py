@@ -5,6 +5,8 @@ template equal transformers' loading of the same file."""
 
 from __future__ import annotations
 
+import argparse
+import io
 import time
 
 import gguf
@@ -17,6 +19,7 @@ from lmforge.cli import main as cli
 from lmforge.interop.gguf_import import dequantize, import_gguf, read_gguf
 from lmforge.interop.models_cache import cached_model
 from lmforge.models import ModelConfig, build_model
+from lmforge.serve import chat
 
 Q = gguf.GGMLQuantizationType
 
@@ -135,6 +138,32 @@ def test_bad_files_exit_2_and_write_nothing(exported, tmp_path, capsys):
             cli(["import", "gguf", str(tmp_path / file), "--name", name, "--root", str(tmp_path / "runs")])
         assert e.value.code == 2 and message in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_a_foreign_vocabulary_chats_and_stops_at_its_end_of_turn(exported, tmp_path, monkeypatch, capsys):
+    """ChatML specials in place of ours, end-of-turn apart from EOS: the chat CLI stops at the end-of-turn token."""
+    _, path = exported
+    tokens = gguf.GGUFReader(path).fields["tokenizer.ggml.tokens"].contents()
+    tokens[:7] = ["<|im_end|>", "<|endoftext|>", "<|im_start|>", "<a>", "<b>", "<c>", "<d>"]
+    replace = {"tokenizer.ggml.tokens": tokens, "tokenizer.chat_template": CHATML, "tokenizer.ggml.add_bos_token": 0}
+    replace |= {"tokenizer.ggml.eos_token_id": 1, "tokenizer.ggml.eot_token_id": 0}
+    run = import_gguf(requantize(path, tmp_path / "chatml.gguf", replace=replace), tmp_path / "chatml")
+    model, tok = load_run(run)
+    assert (tok.eos_id, tok.end_of_turn_id, tok.bos, tok.chat_template) == (1, 0, [], CHATML)
+    with torch.no_grad():
+        model.norm.weight.zero_()  # every logit 0: greedy picks id 0, the end of turn
+    save_checkpoint(run, 1, model, state={})
+    parser = argparse.ArgumentParser()
+    chat.add_arguments(parser)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    chat.command(parser.parse_args([str(run), "--temperature", "0", "--max-new-tokens", "5"]))
+    assert capsys.readouterr().out == "\n"  # an empty reply: the first token ended the turn
 
 
 # ---- the real SmolLM2-135M-Instruct GGUF (Q4_1 with a Q8_0 embedding), against transformers' GGUF loader ----
