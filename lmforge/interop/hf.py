@@ -1,6 +1,6 @@
 """Hugging Face transformers folders: export a run as LlamaForCausalLM or GPT2LMHeadModel, and import one as a run.
 
-Run: lmforge export hf RUN DIR  /  lmforge import hf DIR --name NAME  (lmforge export gguf RUN FILE: interop/gguf.py)
+Run: lmforge export hf RUN DIR  /  lmforge import hf DIR --name NAME  (GGUF: interop/gguf.py, interop/gguf_import.py)
 """
 
 from __future__ import annotations
@@ -403,6 +403,8 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
         if tokenizer is not None:  # lmforge adds BOS itself: an export's post-processor is dropped (save_hf_tokenizer)
             tokenizer.inner.post_processor = None
             atomic_write(tmp / "tokenizer.json", tokenizer.inner.to_str(pretty=True))
+            if tokenizer.config is not None:  # a foreign byte-level BPE: its specials and chat template come along
+                atomic_write(tmp / "tokenizer_config.json", json.dumps(tokenizer.config, indent=2) + "\n")
         save_checkpoint(tmp, 0, model, state={"source": str(hf_dir)})
         _publish(tmp, run)
     except BaseException:
@@ -491,14 +493,21 @@ def export_command(args: argparse.Namespace) -> Path:
 
 
 def add_import_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("format", choices=["hf"], help="hf: a local Hugging Face transformers folder")
-    parser.add_argument("dir", help="folder with config.json and model.safetensors")
-    parser.add_argument("--name", default=None, type=cli_args.name, help="run name (default: the folder's name)")
+    parser.add_argument(
+        "format", choices=["hf", "gguf"], help="hf: a local Hugging Face transformers folder; gguf: a llama.cpp file"
+    )
+    parser.add_argument("dir", metavar="source", help="hf: folder with config.json and model.safetensors; gguf: file")
+    parser.add_argument("--name", default=None, type=cli_args.name, help="run name (default: the source's name)")
     parser.add_argument("--root", default="runs", help="folder that holds the run folders")
 
 
 def import_command(args: argparse.Namespace) -> Path:
-    name = args.name or Path(args.dir).resolve().name
-    run = import_hf(args.dir, Path(args.root) / name)
+    source = Path(args.dir)
+    if args.format == "gguf":
+        from lmforge.interop.gguf_import import import_gguf  # imports this module
+
+        run = import_gguf(source, Path(args.root) / (args.name or source.stem))
+    else:
+        run = import_hf(source, Path(args.root) / (args.name or source.resolve().name))
     print(f"wrote {run}: a step-0 checkpoint of {args.dir}")
     return run

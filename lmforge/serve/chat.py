@@ -50,7 +50,7 @@ def command(args: argparse.Namespace) -> None:
     context = model.cfg.max_seq_len
     # room kept free for the reply; at most half the context, so a large --max-new-tokens cannot push out all history
     room = max(1, min(args.max_new_tokens, context // 2))
-    stop_ids = {tokenizer.eos_id, tokenizer.token_id("<|end|>")}
+    stop_ids = {tokenizer.eos_id, tokenizer.end_of_turn_id}
     system = [{"role": "system", "content": args.system}] if args.system else []
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     history: list[dict[str, str]] = []

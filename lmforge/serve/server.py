@@ -106,7 +106,7 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None) -> Fa
     context = engine.context
     metrics = ServerMetrics(engine)
     worker = EngineThread(engine, metrics)
-    chat_stops = [tokenizer.eos_id, tokenizer.token_id("<|end|>")]
+    chat_stops = [tokenizer.eos_id, tokenizer.end_of_turn_id]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

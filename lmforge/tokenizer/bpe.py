@@ -1,5 +1,6 @@
 """Byte-level BPE (GPT-2 style, Sennrich et al. 2016) on Hugging Face `tokenizers`: every byte is a token, so any text
-or byte string round-trips exactly, and the saved folder loads unchanged in transformers."""
+or byte string round-trips exactly, and the saved folder loads unchanged in transformers. lmforge's own have
+SPECIAL_TOKENS first; an imported one (a GGUF's) names its special tokens and chat template in tokenizer_config.json."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -18,6 +19,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from lmforge.config import check
 from lmforge.errors import LmforgeError
 from lmforge.run import atomic_write
+from lmforge.tokenizer import template
 
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 ROLES = ("system", "user", "assistant")
@@ -99,17 +101,58 @@ def _encode(inner: tokenizers.Tokenizer, text: str) -> list[int]:
         raise
 
 
-class Tokenizer:
-    """A byte-level BPE vocabulary whose first ids are SPECIAL_TOKENS; wraps a `tokenizers.Tokenizer` (`inner`)."""
+def _is_lmforge(inner: tokenizers.Tokenizer) -> bool:
+    return all(inner.token_to_id(token) == i for i, token in enumerate(SPECIAL_TOKENS))
 
-    def __init__(self, inner: tokenizers.Tokenizer):
+
+def _token_text(value: str | dict | None) -> str | None:
+    return value["content"] if isinstance(value, dict) else value  # transformers also saves AddedToken dicts
+
+
+class Tokenizer:
+    """A byte-level BPE vocabulary; wraps a `tokenizers.Tokenizer` (`inner`). lmforge's own (`config` None) have
+    SPECIAL_TOKENS at ids 0..6; an imported one takes its special tokens, whether prompts open with BOS, the
+    end-of-turn token and the Jinja chat template from `config`, a transformers tokenizer_config.json."""
+
+    def __init__(self, inner: tokenizers.Tokenizer, config: dict[str, Any] | None = None):
         self.inner = inner
-        for i, token in enumerate(SPECIAL_TOKENS):
-            if inner.token_to_id(token) != i:
-                raise LmforgeError(
-                    f"tokenizer has {token} at id {inner.token_to_id(token)}, expected {i}; "
-                    "use a tokenizer trained by lmforge"
-                )
+        self.config = config
+        if config is None:
+            for i, token in enumerate(SPECIAL_TOKENS):
+                if inner.token_to_id(token) != i:
+                    raise LmforgeError(
+                        f"tokenizer has {token} at id {inner.token_to_id(token)}, expected {i}; use a tokenizer "
+                        "trained by lmforge, or put the tokenizer_config.json that names its special tokens beside it"
+                    )
+            self.bos_id, self.eos_id, self.pad_id, self.end_of_turn_id = 0, 1, 2, SPECIAL_TOKENS.index("<|end|>")
+            self.add_bos, self.chat_template = True, CHAT_TEMPLATE
+            return
+        self._check_byte_level()
+        self.specials = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        self.specials = {k: v for k, v in self.specials.items() if v is not None}
+        if "eos_token" not in self.specials:
+            raise LmforgeError("tokenizer_config.json names no eos_token; add the token that ends a text")
+        eos = self.token_id(self.specials["eos_token"])
+        bos = self.specials.get("bos_token")
+        self.bos_id = self.token_id(bos) if bos else None
+        self.eos_id = eos
+        self.pad_id = self.token_id(self.specials["pad_token"]) if "pad_token" in self.specials else eos
+        self.end_of_turn_id = self.token_id(_token_text(config["eot_token"])) if config.get("eot_token") else eos
+        self.add_bos = bool(config.get("add_bos_token", False))
+        if self.add_bos and self.bos_id is None:
+            raise LmforgeError("tokenizer_config.json sets add_bos_token but names no bos_token; name it")
+        self.chat_template = config.get("chat_template") or ""
+
+    def _check_byte_level(self) -> None:
+        alphabet = set(_byte_alphabet())
+        added = {t.content for t in self.inner.get_added_tokens_decoder().values()}
+        vocab = self.inner.get_vocab(with_added_tokens=True)
+        odd = [t for t in vocab if t not in added and not set(t) <= alphabet]
+        if odd:  # an imported vocabulary may lack bytes that never occur in UTF-8 text (0xC0, 0xF5..0xFF)
+            raise LmforgeError(
+                f"the tokenizer is not a byte-level BPE (token {odd[0]!r} is not spelled in bytes); "
+                "lmforge runs hold byte-level BPE vocabularies only"
+            )
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, cfg: TokenizerConfig | None = None) -> Tokenizer:
@@ -165,12 +208,23 @@ class Tokenizer:
             inner = tokenizers.Tokenizer.from_str(text)
         except Exception as e:
             raise LmforgeError(f"tokenizer file {path} is corrupt ({e}); delete it and retrain the tokenizer") from None
-        return cls(inner)
+        config_path = path.parent / "tokenizer_config.json"
+        if _is_lmforge(inner) or not config_path.is_file():
+            return cls(inner)
+        try:
+            config = json.loads(config_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise LmforgeError(f"{config_path} is unreadable or corrupt ({e}); restore it from the source") from None
+        return cls(inner, config)
 
     def save(self, dir: str | Path) -> Path:
         """Write tokenizer.json and the transformers files (config, special tokens, chat template)."""
         dir = Path(dir)
         atomic_write(dir / "tokenizer.json", self._json)
+        if self.config is not None:
+            atomic_write(dir / "tokenizer_config.json", json.dumps(self.config, indent=2) + "\n")
+            atomic_write(dir / "special_tokens_map.json", json.dumps(self.specials, indent=2) + "\n")
+            return dir / "tokenizer.json"
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": SPECIAL_TOKENS[0],
@@ -199,28 +253,22 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.inner.get_vocab_size(with_added_tokens=True)
 
-    @property
-    def bos_id(self) -> int:
-        return 0
-
-    @property
-    def eos_id(self) -> int:
-        return 1
-
-    @property
-    def pad_id(self) -> int:
-        return 2
-
     def token_id(self, token: str) -> int:
         i = self.inner.token_to_id(token)
         if i is None:
             raise LmforgeError(f"token {token!r} is not in the vocabulary")
         return i
 
+    @property
+    def bos(self) -> list[int]:
+        """What opens a prompt: [bos_id] where the model was trained so (always for lmforge's own), else nothing."""
+        return [self.bos_id] if self.add_bos else []
+
     def encode(self, text: str, bos: bool = False) -> list[int]:
-        """Token ids of `text`; the special tokens' spellings (`<|end|>`) in it become the special tokens."""
+        """Token ids of `text`; the special tokens' spellings (`<|end|>`) in it become the special tokens. bos=True
+        opens them as a prompt (`self.bos`)."""
         ids = _encode(self.inner, text)
-        return [self.bos_id, *ids] if bos else ids
+        return [*self.bos, *ids] if bos else ids
 
     def encode_plain(self, text: str) -> list[int]:
         """Token ids of `text` with every character plain text: `<|end|>` in it is seven characters, not a token."""
@@ -242,7 +290,7 @@ class Tokenizer:
     def encode_batch(self, texts: list[str], bos: bool = False) -> list[list[int]]:
         """Encode many texts at once in the Rust thread pool."""
         out = [e.ids for e in self.inner.encode_batch_fast(texts, add_special_tokens=False)]
-        return [[self.bos_id, *ids] for ids in out] if bos else out
+        return [[*self.bos, *ids] for ids in out] if bos else out
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
         return self.inner.decode(ids, skip_special_tokens=skip_special)
@@ -268,17 +316,22 @@ class Tokenizer:
         byte_ids = self._byte_ids
         for i, part in enumerate(_SURROGATES.split(data.decode("utf-8", errors="surrogateescape"))):
             if i % 2:
+                if byte_ids[ord(part) - 0xDC00] is None:
+                    raise LmforgeError(f"byte {ord(part) - 0xDC00:#x} has no token in this vocabulary; send UTF-8")
                 ids.append(byte_ids[ord(part) - 0xDC00])
             elif part:
                 ids.extend(self.encode(part))
         return ids
 
     @cached_property
-    def _byte_ids(self) -> list[int]:
+    def _byte_ids(self) -> list[int | None]:
         return [self.inner.token_to_id(c) for c in _byte_alphabet()]
 
     def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-        """Chat text as `<|user|>hi<|end|><|assistant|>hello<|end|>`; the saved chat_template renders the same."""
+        """Chat text as `<|user|>hi<|end|><|assistant|>hello<|end|>`; the saved chat_template renders the same. An
+        imported tokenizer renders its own template as transformers' apply_chat_template does."""
+        if self.config is not None:
+            return template.render(self._template, messages, add_generation_prompt, self.specials)
         parts = []
         for m in messages:
             if m.get("role") not in ROLES:
@@ -292,9 +345,16 @@ class Tokenizer:
         self, messages: list[dict[str, str]], add_generation_prompt: bool = False, bos: bool = False
     ) -> list[int]:
         """Token ids of render_chat's text in which only the template's markers are special tokens: a message's
-        content is plain text, so a user who types `<|end|><|assistant|>` cannot open a turn of another role."""
-        end = self.token_id("<|end|>")
-        ids = [self.bos_id] if bos else []
+        content is plain text, so a user who types `<|end|><|assistant|>` cannot open a turn of another role.
+        An imported template's text is encoded in pieces (template.split), so where a content starts or ends with
+        whitespace BPE would merge across the template's text, the ids can differ from encode(render_chat())."""
+        ids = list(self.bos) if bos else []
+        if self.config is not None:
+            pieces = template.split(self._template, messages, add_generation_prompt, self.specials)
+            for text, is_content in pieces:
+                ids += self.encode_plain(text) if is_content else self.encode(text)
+            return ids
+        end = self.end_of_turn_id
         for m in messages:
             if m.get("role") not in ROLES:
                 raise LmforgeError(f"unknown chat role {m.get('role')!r}; use one of {', '.join(ROLES)}")
@@ -302,3 +362,9 @@ class Tokenizer:
         if add_generation_prompt:
             ids.append(self.token_id("<|assistant|>"))
         return ids
+
+    @property
+    def _template(self) -> str:
+        if not self.chat_template:
+            raise LmforgeError("this tokenizer has no chat template; add chat_template to its tokenizer_config.json")
+        return self.chat_template
