@@ -35,7 +35,7 @@ chromium:
 
 # two workers, each test file in one of them (module fixtures such as the torchrun layouts run once): 5.5 min on
 # 2 cores against 10.5 min in one process
-test: lint chromium
+test: lint chromium models
 	$(VENV)/bin/pytest -n 2 --dist loadfile
 
 bench: dev

@@ -25,7 +25,7 @@ from lmforge.finetune.config import FinetuneConfig, SftTrainConfig
 from lmforge.finetune.formats import Conversation, load_conversations
 from lmforge.finetune.methods import Tuned, tune
 from lmforge.finetune.packing import Example, RowLoader, pack
-from lmforge.finetune.template import encode_example, end_of_turn_id, marked, shifted
+from lmforge.finetune.template import encode_example, marked, shifted
 from lmforge.run import Run, atomic_write, resolve_run
 from lmforge.sampling import generate_tokens
 from lmforge.train.progress import TrainProgress
@@ -211,7 +211,7 @@ def main(cfg: FinetuneConfig, run: Run) -> dict[str, float]:
 def answers(model, tokenizer, conversations: list[Conversation], max_new_tokens: int) -> list[dict]:
     """Greedy answers to the prompts before each conversation's last assistant turn (the reference beside them)."""
     model.eval()
-    stops = {tokenizer.eos_id, end_of_turn_id(tokenizer)}
+    stops = {tokenizer.eos_id, tokenizer.end_of_turn_id}
     out = []
     for conversation in conversations:
         last = max(i for i, m in enumerate(conversation) if m["role"] == "assistant")

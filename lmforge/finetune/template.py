@@ -9,12 +9,6 @@ from lmforge.finetune.formats import Conversation
 IGNORE = -100
 
 
-def end_of_turn_id(tokenizer) -> int:
-    """The token that closes a turn: generation of a chat answer stops at it (lmforge's `<|end|>`)."""
-    # the tokenizer that reads foreign templates (ChatML...) names its own as tokenizer.end_of_turn_id
-    return getattr(tokenizer, "end_of_turn_id", None) or tokenizer.token_id("<|end|>")
-
-
 def encode_example(tokenizer, messages: Conversation, bos: bool = True) -> tuple[list[int], list[bool]]:
     """(token ids of the whole conversation, which of them are trained). An assistant turn's trained tokens are what
     encoding messages[:i+1] adds to encoding messages[:i] with the generation prompt: its content, and whatever the

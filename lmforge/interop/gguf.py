@@ -18,7 +18,6 @@ from lmforge.errors import LmforgeError
 from lmforge.interop.hf import FAMILIES, TO_HF
 from lmforge.models import Decoder, ModelConfig
 from lmforge.tokenizer import Tokenizer
-from lmforge.tokenizer.bpe import CHAT_TEMPLATE
 
 # transformers' LlamaForCausalLM names (what interop/hf.py splits our fused tensors into) -> llama.cpp's names
 GGUF_NAMES = {
@@ -138,13 +137,14 @@ def write_gguf(model: Decoder, tokenizer: Tokenizer, path: str | Path, name: str
         w.add_token_list(tokens)
         w.add_token_types(types)
         w.add_token_merges(merges)
-        w.add_bos_token_id(tokenizer.bos_id)
+        if tokenizer.bos_id is not None:
+            w.add_bos_token_id(tokenizer.bos_id)
         w.add_eos_token_id(tokenizer.eos_id)
         w.add_pad_token_id(tokenizer.pad_id)
-        w.add_eot_token_id(tokenizer.token_id("<|end|>"))
-        w.add_add_bos_token(True)  # lmforge prefixes every prompt with BOS
+        w.add_eot_token_id(tokenizer.end_of_turn_id)
+        w.add_add_bos_token(tokenizer.add_bos)  # whether prompts start with BOS (lmforge's own: yes)
         w.add_add_eos_token(False)
-        w.add_chat_template(CHAT_TEMPLATE)
+        w.add_chat_template(tokenizer.chat_template)
         for key, tensor in tensors.items():
             w.add_tensor(key, tensor.numpy())
         w.write_header_to_file()

@@ -321,7 +321,7 @@ def export_hf(run: str | Path, out_dir: str | Path) -> Path:
         config.save_pretrained(tmp)
         generation = transformers.GenerationConfig.from_model_config(config)
         # a chat answer ends at the end-of-turn token, where lmforge's chat and serve stop too (a fine-tuned run's)
-        generation.eos_token_id = [tokenizer.eos_id, tokenizer.token_id("<|end|>")]
+        generation.eos_token_id = sorted({tokenizer.eos_id, tokenizer.end_of_turn_id})
         generation.save_pretrained(tmp)
         # q/k/v and gate/up are views of one fused tensor; safetensors before 0.5 refuses tensors that share storage
         tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
@@ -340,8 +340,11 @@ def save_hf_tokenizer(tokenizer: Tokenizer, out: Path) -> None:
     post-processor in tokenizer.json (what `tokenizers` and transformers 4 apply), add_bos_token in
     tokenizer_config.json (transformers 5 rebuilds the post-processor from it), and a chat template that opens with
     BOS (apply_chat_template encodes its text without special tokens). The run folder's own files keep none of it:
-    the server adds BOS to the token ids lm-eval's local-completions sends."""
+    the server adds BOS to the token ids lm-eval's local-completions sends. A tokenizer whose model takes no BOS
+    (SmolLM2's, imported) is saved as it is."""
     tokenizer.save(out)
+    if not tokenizer.add_bos:
+        return
     inner = tokenizers.Tokenizer.from_str(tokenizer.inner.to_str())
     bos = tokenizer.inner.id_to_token(tokenizer.bos_id)
     inner.post_processor = processors.TemplateProcessing(

@@ -47,7 +47,10 @@ class EngineConfig:
     max_num_seqs: int = 64
     """Most sequences running at once."""
     kv_blocks: int = 0
-    """KV-cache blocks in the pool (0: enough for max_num_seqs full-context sequences)."""
+    """KV-cache blocks in the pool (0: enough for max_num_seqs full-context sequences, within kv_budget_gib)."""
+    kv_budget_gib: float = 2.0
+    """With kv_blocks=0, the most memory the default pool takes (but always one full context): SmolLM2's 8,192-token
+    context at 64 sequences would otherwise ask for 24 GiB."""
     block_size: int = 4
     """Tokens per KV block. Only a sequence's last block is partly empty, so the waste is about block_size / 2 over
     the mean sequence length. On the CPU small blocks cost nothing (benchmarks/bench_serve.py: blocks of 4 waste ~2%
@@ -119,7 +122,9 @@ class Engine:
         self.context = model.cfg.max_seq_len
         weight = model.lm_head.weight
         self.device, dtype = weight.device, weight.dtype
-        num_blocks = cfg.kv_blocks or cfg.max_num_seqs * math.ceil(self.context / cfg.block_size)
+        per_block = 2 * model.cfg.n_layers * model.cfg.n_kv_heads * model.cfg.head_dim * cfg.block_size * dtype.itemsize
+        one = math.ceil(self.context / cfg.block_size)
+        num_blocks = cfg.kv_blocks or max(one, min(cfg.max_num_seqs * one, int(cfg.kv_budget_gib * 2**30 / per_block)))
         self.blocks = BlockManager(num_blocks, cfg.block_size, move=self._move_block)
         self.store = PagedKVStore(model.cfg, num_blocks, cfg.block_size, self.device, dtype)
         self.adapters = adapters

@@ -336,7 +336,7 @@ def encode_prompts(prompt: str | list[str] | list[int] | list[list[int]], tokeni
             continue
         if any(not 0 <= t < tokenizer.vocab_size for t in p):
             raise ApiError(400, f"prompt: token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
-        encoded.append([tokenizer.bos_id, *p])
+        encoded.append([*tokenizer.bos, *p])  # as tokenizer.encode(text, bos=True) starts
     return encoded
 
 
