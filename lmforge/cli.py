@@ -15,6 +15,7 @@ from lmforge import report
 from lmforge.config import load_config
 from lmforge.data import prepare
 from lmforge.errors import LmforgeError
+from lmforge.eval import cli as eval_cli
 from lmforge.interop import hf
 from lmforge.run import Run
 from lmforge.serve import chat, generate, server
@@ -41,6 +42,7 @@ TOOLS = {
     "data": (prepare.add_arguments, prepare.command),
     "plan": (plan.add_arguments, plan.command),
     "tokenizer": (tokenizer_train.add_arguments, tokenizer_train.command),
+    "eval": (eval_cli.add_arguments, eval_cli.command),
 }
 
 

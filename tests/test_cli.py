@@ -17,7 +17,9 @@ def lmforge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_the_verbs_do_not_change_by_accident():
     assert sorted(VERBS) == ["pretrain", "speedrun"]
-    assert sorted(TOOLS) == ["chat", "data", "export", "generate", "import", "plan", "report", "serve", "tokenizer"]
+    assert sorted(TOOLS) == [
+        "chat", "data", "eval", "export", "generate", "import", "plan", "report", "serve", "tokenizer"
+    ]  # fmt: skip
     help_text = build_parser().format_help()
     for verb in [*VERBS, *TOOLS]:
         assert verb in help_text
