@@ -31,8 +31,8 @@ def split_pair(encode: Callable[[str], list[int]], context: str, continuation: s
 
 
 class Local:
-    """A model and tokenizer in this process. `bos` puts the tokenizer's BOS before every context (lmforge trains
-    with it); lm-eval's `hf` model adds none for our tokenizer, so the parity test sets bos=False."""
+    """A model and tokenizer in this process. `bos` puts the tokenizer's BOS before every context: lmforge trains
+    with it, and lm-eval's `hf` model on our transformers export adds it too (the exported tokenizer does)."""
 
     def __init__(self, model, tokenizer, batch_size: int = 8, bos: bool = True):
         self.model, self.tokenizer, self.batch_size, self.bos = model, tokenizer, batch_size, bos
