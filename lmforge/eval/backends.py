@@ -71,10 +71,11 @@ class Local:
     @torch.inference_mode()
     def rolling_nll(self, text: str, stride: int = 0) -> tuple[float, int]:
         """(negative log-likelihood in nats, tokens scored) of the whole text after a BOS, in windows of the model's
-        context that advance by `stride` tokens (0: half the context), each token scored once with as much context
-        as the window holds."""
+        context that advance by `stride` tokens (0: half the context; at most the context - 1), each token scored
+        once with as much context as its window holds."""
         ids = [self.tokenizer.bos_id, *self.tokenizer.encode(text)]
-        W, S = self.max_len, stride or max(1, self.max_len // 2)
+        W = self.max_len
+        S = min(stride or max(1, W // 2), W - 1)  # each window keeps at least one token of context
         device = self.model.lm_head.weight.device
         nll, scored, end = 0.0, 1, 0
         while scored < len(ids):

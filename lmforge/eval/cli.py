@@ -47,7 +47,7 @@ def command(args: argparse.Namespace) -> None:
     backend, model_id, run = open_backend(args)
     results = [evaluate(run, t, backend, model_id, args.data or t.data, args.limit, args.shots, args.batch_size)
                for t in tasks]  # fmt: skip
-    write_summary(run, args, results)
+    write_summary(run, {k: v for k, v in vars(args).items() if k != "verb" and not callable(v)}, results)
     for r in results:
         print(json.dumps({"task": r["task"], "n": r["n"], **{k: round(v, 4) for k, v in r["metrics"].items()}}))
 
@@ -116,8 +116,9 @@ def read_samples(path: Path, key: str) -> dict[int, dict]:
     over (a cut last line, from an interrupted write, is skipped)."""
     if not path.exists():
         return {}
-    done, stale = {}, False
-    for line in path.read_text().splitlines():
+    text = path.read_text()
+    done, stale = {}, not text.endswith("\n") and bool(text)  # a cut last line: rewrite before appending
+    for line in text.splitlines():
         try:
             sample = json.loads(line)
         except json.JSONDecodeError:
@@ -131,14 +132,13 @@ def read_samples(path: Path, key: str) -> dict[int, dict]:
     return done
 
 
-def write_summary(run: Run, args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
+def write_summary(run: Run, config: dict[str, Any], results: list[dict[str, Any]]) -> None:
     """eval.json (one row per task ever evaluated in this run, newest results) and eval_config.json for the report."""
     previous = run.read_json("eval.json")["tasks"] if run.file("eval.json").is_file() else []
     rows = {r["task"]: r for r in previous}
     for r in results:
         rows[r["task"]] = {"task": r["task"], "n": r["n"], **r["metrics"]}
     scores = {f"{t} {k}": v for t, r in rows.items() for k, v in r.items() if k not in ("task", "n") and 0 <= v <= 1}
-    config = {k: v for k, v in vars(args).items() if k not in ("verb",) and not callable(v)}
     run.write_json("eval_config.json", {"run": {"name": run.path.name, "root": str(run.path.parent)}, **config})
     run.write_json("eval.json", {"tasks": list(rows.values()), "scores": scores})
 

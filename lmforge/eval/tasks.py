@@ -115,7 +115,10 @@ def load_task(name_or_path: str) -> Task:
     for key in ("family", "metrics"):
         if key not in values:
             raise LmforgeError(f"task file {path} has no `{key}`; add it (families: {', '.join(FAMILIES)})")
-    return from_dict(Task, values, "")
+    try:
+        return from_dict(Task, values, "")
+    except LmforgeError as e:
+        raise LmforgeError(f"task file {path}: {e}") from None
 
 
 def read_items(task: Task, path: str | Path) -> list[dict[str, Any]]:
