@@ -71,20 +71,19 @@ class Local:
     @torch.inference_mode()
     def rolling_nll(self, text: str, stride: int = 0) -> tuple[float, int]:
         """(negative log-likelihood in nats, tokens scored) of the whole text after a BOS, in windows of the model's
-        context that advance by `stride` tokens (0: half the context; at most the context - 1), each token scored
-        once with as much context as its window holds."""
+        context whose ends advance by `stride` tokens (0: half the context; the context: lm-eval's disjoint windows),
+        each token scored once with as much context as its window holds."""
         ids = [self.tokenizer.bos_id, *self.tokenizer.encode(text)]
         W = self.max_len
-        S = min(stride or max(1, W // 2), W - 1)  # each window keeps at least one token of context
+        S = min(stride or max(1, W // 2), W)
         device = self.model.lm_head.weight.device
-        nll, scored, end = 0.0, 1, 0
+        nll, scored = 0.0, 1  # ids[scored] is the next token to score
         while scored < len(ids):
-            end = min(len(ids), max(end + S, W))
-            begin = max(0, end - W)
-            window = torch.tensor([ids[begin:end]], device=device)
-            logprobs = torch.log_softmax(self.model(window)[0].float(), dim=-1)  # row t predicts ids[begin + t + 1]
+            end = min(len(ids), max(scored + S, W + 1))  # this window scores ids[scored:end]
+            begin = max(0, end - 1 - W)  # from W inputs ids[begin:end - 1]; row t predicts ids[begin + t + 1]
+            logprobs = torch.log_softmax(self.model(torch.tensor([ids[begin : end - 1]], device=device))[0].float(), -1)
             targets = torch.tensor(ids[scored:end], device=device)
-            nll -= float(logprobs[scored - begin - 1 : end - begin - 1].gather(1, targets[:, None]).sum())
+            nll -= float(logprobs[scored - begin - 1 :].gather(1, targets[:, None]).sum())
             scored = end
         return nll, len(ids) - 1
 

@@ -47,7 +47,8 @@ def command(args: argparse.Namespace) -> None:
     backend, model_id, run = open_backend(args)
     results = [evaluate(run, t, backend, model_id, args.data or t.data, args.limit, args.shots, args.batch_size)
                for t in tasks]  # fmt: skip
-    write_summary(run, {k: v for k, v in vars(args).items() if k != "verb" and not callable(v)}, results)
+    config = {k: v for k, v in vars(args).items() if k not in ("verb", "run") and not callable(v)}
+    write_summary(run, {"evaluated": args.run, **config}, results)
     for r in results:
         print(json.dumps({"task": r["task"], "n": r["n"], **{k: round(v, 4) for k, v in r["metrics"].items()}}))
 
