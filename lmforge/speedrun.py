@@ -14,6 +14,7 @@ from lmforge.config import check, to_dict
 from lmforge.data import prepare
 from lmforge.data.config import DataPrepConfig
 from lmforge.data.corpus import DataConfig
+from lmforge.eval import heldout
 from lmforge.models import ModelConfig
 from lmforge.run import Run, RunConfig
 from lmforge.tokenizer import TokenizerConfig
@@ -102,4 +103,5 @@ def main(cfg: SpeedrunConfig, run: Run) -> dict[str, float]:
     prepare_seconds = time.perf_counter() - t0
     print(f"data stages: {prepare_seconds:.0f}s, prepared data in {data.output}", flush=True)
     # pretrain records the data lineage and each stage's counts in the run's data.json
-    return {"data_stages_seconds": prepare_seconds, **pretrain.main(pretrain_config(cfg, data.output), run)}
+    metrics = {"data_stages_seconds": prepare_seconds, **pretrain.main(pretrain_config(cfg, data.output), run)}
+    return {**metrics, **heldout.main(run)}  # bits per byte and a next-line choice on the held-out split
