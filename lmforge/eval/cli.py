@@ -29,6 +29,10 @@ from lmforge.eval.tasks import Task, load_task, read_items
 from lmforge.run import Run, resolve_run
 
 
+# what the report's bar chart leaves out: not metrics, or not shares in [0, 1]
+NOT_SHARES = {"task", "n", "ppl", "bits_per_byte", "bleu", "chrf"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run folder or name under runs/, or the URL of an OpenAI-compatible server")
     parser.add_argument("--task", nargs="+", required=True, help="task names (configs/eval/) or task YAML files")
@@ -139,7 +143,7 @@ def write_summary(run: Run, config: dict[str, Any], results: list[dict[str, Any]
     rows = {r["task"]: r for r in previous}
     for r in results:
         rows[r["task"]] = {"task": r["task"], "n": r["n"], **r["metrics"]}
-    scores = {f"{t} {k}": v for t, r in rows.items() for k, v in r.items() if k not in ("task", "n") and 0 <= v <= 1}
+    scores = {f"{t} {k}": v for t, r in rows.items() for k, v in r.items() if k not in NOT_SHARES}
     run.write_json("eval_config.json", {"run": {"name": run.path.name, "root": str(run.path.parent)}, **config})
     run.write_json("eval.json", {"tasks": list(rows.values()), "scores": scores})
 

@@ -50,7 +50,7 @@ def test_eval_writes_results_and_resumes_from_scored_items(run, capsys):
     assert summary["tasks"] == [{"task": "hellaswag", "n": 5, **result["metrics"]}]
     assert json.loads((run / "eval_config.json").read_text())["run"]["name"] == "run"
     main(["report", str(run)])
-    assert "## eval" in (run / "report.md").read_text()
+    assert "## eval" in (run / "report.md").read_text() and (run / "eval_scores.png").is_file()
     printed = capsys.readouterr().out.strip().splitlines()
     assert json.loads(printed[-2])["task"] == "hellaswag"  # the last line is the report's path
 
