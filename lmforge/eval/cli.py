@@ -28,7 +28,6 @@ from lmforge.eval.families import FAMILIES, aggregate
 from lmforge.eval.tasks import Task, load_task, read_items
 from lmforge.run import Run, resolve_run
 
-
 # what the report's bar chart leaves out: not metrics, or not shares in [0, 1]
 NOT_SHARES = {"task", "n", "ppl", "bits_per_byte", "bleu", "chrf"}
 
