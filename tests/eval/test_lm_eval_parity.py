@@ -78,3 +78,18 @@ def test_simple_evaluate_in_process_equals_the_hf_route(eval_run, hflm, tmp_path
     assert ours["results"] == theirs["results"]  # the same picks, so the same acc and acc_norm
     for a, b in zip(ours["samples"]["lmforge_piqa_slice"], theirs["samples"]["lmforge_piqa_slice"], strict=True):
         assert [lp for lp, _ in a["filtered_resps"]] == pytest.approx([lp for lp, _ in b["filtered_resps"]], abs=1e-4)
+
+
+def test_generate_until_equals_lm_eval_hf_and_the_model_registers(eval_run, hflm):
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    from lmforge.eval.lm_eval_model import register
+
+    model, tokenizer = load_run(eval_run)
+    ours = LmforgeLM(model=model, tokenizer=tokenizer)
+    args = ("Question: How do I open a jar?\nAnswer:", {"until": ["\n\n", "Question:"], "max_gen_toks": 12})
+    requests = [Instance("generate_until", {}, args, idx=0)]
+    assert ours.generate_until(requests) == hflm.generate_until(requests, disable_tqdm=True)
+    register()
+    assert get_model("lmforge") is LmforgeLM
