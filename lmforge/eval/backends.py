@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from lmforge.eval.prefix import score_continuations
+from lmforge.eval.prefix import PrefixScorer
 from lmforge.sampling import generate_tokens, stream_text
 
 Scores = list[tuple[float, bool]]  # per continuation: (log-likelihood, is greedy)
@@ -38,6 +38,7 @@ class Local:
         self.model, self.tokenizer, self.batch_size, self.bos = model, tokenizer, batch_size, bos
         self.max_len = model.cfg.max_seq_len
         self.truncated = 0
+        self.scorer = PrefixScorer(model)
 
     def prepare(self, context: str, continuations: list[str]) -> tuple[list[int], list[list[int]]] | str:
         """Token ids (context, continuations) cut to the model's context, or the reason the item cannot be scored."""
@@ -64,7 +65,7 @@ class Local:
         todo = sorted((i for i, p in enumerate(prepared) if not isinstance(p, str)), key=lambda i: -_size(prepared[i]))
         for start in range(0, len(todo), self.batch_size):  # longest first: rows of a batch pad to similar lengths
             chunk = todo[start : start + self.batch_size]
-            for i, scores in zip(chunk, score_continuations(self.model, [prepared[i] for i in chunk]), strict=True):
+            for i, scores in zip(chunk, self.scorer.score([prepared[i] for i in chunk]), strict=True):
                 out[i] = scores
         return out
 

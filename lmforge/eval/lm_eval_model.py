@@ -15,7 +15,7 @@ from lm_eval import utils
 from lm_eval.api.model import TemplateLM
 
 from lmforge.checkpoint import load_run
-from lmforge.eval.prefix import score_continuations
+from lmforge.eval.prefix import PrefixScorer
 from lmforge.sampling import generate_tokens, stream_text
 
 
@@ -30,6 +30,7 @@ class LmforgeLM(TemplateLM):
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.add_bos_token, self.max_gen_toks = bool(add_bos_token), int(max_gen_toks)
         self.max_length = self.model.cfg.max_seq_len
+        self.scorer = PrefixScorer(self.model)
 
     @property
     def eot_token_id(self) -> int:
@@ -61,7 +62,7 @@ class LmforgeLM(TemplateLM):
         out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         members = list(groups.values())
         for start in range(0, len(items), self.batch_size):
-            scores = score_continuations(self.model, items[start : start + self.batch_size])
+            scores = self.scorer.score(items[start : start + self.batch_size])
             for group, group_scores in zip(members[start : start + self.batch_size], scores, strict=True):
                 for n, score in zip(group, group_scores, strict=True):
                     out[n] = score
@@ -76,7 +77,7 @@ class LmforgeLM(TemplateLM):
             )
             pairs = [(list(ctx), [list(cont)]) for ctx, cont in windows]
             scores = [s for i in range(0, len(pairs), self.batch_size)
-                      for s in score_continuations(self.model, pairs[i : i + self.batch_size])]  # fmt: skip
+                      for s in self.scorer.score(pairs[i : i + self.batch_size])]  # fmt: skip
             out.append(sum(s[0][0] for s in scores))
         return out
 
