@@ -89,7 +89,8 @@ def evaluate(run: Run, task: Task, backend, model_id: str, data: str, limit: int
     done = read_samples(run.file(samples_rel), key)
     todo = [(i, items[i]) for i in range(n) if i not in done]
     family, truncated = FAMILIES[task.family], backend.truncated
-    step = 1 if task.family in ("perplexity", "code") else batch_size
+    # items handed over at once: a few batches of choices, so the backend can sort them by length and shared prefix
+    step = {"multiple_choice": 4 * batch_size, "generate": batch_size}.get(task.family, 1)
     with EvalProgress(task.name, n, n - len(todo)) as bar, open(run.file(samples_rel), "a") as f:
         for start in range(0, len(todo), step):
             for sample in family(task, backend, todo[start : start + step], pool, shots):
