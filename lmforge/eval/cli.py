@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=cli_args.int_in(1), default=8, help="items per forward pass")
     parser.add_argument("--out", help="folder for the results (default: the run folder; for a URL runs/<host>)")
     parser.add_argument("--model", default="", help="model name at the server (default: its first)")
+    parser.add_argument("--api-key", default="", help="the server's API key, if it asks for one")
 
 
 def command(args: argparse.Namespace) -> None:
@@ -50,7 +51,7 @@ def command(args: argparse.Namespace) -> None:
     backend, model_id, run = open_backend(args)
     results = [evaluate(run, t, backend, model_id, args.data or t.data, args.limit, args.shots, args.batch_size)
                for t in tasks]  # fmt: skip
-    config = {k: v for k, v in vars(args).items() if k not in ("verb", "run") and not callable(v)}
+    config = {k: v for k, v in vars(args).items() if k not in ("verb", "run", "api_key") and not callable(v)}
     write_summary(run, {"evaluated": args.run, **config}, results)
     for r in results:
         print(json.dumps({"task": r["task"], "n": r["n"], **{k: round(v, 4) for k, v in r["metrics"].items()}}))
@@ -61,7 +62,7 @@ def open_backend(args: argparse.Namespace):
     if args.run.startswith(("http://", "https://")):
         from lmforge.eval.endpoint import Endpoint
 
-        backend = Endpoint(args.run, args.model)
+        backend = Endpoint(args.run, args.model, api_key=args.api_key)
         host = urlparse(args.run)
         out = Path(args.out or Path("runs") / f"{host.hostname}-{host.port or 80}")
         return backend, f"{args.run} {backend.model}", Run(out)

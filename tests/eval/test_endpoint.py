@@ -55,6 +55,18 @@ def test_completions_equal_in_process_and_failures_are_counted(served):
     assert json.dumps(remote)
 
 
+def test_lmforge_eval_scores_a_server(served, tmp_path):
+    from lmforge.cli import main
+
+    url, _ = served
+    data = str(FIXTURES / "piqa_5.jsonl")
+    main(["eval", url, "--task", "piqa", "--data", data, "--api-key", "k", "--out", str(tmp_path / "served")])
+    result = json.loads((tmp_path / "served/eval/piqa.json").read_text())
+    assert result["n"] == 5 and result["skipped"] == {}
+    config = json.loads((tmp_path / "served/eval_config.json").read_text())
+    assert config["evaluated"] == url and "api_key" not in config
+
+
 def test_an_unreachable_or_refusing_server_is_one_clear_error(served):
     url, _ = served
     with pytest.raises(LmforgeError, match="cannot list the models of .*401"):
