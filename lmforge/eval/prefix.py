@@ -97,9 +97,10 @@ class PrefixScorer:
         b_idx = [b for b, where in enumerate(wheres) for w in where for _ in w]
         t_idx = [t for where in wheres for w in where for t in w]
         targets = torch.tensor([t for _, conts in items for cont in conts for t in cont], device=device)  # (N,)
-        logprobs = torch.log_softmax(model.lm_head(model.norm(h[b_idx, t_idx])).float(), dim=-1)  # (N, V)
-        token_lp = logprobs.gather(1, targets[:, None])[:, 0].tolist()
-        greedy = (logprobs.argmax(dim=-1) == targets).tolist()
+        logits = model.lm_head(model.norm(h[b_idx, t_idx])).float()  # (N, V)
+        # log_softmax's value at the targets alone: no (N, V) tensor of log-probabilities is written
+        token_lp = (logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)).tolist()
+        greedy = (logits.argmax(dim=-1) == targets).tolist()
         out, i = [], 0
         for _, conts in items:
             scores = []
