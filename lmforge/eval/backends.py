@@ -10,17 +10,15 @@ counted; a continuation that alone fills the context is skipped with its reason.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Callable
 
 import torch
 
-from lmforge.eval.prefix import PrefixScorer
+from lmforge.eval.prefix import PrefixScorer, batch_order
 from lmforge.sampling import generate_tokens, stream_text
 
 Scores = list[tuple[float, bool]]  # per continuation: (log-likelihood, is greedy)
 TOO_LONG = "continuation longer than the model's context"
-HEAD = 32  # tokens of a context that decide whether items start alike
 
 
 def split_pair(encode: Callable[[str], list[int]], context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -65,16 +63,7 @@ class Local:
         prepared = [self.prepare(ctx, conts) for ctx, conts in requests]
         out: list[Scores | str] = [p if isinstance(p, str) else [] for p in prepared]
         todo = [i for i, p in enumerate(prepared) if not isinstance(p, str)]
-        heads = Counter(tuple(prepared[i][0][:HEAD]) for i in todo)
-
-        def order(i: int) -> tuple:
-            # contexts whose beginning fills whole batches (few-shot examples) in token order, so that those sharing
-            # the longest prefix stand together and the scorer computes it once; the rest longest first, so the rows
-            # of a batch pad to similar lengths
-            ctx = prepared[i][0]
-            return (0, tuple(ctx)) if heads[tuple(ctx[:HEAD])] >= self.batch_size else (1, -_size(prepared[i]))
-
-        todo.sort(key=order)
+        todo = [todo[k] for k in batch_order([prepared[i][0] for i in todo], self.batch_size)]
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start : start + self.batch_size]
             for i, scores in zip(chunk, self.scorer.score([prepared[i] for i in chunk]), strict=True):

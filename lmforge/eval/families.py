@@ -26,7 +26,7 @@ class Skip(str):
     """Why an item was not scored."""
 
 
-def _invalid(task: Task, item: dict[str, Any], render: Callable[[], Any]) -> Any:
+def _attempt(render: Callable[[], Any]) -> Any:
     """render(), or the Skip reason when the item lacks a field the templates read or holds a wrong type."""
     try:
         return render()
@@ -39,7 +39,7 @@ def _invalid(task: Task, item: dict[str, Any], render: Callable[[], Any]) -> Any
 def perplexity(task: Task, backend, batch: list[tuple[int, dict]], pool: list[dict], shots: int) -> list[Sample]:
     out = []
     for i, item in batch:
-        text = _invalid(task, item, lambda item=item: task.render(task.prompt, item))
+        text = _attempt(lambda item=item: task.render(task.prompt, item))
         if isinstance(text, Skip) or not text:
             out.append({"i": i, "skipped": text or "empty text"})
             continue
@@ -57,7 +57,7 @@ def multiple_choice(task: Task, backend, batch: list[tuple[int, dict]], pool: li
             context = few_shot_prefix(task, pool, i, shots) + task.render(task.prompt, item)
             return context, [str(c) for c in choices], int(gold)
 
-        got = _invalid(task, item, render)
+        got = _attempt(render)
         if isinstance(got, Skip):
             out.append({"i": i, "skipped": str(got)})
         elif not 0 <= got[2] < len(got[1]):
@@ -86,7 +86,7 @@ def generation(task: Task, backend, batch: list[tuple[int, dict]], pool: list[di
             prompt = few_shot_prefix(task, pool, i, shots) + task.render(task.prompt, item)
             return prompt, task.value(task.answer, item) if task.answer else ""
 
-        got = _invalid(task, item, render)
+        got = _attempt(render)
         if isinstance(got, Skip):
             out.append({"i": i, "skipped": str(got)})
         else:

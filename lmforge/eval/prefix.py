@@ -11,6 +11,8 @@ tokens. Only the positions that predict a continuation token go through the fina
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -74,6 +76,9 @@ class PrefixScorer:
     def score(self, items: list[tuple[list[int], list[list[int]]]]) -> list[list[tuple[float, bool]]]:
         n = _common_prefix([ctx for ctx, _ in items])
         n = min(n, min(len(ctx) for ctx, _ in items) - 1)  # every row keeps a token to predict its first one from
+        cached = 0 if self.prefix is None else len(self.prefix[0])
+        if cached <= n <= cached + max(MIN_SHARED, n // 8) and tuple(items[0][0][:cached]) == self.prefix[0]:
+            n = cached  # the batch shares a little more than the cached prefix: not worth a new prefill
         past = self._prefill(items[0][0][:n]) if n >= MIN_SHARED else None
         P = 0 if past is None else past.pos
         rows, wheres = [], []
@@ -117,6 +122,30 @@ class PrefixScorer:
             self.model.hidden_states(torch.tensor([tokens], device=weight.device), cache=cache)
             self.prefix = (tuple(tokens), cache)
         return self.prefix[1]
+
+
+def batch_order(contexts: list[list[int]], batch_size: int, head: int = 32) -> list[int]:
+    """Indices of `contexts` in the order to batch them: contexts that start with the same long prefix (few-shot
+    examples) together, so a batch shares it, and longest first within it and among the rest, so rows pad little.
+
+    Contexts whose first `head` tokens fill a batch form a group; each is keyed by the tokens it shares with the
+    group's median context, cut to the length most of the group shares (a question that happens to begin like the
+    median's stays with the others)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, ctx in enumerate(contexts):
+        groups.setdefault(tuple(ctx[:head]), []).append(i)
+    prefix = {i: () for i in range(len(contexts))}
+    for members in groups.values():
+        if len(members) >= batch_size:
+            ref = contexts[sorted(members, key=lambda i: contexts[i])[len(members) // 2]]
+            shared = {i: _common_prefix([contexts[i], ref]) for i in members}
+            most = Counter(shared.values()).most_common(1)[0][0]
+            prefix.update({i: tuple(contexts[i][: min(shared[i], most)]) for i in members})
+    count = Counter(prefix.values())
+    # a prefix too few contexts share is no group: those contexts join the rest, not a batch of the group
+    keys = {i: (0, p, -len(contexts[i])) if count[p] >= batch_size and p else (1, (), -len(contexts[i]))
+            for i, p in prefix.items()}  # fmt: skip
+    return sorted(range(len(contexts)), key=keys.__getitem__)
 
 
 def _common_prefix(seqs: list[list[int]]) -> int:
