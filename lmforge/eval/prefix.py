@@ -76,9 +76,9 @@ class PrefixScorer:
     def score(self, items: list[tuple[list[int], list[list[int]]]]) -> list[list[tuple[float, bool]]]:
         n = _common_prefix([ctx for ctx, _ in items])
         n = min(n, min(len(ctx) for ctx, _ in items) - 1)  # every row keeps a token to predict its first one from
-        cached = 0 if self.prefix is None else len(self.prefix[0])
-        if cached <= n <= cached + max(MIN_SHARED, n // 8) and tuple(items[0][0][:cached]) == self.prefix[0]:
-            n = cached  # the batch shares a little more than the cached prefix: not worth a new prefill
+        cached = self.prefix[0] if self.prefix is not None else ()
+        if len(cached) <= n <= len(cached) + max(MIN_SHARED, n // 8) and tuple(items[0][0][: len(cached)]) == cached:
+            n = len(cached)  # the batch shares a little more than the cached prefix: not worth a new prefill
         past = self._prefill(items[0][0][:n]) if n >= MIN_SHARED else None
         P = 0 if past is None else past.pos
         rows, wheres = [], []
