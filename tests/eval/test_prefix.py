@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.eval.prefix import MIN_SHARED, PrefixScorer
+from lmforge.eval.prefix import MIN_SHARED, PrefixScorer, batch_order
 from lmforge.models import ModelConfig, build_model
 from lmforge.models.layers import POSITIONS
 
@@ -38,3 +38,20 @@ def test_scores_equal_a_plain_forward_pass(pos, shared):
                 ref_lp, ref_greedy = plain(model, ctx, cont)
                 assert lp == pytest.approx(ref_lp, abs=1e-4) and greedy == ref_greedy
     assert (scorer.prefix is not None) == bool(shared)
+
+
+def test_batch_order_keeps_contexts_with_the_same_few_shot_prefix_together():
+    g = torch.Generator().manual_seed(1)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(0, 300, (n,), generator=g).tolist()
+
+    shots, other = ids(100), ids(100)
+    head = shots[:50]
+    contexts = [head + other[50:] + ids(5) for _ in range(3)]  # like lm-eval's first items, whose examples differ
+    contexts += [shots + ids(int(torch.randint(2, 40, (1,), generator=g))) for _ in range(20)] + [ids(60)]
+    order = batch_order(contexts, batch_size=8)
+    assert sorted(order) == list(range(len(contexts)))
+    batches = [[contexts[i] for i in order[s : s + 8]] for s in range(0, len(order), 8)]
+    for batch in batches[:2]:  # the 20 that share the examples fill two batches, longest first
+        assert all(c[:100] == shots for c in batch) and [len(c) for c in batch] == sorted(map(len, batch))[::-1]
