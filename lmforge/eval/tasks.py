@@ -47,8 +47,11 @@ class Task:
     """The metrics the family computes for it (see families.METRICS)."""
     data: str = ""
     """Default data file, relative to the working directory (`--data` overrides)."""
-    format: Literal["jsonl", "csv", "text"] = "jsonl"
-    """jsonl: one item a line; csv: one item a row (with a header); text: the whole file is one item {"text": ...}."""
+    format: Literal["jsonl", "csv", "text", "parallel"] = "jsonl"
+    """jsonl: one item a line; csv: one item a row (with a header); text: the whole file is one item {"text": ...};
+    parallel: line n of the data and of `references` is item n {"source": ..., "reference": ...} (WMT's files)."""
+    references: str = ""
+    """parallel: the file of reference lines, aligned with the data's lines."""
     prompt: str = ""
     """Template of the context (multiple_choice), the prompt (generate, code) or the text (perplexity)."""
     choices: str = ""
@@ -140,6 +143,14 @@ def read_items(task: Task, path: str | Path) -> list[dict[str, Any]]:
     text = path.read_text(encoding="utf-8")
     if task.format == "text":
         items = [{"text": text}] if text.strip() else []
+    elif task.format == "parallel":
+        refs = Path(task.references)
+        if not refs.is_file():
+            raise LmforgeError(f"reference file {refs} of task {task.name} does not exist; set `references`")
+        sources, targets = text.splitlines(), refs.read_text(encoding="utf-8").splitlines()
+        if len(sources) != len(targets):
+            raise LmforgeError(f"{path} has {len(sources)} lines and {refs} {len(targets)}; give aligned files")
+        items = [{"source": s, "reference": r} for s, r in zip(sources, targets, strict=True)]
     elif task.format == "csv":
         items = list(csv.DictReader(text.splitlines()))
     else:

@@ -107,7 +107,7 @@ def test_generation_tasks_write_their_completions(run):
         (["--task", "hellaswg"], "no task 'hellaswg'"),
         (["--task", "piqa", "--data", "missing.jsonl"], "data file missing.jsonl for task piqa does not exist"),
         (["--task", "piqa", "--limit", "0"], "argument --limit: 0 must be >= 1"),
-        (["--task", "wmt"], "task wmt has no default data file; pass one with --data"),
+        (["--task", "next_line"], "task next_line has no default data file; pass one with --data"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(run, capsys, args, message):

@@ -82,6 +82,23 @@ def test_missing_task_and_empty_data_are_clear_errors(tmp_path):
         read_items(load_task("piqa"), tmp_path / "bad.jsonl")
 
 
+def test_parallel_files_pair_their_lines(tmp_path):
+    from dataclasses import replace
+
+    (tmp_path / "src.de").write_text("Hallo Welt\nGuten Morgen\n")
+    (tmp_path / "ref.en").write_text("Hello world\nGood morning\n")
+    task = replace(load_task("wmt"), references=str(tmp_path / "ref.en"))
+    items = read_items(task, tmp_path / "src.de")
+    assert items == [
+        {"source": "Hallo Welt", "reference": "Hello world"},
+        {"source": "Guten Morgen", "reference": "Good morning"},
+    ]
+    assert task.render(task.prompt, items[0]).endswith("German: Hallo Welt\nEnglish:")
+    (tmp_path / "ref.en").write_text("Hello world\n")
+    with pytest.raises(LmforgeError, match="has 2 lines and .* 1; give aligned files"):
+        read_items(task, tmp_path / "src.de")
+
+
 class Unused:
     """A backend that must not be asked anything: every item here is skipped before scoring."""
 
