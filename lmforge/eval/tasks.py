@@ -23,6 +23,23 @@ from lmforge.errors import LmforgeError
 
 TASK_DIR = Path(__file__).resolve().parents[2] / "configs" / "eval"
 FAMILIES = ("perplexity", "multiple_choice", "generate", "code")
+METRICS = {  # what each family computes (families.py); code reports pass@k for the k it is asked
+    "perplexity": {"ppl", "bits_per_byte"},
+    "multiple_choice": {"acc", "acc_norm"},
+    "generate": {
+        "exact_match_strict",
+        "exact_match_flexible",
+        "exact_match",
+        "f1",
+        "bleu",
+        "chrf",
+        "rouge1",
+        "rouge2",
+        "rougeL",
+        "bertscore_f1",
+        "refusal_rate",
+    },  # fmt: skip
+}
 _JINJA = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
 
@@ -81,6 +98,11 @@ class Task:
         for key in needs.get(self.family, []):
             check(bool(getattr(self, key)), f"task {self.name}: family {self.family} needs `{key}`; add it to the YAML")
         check(bool(self.metrics), f"task {self.name}: `metrics` is empty; name at least one")
+        known = METRICS.get(self.family)
+        for m in self.metrics:
+            ok = m.startswith("pass@") if known is None else m in known
+            choices = "pass@k" if known is None else ", ".join(sorted(known))
+            check(ok, f"task {self.name}: family {self.family} has no metric {m!r}; choose from {choices}")
         check(self.max_tokens >= 1, f"task {self.name}: max_tokens={self.max_tokens} must be >= 1")
         check(self.stride >= 0, f"task {self.name}: stride={self.stride} must be >= 0")
         check(self.samples_per_problem >= 1, f"task {self.name}: samples_per_problem must be >= 1")

@@ -62,6 +62,10 @@ def test_few_shot_examples_never_include_the_item():
         ("family: quiz\nmetrics: [acc]\n", "mine.yaml: family='quiz' is not a valid choice"),
         ("family: generate\nmetrics: [f1]\nprompt: '{{x'\n", "`prompt` is not a valid template"),
         ("family: generate\nmetrics: [f1]\nprompt: x\nshots: 3\n", "did you mean"),
+        (
+            "family: generate\nmetrics: [acc]\nprompt: x\n",
+            "family generate has no metric 'acc'; choose from bertscore_f1",
+        ),
     ],
 )
 def test_a_broken_task_file_is_one_clear_error(tmp_path, text, message):
