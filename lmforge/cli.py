@@ -16,6 +16,7 @@ from lmforge.config import load_config
 from lmforge.data import prepare
 from lmforge.errors import LmforgeError
 from lmforge.eval import arena
+from lmforge.eval import cli as eval_cli
 from lmforge.finetune import sft
 from lmforge.finetune.config import FinetuneConfig
 from lmforge.interop import hf
@@ -46,6 +47,7 @@ TOOLS = {
     "plan": (plan.add_arguments, plan.command),
     "tokenizer": (tokenizer_train.add_arguments, tokenizer_train.command),
     "arena": (arena.add_arguments, arena.command),
+    "eval": (eval_cli.add_arguments, eval_cli.command),
 }
 
 

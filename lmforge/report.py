@@ -79,6 +79,8 @@ def _stage_section(run: Run, stage: str) -> list[str]:
     summary_path = run.file(f"{stage}.json")
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
+        if isinstance(summary, dict) and _bar_plot(run, summary.get("scores"), f"{stage}_scores.png"):
+            lines += [f"![{stage} scores]({stage}_scores.png)", ""]
         lines += _render(summary, level=3) if isinstance(summary, dict) else _render({"summary": summary}, level=3)
     return lines
 
@@ -175,6 +177,27 @@ def _loss_plot(run: Run, rows: list[dict[str, Any]], name: str) -> bool:
     ax.set_ylabel("loss (nats/token for cross-entropy)")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write(run.file(name), buf.getvalue())
+    return True
+
+
+def _bar_plot(run: Run, scores: Any, name: str) -> bool:
+    """A summary's `scores` ({label: value in [0, 1]}, such as each task's accuracy) as horizontal bars."""
+    if not isinstance(scores, dict) or not scores or not all(_number(v) for v in scores.values()):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.8 + 0.35 * len(scores)), dpi=100)
+    ax.barh(list(scores)[::-1], list(scores.values())[::-1])
+    ax.set_xlim(0, 1)
+    ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -18,6 +18,7 @@ from lmforge.config import check, to_dict
 from lmforge.data import prepare
 from lmforge.data.config import DataPrepConfig
 from lmforge.data.corpus import DataConfig
+from lmforge.eval import heldout
 from lmforge.finetune import sft
 from lmforge.finetune.code_pairs import mine_pairs
 from lmforge.finetune.config import FinetuneConfig, SftDataConfig, SftTrainConfig
@@ -122,7 +123,8 @@ def main(cfg: SpeedrunConfig, run: Run) -> dict[str, float]:
         run.write_text(name, (Path(tuned.run.root) / tuned.run.name / name).read_text())
     ft_seconds = time.perf_counter() - t0
     print(f"fine-tuning: {ft_seconds:.0f}s, the fine-tuned run is {tuned.run.root}/{tuned.run.name}", flush=True)
-    return {**metrics, "finetune_seconds": ft_seconds, "finetune_val_loss": ft["val_loss_after"]}
+    # the pre-trained model's held-out bits per byte and a next-line choice, in this run's eval section
+    return {**metrics, "finetune_seconds": ft_seconds, "finetune_val_loss": ft["val_loss_after"], **heldout.main(run)}
 
 
 def finetune_config(cfg: SpeedrunConfig, run: Run, pretrain_steps: int) -> FinetuneConfig:

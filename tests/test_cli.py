@@ -21,6 +21,7 @@ def test_the_verbs_do_not_change_by_accident():
         "arena",
         "chat",
         "data",
+        "eval",
         "export",
         "generate",
         "import",
