@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmforge.errors import LmforgeError
 from lmforge.finetune.tuned import Tuned
 from lmforge.models import Decoder
 from lmforge.models.attention import ScoreBias
@@ -66,6 +67,14 @@ class VirtualTokens:
         pass
 
 
+def _check_fits(model: Decoder, P: int, T: int) -> None:
+    if model.cfg.max_seq_len < P + T:
+        raise LmforgeError(
+            f"{P} virtual tokens + {T} tokens exceed model.max_seq_len={model.cfg.max_seq_len}: the real tokens take "
+            "positions after the virtual ones; shorten the rows or use fewer peft.virtual_tokens"
+        )
+
+
 class SoftPromptTuned(Tuned):
     """Prompt tuning and P-tuning: `prompt()` (P, C) embeddings stand before every row's tokens."""
 
@@ -86,6 +95,7 @@ class SoftPromptTuned(Tuned):
         return self._run(x, y, segments)
 
     def _run(self, x: Tensor, y: Tensor | None, segments: Tensor | None) -> Tensor:
+        _check_fits(self.model, self.P, x.shape[1])
         prompt = self.prompt().expand(x.shape[0], -1, -1)  # (B, P, C)
         cache = None if segments is None else VirtualTokens(self.P, segments)
         return self.model(x, y, cache=cache, prompt=prompt)
@@ -165,9 +175,10 @@ class PrefixTuned(Tuned):
         return [(kv[2 * i], kv[2 * i + 1]) for i in range(c.n_layers)]
 
     def logits(self, x: Tensor, segments: Tensor | None = None) -> Tensor:
-        return self.model(x, cache=VirtualTokens(self.P, segments, self.prefix(x.shape[0])))
+        return self.loss(x, None, segments)
 
-    def loss(self, x: Tensor, y: Tensor, segments: Tensor | None = None) -> Tensor:
+    def loss(self, x: Tensor, y: Tensor | None, segments: Tensor | None = None) -> Tensor:
+        _check_fits(self.model, self.P, x.shape[1])
         return self.model(x, y, cache=VirtualTokens(self.P, segments, self.prefix(x.shape[0])))
 
 
