@@ -107,6 +107,20 @@ def dequantize_absmax(q: Tensor, absmax2: Tensor, offset: Tensor, blocksize: int
     return dynamic_map().to(q.device)[q.long()] * absmax2.repeat_interleave(blocksize)[:n] + offset
 
 
+class _NF4Matmul(torch.autograd.Function):
+    """x W^T with W dequantised again in the backward pass rather than saved: the frozen weights stay 4-bit
+    between the passes (bitsandbytes' MatMul4Bit does the same)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: NF4Linear) -> Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.weight.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad @ ctx.layer.weight.to(grad.dtype), None
+
+
 class NF4Linear(nn.Module):
     """A frozen linear layer whose weight is held in NF4 and dequantised for each matmul (in the input's dtype)."""
 
@@ -133,7 +147,8 @@ class NF4Linear(nn.Module):
         return dequantize_nf4(self.packed, absmax, self.shape, self.blocksize)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        y = _NF4Matmul.apply(x, self)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def plain(self) -> nn.Linear:
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)

@@ -43,14 +43,19 @@ def test_double_quant_equals_bitsandbytes(shape):
     assert torch.equal(w_q, bnb.dequantize_4bit(packed, state))
 
 
-def test_nf4_linear_forward_and_error():
+def test_nf4_linear_forward_and_backward():
     linear = torch.nn.Linear(128, 64)
-    x = torch.randn(3, 128)
+    x = torch.randn(3, 128, requires_grad=True)
     for double in (False, True):
         q = NF4Linear(linear, double_quant=double)
         packed, state = bnb.quantize_4bit(linear.weight.detach(), quant_type="nf4", compress_statistics=double)
         ref = torch.nn.functional.linear(x, bnb.dequantize_4bit(packed, state), linear.bias)
-        assert torch.equal(q(x), ref)
+        out = q(x)
+        assert torch.equal(out, ref)
+        # the backward pass dequantises the weight again instead of keeping it: the same input gradient
+        (g_ours,) = torch.autograd.grad(out.square().sum(), x)
+        (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
+        assert (g_ours - g_ref).abs().max() < 1e-6
         # 4 bits keep the weights within a block's quantisation step; a coarse check that nothing is scrambled
         assert (q.weight - linear.weight).abs().max() < 0.3 * linear.weight.abs().max()
 
