@@ -1,8 +1,10 @@
-"""Which weights fine-tuning trains: every weight, the last layers only, or a parameter-efficient method that adds
-its own (LoRA, adapters, soft prompts: one file each beside this one).
+"""Which weights fine-tuning trains, picked by `peft.method`: every weight, the last layers only, or a
+parameter-efficient method that adds its own (one file each beside this one: lora.py with nf4.py for QLoRA,
+adapters.py, soft_prompts.py).
 
-`tune(model, cfg)` returns a `Tuned` model: the loop calls it for the loss, trains `param_groups(lr)`, and saves
-`trainable_state()`; `merged()` gives back a plain Decoder for export and serving.
+`tune(model, cfg)` returns a `Tuned` model (tuned.py): the loop calls it for the loss, trains `param_groups(lr)`,
+saves `trainable_state()` (and loads it back with `load_trainable_state`); `merged()` gives back a plain Decoder for
+export and serving where the method folds into one (`Tuned.merges`).
 """
 
 from __future__ import annotations
@@ -11,56 +13,63 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn as nn
-from torch import Tensor
 
 from lmforge.config import check
+from lmforge.finetune import adapters, lora, soft_prompts
+from lmforge.finetune.tuned import Tuned
 from lmforge.models import Decoder
-from lmforge.models.packed import PackedRows
+
+__all__ = ["METHODS", "PeftConfig", "Tuned", "same_base", "tune"]
 
 
 @dataclass
 class PeftConfig:
-    method: Literal["full", "freeze"] = "full"
-    """full: train every weight; freeze: train only the last `freeze_last` layers (and the final norm)."""
+    method: Literal["full", "freeze", "lora", "qlora", "adapter", "prefix", "prompt", "ptuning"] = "full"
+    """full: every weight; freeze: the last `freeze_last` layers; lora (+ dora, rslora, loraplus_ratio); qlora: LoRA
+    on NF4 weights; adapter: bottleneck adapters; prefix: trained keys and values per layer; prompt: a soft prompt;
+    ptuning: a soft prompt made by an encoder (MLP or LSTM)."""
     freeze_last: int = 1
     """freeze: how many of the last layers train."""
     targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "proj"])
-    """Module names a method wraps (LoRA and kin): attention's q, k, v (slices of the fused qkv) and proj, the
-    MLP's gate, up (slices of gate_up) and down, or lm_head."""
+    """lora/qlora: module names to wrap: attention's q, k, v (slices of the fused qkv) and proj, the MLP's gate, up
+    (slices of SwiGLU's gate_up) and down, or lm_head."""
+    rank: int = 8
+    """lora/qlora: rank r of the update B A."""
+    alpha: float = 16.0
+    """lora/qlora: the update is scaled by alpha / r (alpha / sqrt(r) with rslora)."""
+    dropout: float = 0.0
+    """lora/qlora: dropout on the update's input."""
+    dora: bool = False
+    """lora/qlora: DoRA, a trained magnitude per output row over the updated weight's direction."""
+    rslora: bool = False
+    """lora/qlora: rank-stabilised scaling alpha / sqrt(r)."""
+    loraplus_ratio: float = 1.0
+    """lora/qlora: LoRA+, the B matrices train at lr * loraplus_ratio (1: plain LoRA)."""
+    double_quant: bool = True
+    """qlora: quantise the NF4 block scales to 8 bits too."""
+    adapter_dim: int = 16
+    """adapter: bottleneck width."""
+    virtual_tokens: int = 8
+    """prefix/prompt/ptuning: number of virtual tokens."""
+    prefix_hidden: int = 0
+    """prefix: width of the reparametrisation MLP (0: train the keys and values directly)."""
+    encoder: Literal["mlp", "lstm"] = "mlp"
+    """ptuning: the prompt encoder."""
+    encoder_hidden: int = 0
+    """ptuning: the encoder's hidden width (0: the model's dim)."""
 
     def validate(self) -> None:
         check(self.freeze_last >= 1, f"peft.freeze_last={self.freeze_last} must be >= 1")
-
-
-class Tuned(nn.Module):
-    """A decoder with the method's trainable parts. Subclasses change `loss` only where the method changes the
-    forward pass (soft prompts); wrapped modules (LoRA, adapters) live inside `model` itself."""
-
-    def __init__(self, model: Decoder, cfg: PeftConfig):
-        super().__init__()
-        self.model, self.cfg = model, cfg
-
-    def loss(self, x: Tensor, y: Tensor, segments: Tensor | None = None) -> Tensor:
-        """Mean cross-entropy of targets y (B, T) (-100 ignored) given tokens x (B, T); `segments` (B, T) marks the
-        examples packed in each row, which then do not attend to each other."""
-        return self.model(x, y, cache=None if segments is None else PackedRows(segments))
-
-    def param_groups(self, lr: float) -> list[dict]:
-        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
-
-    def trainable_state(self) -> dict[str, Tensor]:
-        """The weights training changes, by name: what an adapter file or a resumable checkpoint must hold."""
-        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
-
-    def merged(self) -> Decoder:
-        """A plain decoder computing what this one computes (a copy where the method must fold weights in)."""
-        return self.model
-
-    def num_trainable(self) -> tuple[int, int]:
-        """(trainable parameters, all parameters)."""
-        seen: dict[int, tuple[int, bool]] = {id(p): (p.numel(), p.requires_grad) for p in self.parameters()}
-        return sum(n for n, g in seen.values() if g), sum(n for n, _ in seen.values())
+        check(self.rank >= 1, f"peft.rank={self.rank} must be >= 1")
+        check(self.alpha > 0, f"peft.alpha={self.alpha} must be > 0")
+        check(0 <= self.dropout < 1, f"peft.dropout={self.dropout} must be in [0, 1)")
+        check(self.loraplus_ratio > 0, f"peft.loraplus_ratio={self.loraplus_ratio} must be > 0")
+        check(self.adapter_dim >= 1, f"peft.adapter_dim={self.adapter_dim} must be >= 1")
+        check(self.virtual_tokens >= 1, f"peft.virtual_tokens={self.virtual_tokens} must be >= 1")
+        check(self.prefix_hidden >= 0, f"peft.prefix_hidden={self.prefix_hidden} must be >= 0")
+        check(self.encoder_hidden >= 0, f"peft.encoder_hidden={self.encoder_hidden} must be >= 0")
+        if self.method in ("lora", "qlora"):
+            check(len(self.targets) > 0, "peft.targets is empty; name at least one module (e.g. [q, v])")
 
 
 def _full(model: Decoder, cfg: PeftConfig) -> Tuned:
@@ -78,12 +87,25 @@ def _freeze(model: Decoder, cfg: PeftConfig) -> Tuned:
     return Tuned(model, cfg)
 
 
-METHODS = {"full": _full, "freeze": _freeze}
+METHODS = {
+    "full": _full,
+    "freeze": _freeze,
+    "lora": lora.tune_lora,
+    "qlora": lora.tune_qlora,
+    "adapter": adapters.tune_adapters,
+    "prefix": soft_prompts.tune_prefix,
+    "prompt": soft_prompts.tune_prompt,
+    "ptuning": soft_prompts.tune_ptuning,
+}
 
 
 def tune(model: Decoder, cfg: PeftConfig) -> Tuned:
     """Prepare `model` for training by `cfg.method` (in place: the method wraps or freezes its modules)."""
-    return METHODS[cfg.method](model, cfg)
+    cfg.validate()
+    base = same_base(model)
+    tuned = METHODS[cfg.method](model, cfg)
+    tuned.base_hash = base  # of the weights before any wrapping: what an adapter file records (peft_format.py)
+    return tuned
 
 
 @torch.no_grad()
@@ -94,6 +116,6 @@ def same_base(model: Decoder) -> str:
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().float().contiguous().cpu().numpy().tobytes()[:4096])
+        h.update(t.detach().flatten()[:1024].float().cpu().numpy().tobytes())  # a sample: never a whole copy
         h.update(str(tuple(t.shape)).encode())
     return h.hexdigest()[:16]
