@@ -12,6 +12,7 @@ import io
 import json
 import math
 import resource
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from lmforge.finetune.config import FinetuneConfig, SftTrainConfig
 from lmforge.finetune.formats import Conversation, load_conversations
 from lmforge.finetune.methods import Tuned, tune
 from lmforge.finetune.packing import Example, RowLoader, pack
+from lmforge.finetune.peft_format import save_adapter
 from lmforge.finetune.template import encode_example, marked, shifted
 from lmforge.run import Run, atomic_write, resolve_run
 from lmforge.sampling import generate_tokens
@@ -187,7 +189,12 @@ def main(cfg: FinetuneConfig, run: Run) -> dict[str, float]:
         "tokens_per_s": tokens / train_seconds if train_seconds else math.nan,
         "peak_memory_bytes": _peak_memory(device),
     }
-    samples = answers(tuned.merged(), tokenizer, data.val_conversations[: tc.samples], tc.max_new_tokens)
+    # greedy answers need a plain decoder; an adapter or soft-prompt run is read back with load_trainable_state
+    samples = (
+        answers(tuned.merged(), tokenizer, data.val_conversations[: tc.samples], tc.max_new_tokens)
+        if tuned.merges
+        else []
+    )
     run.write_json(
         "finetune.json",
         {
@@ -240,9 +247,19 @@ def _peak_memory(device: torch.device) -> int:
 
 def _save(run: Run, step: int, tuned: Tuned, optimizer, scheduler, loader, val_before: float, keep_last: int) -> None:
     """The merged weights as a plain checkpoint (for generate, serve, export), and beside them what a resume needs:
-    the trainable weights, the optimizer and schedule, the RNG and the data position."""
+    the trainable weights, the optimizer and schedule, the RNG and the data position. A method no plain decoder can
+    compute (adapters, soft prompts) keeps only the latter, under tuning/; a LoRA run also writes its peft adapter."""
     info = {"stage": "finetune", "val_loss_before": val_before}
-    folder = save_checkpoint(run.path, step, tuned.merged(), info, keep_last)
+    if tuned.merges:
+        folder = save_checkpoint(run.path, step, tuned.merged(), info, keep_last)
+    else:
+        folder = run.file(f"tuning/step_{step:06d}")
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / "state.json", json.dumps({"step": step, **info}, indent=2) + "\n")
+        for old in _tuning_dirs(run)[:-keep_last]:
+            shutil.rmtree(old)
+    if tuned.cfg.method == "lora":
+        save_adapter(tuned, run.file("adapter"))
     state = {
         "trainable": tuned.trainable_state(),
         "optimizer": optimizer.state_dict(),
@@ -259,7 +276,8 @@ def _save(run: Run, step: int, tuned: Tuned, optimizer, scheduler, loader, val_b
 
 def _resume(run: Run, tuned: Tuned, optimizer, scheduler, loader, device) -> tuple[int, float]:
     """Load the newest complete checkpoint's training state; return its step and the held-out loss before training."""
-    complete = [c for c in checkpoint_dirs(run.path) if (c / STATE_FILE).is_file()]
+    complete = [c for c in checkpoint_dirs(run.path) + _tuning_dirs(run) if (c / STATE_FILE).is_file()]
+    complete.sort(key=lambda c: c.name)
     if not complete:
         raise LmforgeError(f"--resume given but {run.path}/checkpoints holds no fine-tuning state; drop --resume")
     ckpt = complete[-1]
@@ -277,3 +295,8 @@ def _resume(run: Run, tuned: Tuned, optimizer, scheduler, loader, device) -> tup
     info = read_state(ckpt)
     print(f"resumed from {ckpt} at step {info['step']}", flush=True)
     return int(info["step"]), float(info["val_loss_before"])
+
+
+def _tuning_dirs(run: Run) -> list:
+    root = run.file("tuning")
+    return sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []

@@ -62,24 +62,32 @@ def test_packed_examples_keep_their_own_loss(tiny_tokenizer):
         torch.testing.assert_close(tuned.loss(x, y), tuned.loss(*packed), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["full", "freeze"])
+@pytest.mark.parametrize("method", ["full", "freeze", "lora", "qlora", "adapter", "prefix", "prompt", "ptuning"])
 def test_resume_continues_bit_identically(tmp_path, tiny_run, method, capsys):
     overrides = [f"data.path={ALPACA}", f"peft.method={method}", "train.steps=4", "train.ckpt_every=2",
                  "train.keep_last=3", "train.log_every=1", "train.batch_size=2", "train.lr=1e-3",
-                 "train.samples=0"]  # fmt: skip
+                 "train.samples=0", "data.seq_len=96"]  # fmt: skip
     straight = finetune(tmp_path, tiny_run, "straight", *overrides)
     assert "step      4/4" in capsys.readouterr().out
     shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
-    shutil.rmtree(tmp_path / "resumed/checkpoints/step_000004")
+    folder = "checkpoints" if method in ("full", "freeze", "lora", "qlora") else "tuning"
+    shutil.rmtree(tmp_path / f"resumed/{folder}/step_000004")
     resumed = finetune(tmp_path, tiny_run, "resumed", *overrides, resume=True)
     assert "resumed from" in capsys.readouterr().out
     assert resumed["val_loss_after"] == straight["val_loss_after"] and resumed["train_loss"] == straight["train_loss"]
+    a, b = (torch.load(tmp_path / r / folder / "step_000004/finetune_state.pt", weights_only=True)["trainable"]
+            for r in ("straight", "resumed"))  # fmt: skip
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if folder == "tuning":
+        return
+    if method == "lora":  # and its peft adapter folder
+        assert (tmp_path / "straight/adapter/adapter_config.json").is_file()
     a, b = (safetensors.torch.load_file(tmp_path / r / "checkpoints/step_000004/model.safetensors")
             for r in ("straight", "resumed"))  # fmt: skip
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     base = load_model(tiny_run).state_dict()
     changed = {k for k in a if not torch.equal(a[k], base[k])}
-    assert changed and (method == "full" or all(k.startswith(("layers.1.", "norm.")) for k in changed))
+    assert changed and (method != "freeze" or all(k.startswith(("layers.1.", "norm.")) for k in changed))
 
 
 def test_bad_records_are_counted_and_reported(tmp_path, tiny_run, capsys):
