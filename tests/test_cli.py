@@ -1,5 +1,6 @@
 """The CLI surface: verbs, usage errors (exit 2, one line, nothing written), and the README's commands at tiny scale."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +98,19 @@ def test_readme_commands_at_tiny_scale(tmp_path, tiny_text):
         "generate", "back", "--prompt", "def ", "--max-new-tokens", "12", "--temperature", "0", cwd=tmp_path
     )
     assert again.stdout == first.stdout
+    # fine-tune it with LoRA on Alpaca records, then evaluate the result
+    tuned = lmforge(
+        "finetune", "--config", str(repo / "configs/finetune/sft.yaml"), "base=tiny", "run.name=sft",
+        f"data.path={repo / 'tests/fixtures/alpaca_20.json'}", "data.format=alpaca", "train.steps=3",
+        "train.eval_every=0", "peft.method=lora", "peft.rank=4", "train.samples=1", "train.max_new_tokens=4",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert tuned.returncode == 0, tuned.stderr
+    assert (tmp_path / "runs/sft/adapter/adapter_config.json").is_file()
+    assert "## finetune" in (tmp_path / "runs/sft/report.md").read_text().lower()
+    scored = lmforge("eval", "sft", "--task", "perplexity", "--data", str(corpus / "19.txt"), cwd=tmp_path)
+    assert scored.returncode == 0, scored.stderr
+    assert json.loads((tmp_path / "runs/sft/eval/perplexity.json").read_text())["metrics"]["ppl"] > 1
 
 
 @pytest.mark.parametrize(
