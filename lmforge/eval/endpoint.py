@@ -61,7 +61,7 @@ class Endpoint:
                     )
                 total, greedy = 0.0, True
                 for offset, value, top in zip(lp["text_offset"], lp["token_logprobs"], lp["top_logprobs"], strict=True):
-                    if len(context) <= offset < len(text) and value is not None:  # None: a text's first token
+                    if len(context) <= offset < len(text):
                         total += value
                         greedy &= top is None or value >= max(top.values()) - 1e-6
                 scores.append((total, greedy))

@@ -122,3 +122,20 @@ def test_help_lists_every_task_and_every_task_file_loads(capsys):
     for name in task_names():
         assert name in text
     assert {p.stem for p in TASK_DIR.glob("*.yaml")} == set(task_names()) >= {"bias", "canary"}
+
+
+def test_bias_sentences_score_through_a_server_as_in_process(eval_run, live_server):
+    from lmforge.eval.backends import Local
+    from lmforge.eval.endpoint import Endpoint
+    from lmforge.eval.families import likelihood
+    from lmforge.eval.tasks import load_task, read_items
+    from lmforge.serve.engine import Engine, EngineConfig
+    from lmforge.serve.server import build_app
+
+    model, tok = load_run(eval_run)
+    task = load_task("bias")
+    items = list(enumerate(read_items(task, safety.BIAS_TEMPLATES)))[::20]
+    with live_server(build_app(Engine(model, tok, EngineConfig(block_size=8)), "tiny")) as url:
+        remote = likelihood(task, Endpoint(url), items, [], 0)
+    here = likelihood(task, Local(model, tok), items, [], 0)
+    assert [s["ll"] for s in remote] == pytest.approx([s["ll"] for s in here], abs=1e-3)
