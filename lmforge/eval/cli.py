@@ -54,7 +54,7 @@ def command(args: argparse.Namespace) -> None:
     backend, model_id, run, source = open_backend(args)
     results = []
     for t in tasks:
-        data = args.data or t.data or (str(source / "canaries.json") if source and t.format == "canaries" else "")
+        data = task_data(t, args.data, source)
         results.append(evaluate(run, t, backend, model_id, data, args.limit, args.shots, args.batch_size, source))
     config = {k: v for k, v in vars(args).items() if k not in ("verb", "run", "api_key") and not callable(v)}
     write_summary(run, {"evaluated": args.run, **config}, results)
@@ -81,6 +81,13 @@ def open_backend(args: argparse.Namespace):
     return Local(model, tokenizer, args.batch_size), str(ckpt), Run(args.out or run_dir), Path(run_dir)
 
 
+def task_data(task: Task, data: str | None, source: Path | None) -> str:
+    """--data, else the task's file; a canaries task without one reads the evaluated run's own canaries.json."""
+    if not data and not task.data and task.format == "canaries" and source is not None:
+        return str(source / "canaries.json")
+    return data or task.data
+
+
 def evaluate(run: Run, task: Task, backend, model_id: str, data: str, limit: int | None, shots: int | None,
              batch_size: int = 8, source: Path | None = None) -> dict[str, Any]:  # fmt: skip
     """Score the task's items not yet in eval/<task>.samples.jsonl, append them, and write eval/<task>.json."""
@@ -96,9 +103,9 @@ def evaluate(run: Run, task: Task, backend, model_id: str, data: str, limit: int
     done = read_samples(run.file(samples_rel), key)
     todo = [(i, items[i]) for i in range(n) if i not in done]
     family, truncated = FAMILIES[task.family], backend.truncated
-    # items handed over at once: a few batches of choices, so the backend can sort them by length and shared prefix
-    step = {"multiple_choice": 4 * batch_size, "generate": batch_size, "bias": 4 * batch_size, "canary": 4 * batch_size}
-    step = step.get(task.family, 1)
+    # items handed over at once: a few batches of choices or sentences, so the backend can sort them by length and
+    # shared prefix; perplexity texts and code problems one at a time, so an interrupted run resumes per item
+    step = {"perplexity": 1, "code": 1, "generate": batch_size}.get(task.family, 4 * batch_size)
     with EvalProgress(task.name, n, n - len(todo)) as bar, open(run.file(samples_rel), "a") as f:
         for start in range(0, len(todo), step):
             for sample in family(task, backend, todo[start : start + step], pool, shots):
