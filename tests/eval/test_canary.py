@@ -110,3 +110,15 @@ def test_items_copied_from_training_text_count_as_contaminated(trained, corpus, 
     main(["eval", str(trained), "--task", str(tmp_path / "copied.yaml"), "--data", str(data)])
     assert json.loads((trained / "eval/copied.json").read_text())["contaminated"] == 1
     assert cache.stat().st_mtime_ns == built
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("data.canaries=-1", "data.canaries=-1 must be >= 0"), ("data.canary_repeats=0", "must be >= 1")],
+)
+def test_bad_canary_settings_exit_2_with_one_line(override, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        main(["pretrain", f"run.root={tmp_path}", override])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and message in err[0]
+    assert not any(tmp_path.iterdir())  # refused before anything is written
