@@ -84,6 +84,8 @@ def open_backend(args: argparse.Namespace):
 def task_data(task: Task, data: str | None, source: Path | None) -> str:
     """--data, else the task's file; a canaries task without one reads the evaluated run's own canaries.json."""
     if not data and not task.data and task.format == "canaries" and source is not None:
+        if not (source / "canaries.json").is_file():
+            raise LmforgeError(f"{source} has no canaries.json; pre-train with data.canaries=N to plant some")
         return str(source / "canaries.json")
     return data or task.data
 

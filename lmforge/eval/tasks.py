@@ -114,6 +114,10 @@ class Task:
         check(self.stride >= 0, f"task {self.name}: stride={self.stride} must be >= 0")
         check(self.samples_per_problem >= 1, f"task {self.name}: samples_per_problem must be >= 1")
         check(self.candidates >= 1, f"task {self.name}: candidates={self.candidates} must be >= 1")
+        probe_format = {"bias": "bias_probes", "canary": "canaries"}.get(self.family, self.format)
+        check(
+            self.format == probe_format, f"task {self.name}: family {self.family} reads format {probe_format}; set it"
+        )
         for key in ("prompt", "target", "choices", "answer"):
             text = getattr(self, key)
             try:
