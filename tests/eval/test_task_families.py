@@ -139,3 +139,10 @@ def test_bias_sentences_score_through_a_server_as_in_process(eval_run, live_serv
         remote = likelihood(task, Endpoint(url), items, [], 0)
     here = likelihood(task, Local(model, tok), items, [], 0)
     assert [s["ll"] for s in remote] == pytest.approx([s["ll"] for s in here], abs=1e-3)
+
+
+def test_canary_task_on_a_run_without_canaries_exits_2_with_one_line(run, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", str(run), "--task", "canary"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and "has no canaries.json; pre-train with data.canaries=N" in err[0]
