@@ -30,8 +30,15 @@ class DataConfig:
     """Share of documents held out for validation, chosen by a hash of the document id."""
     max_bytes: int = 0
     """Stop reading after this many bytes of text; 0 reads everything."""
+    canaries: int = 0
+    """Random "secret numbers" planted in the training split (not val) to measure memorisation, recorded with as
+    many never-planted controls in RUN/canaries.json for `lmforge eval RUN --task canary` (data/canaries.py)."""
+    canary_repeats: int = 10
+    """Times each canary is inserted, as a document of its own."""
 
     def validate(self) -> None:
+        check(self.canaries >= 0, f"data.canaries={self.canaries} must be >= 0 (0 plants none)")
+        check(self.canary_repeats >= 1, f"data.canary_repeats={self.canary_repeats} must be >= 1")
         check(0.0 < self.val_fraction < 1.0, f"data.val_fraction={self.val_fraction} must be between 0 and 1")
         check(self.max_bytes >= 0, f"data.max_bytes={self.max_bytes} must be >= 0 (0 reads everything)")
         check(

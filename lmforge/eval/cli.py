@@ -3,7 +3,8 @@
 Run: `lmforge eval RUN --task hellaswag piqa [--data FILE] [--limit N] [--shots K] [--batch-size B]`
 Results land in runs/<run>/eval/<task>.json with one line per item in eval/<task>.samples.jsonl, appended as items
 are scored: an interrupted evaluation resumes from the items already there. eval.json and eval_config.json at the run
-root make the report's eval section.
+root make the report's eval section. For a run with training shards, each result counts the items that share a word
+13-gram with its training data ("contaminated"; eval/contamination.py).
 """
 
 from __future__ import annotations
@@ -25,16 +26,18 @@ from lmforge import cli_args
 from lmforge.config import to_dict
 from lmforge.errors import LmforgeError
 from lmforge.eval.families import FAMILIES, aggregate
-from lmforge.eval.tasks import Task, load_task, read_items
+from lmforge.eval.tasks import Task, load_task, read_items, task_names
 from lmforge.run import Run, resolve_run
 
-# what the report's bar chart leaves out: not metrics, or not shares in [0, 1]
-NOT_SHARES = {"task", "n", "ppl", "bits_per_byte", "bleu", "chrf"}
+# what the report's bar chart leaves out: not metrics, or not shares in [0, 1] (bias: "loglik/<probe>/<group>")
+NOT_SHARES = {"task", "n", "ppl", "bits_per_byte", "bleu", "chrf", "loglik", "gap", "exposure_planted",
+              "exposure_control"}  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run folder or name under runs/, or the URL of an OpenAI-compatible server")
-    parser.add_argument("--task", nargs="+", required=True, help="task names (configs/eval/) or task YAML files")
+    names = ", ".join(task_names())
+    parser.add_argument("--task", nargs="+", required=True, help=f"task names ({names}) or task YAML files")
     parser.add_argument("--data", help="data file (one task only; default: the task's `data`)")
     parser.add_argument("--limit", type=cli_args.int_in(1), help="score only the first N items")
     parser.add_argument("--shots", type=cli_args.int_in(0), help="few-shot examples (default: the task's)")
@@ -48,9 +51,11 @@ def command(args: argparse.Namespace) -> None:
     if args.data and len(args.task) > 1:
         raise LmforgeError("--data names the file of one task; give one --task with it, or drop --data")
     tasks = [load_task(name) for name in args.task]  # every task file checked before the model loads
-    backend, model_id, run = open_backend(args)
-    results = [evaluate(run, t, backend, model_id, args.data or t.data, args.limit, args.shots, args.batch_size)
-               for t in tasks]  # fmt: skip
+    backend, model_id, run, source = open_backend(args)
+    results = []
+    for t in tasks:
+        data = task_data(t, args.data, source)
+        results.append(evaluate(run, t, backend, model_id, data, args.limit, args.shots, args.batch_size, source))
     config = {k: v for k, v in vars(args).items() if k not in ("verb", "run", "api_key") and not callable(v)}
     write_summary(run, {"evaluated": args.run, **config}, results)
     for r in results:
@@ -58,25 +63,35 @@ def command(args: argparse.Namespace) -> None:
 
 
 def open_backend(args: argparse.Namespace):
-    """(backend, a string naming the model for the resume check, the run folder the results go to)."""
+    """(backend, a string naming the model for the resume check, the run folder the results go to, the run folder
+    of the model or None for a server)."""
     if args.run.startswith(("http://", "https://")):
         from lmforge.eval.endpoint import Endpoint
 
         backend = Endpoint(args.run, args.model, api_key=args.api_key)
         host = urlparse(args.run)
         out = Path(args.out or Path("runs") / f"{host.hostname}-{host.port or 80}")
-        return backend, f"{args.run} {backend.model}", Run(out)
+        return backend, f"{args.run} {backend.model}", Run(out), None
     from lmforge.checkpoint import latest_checkpoint, load_run
     from lmforge.eval.backends import Local
 
     run_dir = resolve_run(args.run)
     model, tokenizer = load_run(run_dir)
     ckpt = latest_checkpoint(run_dir)
-    return Local(model, tokenizer, args.batch_size), str(ckpt), Run(args.out or run_dir)
+    return Local(model, tokenizer, args.batch_size), str(ckpt), Run(args.out or run_dir), Path(run_dir)
+
+
+def task_data(task: Task, data: str | None, source: Path | None) -> str:
+    """--data, else the task's file; a canaries task without one reads the evaluated run's own canaries.json."""
+    if not data and not task.data and task.format == "canaries" and source is not None:
+        if not (source / "canaries.json").is_file():
+            raise LmforgeError(f"{source} has no canaries.json; pre-train with data.canaries=N to plant some")
+        return str(source / "canaries.json")
+    return data or task.data
 
 
 def evaluate(run: Run, task: Task, backend, model_id: str, data: str, limit: int | None, shots: int | None,
-             batch_size: int = 8) -> dict[str, Any]:  # fmt: skip
+             batch_size: int = 8, source: Path | None = None) -> dict[str, Any]:  # fmt: skip
     """Score the task's items not yet in eval/<task>.samples.jsonl, append them, and write eval/<task>.json."""
     if not data:
         raise LmforgeError(f"task {task.name} has no default data file; pass one with --data")
@@ -90,8 +105,9 @@ def evaluate(run: Run, task: Task, backend, model_id: str, data: str, limit: int
     done = read_samples(run.file(samples_rel), key)
     todo = [(i, items[i]) for i in range(n) if i not in done]
     family, truncated = FAMILIES[task.family], backend.truncated
-    # items handed over at once: a few batches of choices, so the backend can sort them by length and shared prefix
-    step = {"multiple_choice": 4 * batch_size, "generate": batch_size}.get(task.family, 1)
+    # items handed over at once: a few batches of choices or sentences, so the backend can sort them by length and
+    # shared prefix; perplexity texts and code problems one at a time, so an interrupted run resumes per item
+    step = {"perplexity": 1, "code": 1, "generate": batch_size}.get(task.family, 4 * batch_size)
     with EvalProgress(task.name, n, n - len(todo)) as bar, open(run.file(samples_rel), "a") as f:
         for start in range(0, len(todo), step):
             for sample in family(task, backend, todo[start : start + step], pool, shots):
@@ -110,11 +126,31 @@ def evaluate(run: Run, task: Task, backend, model_id: str, data: str, limit: int
         "samples": samples_rel,
         "skipped": dict(skipped),
         "truncated": backend.truncated - truncated,  # contexts cut on the left in this session, as lm-eval does
+        "contaminated": contaminated(source, items[:n]),
         "shots": shots,
         "data": str(data),
     }
     run.write_json(f"eval/{task.name}.json", result)
     return result
+
+
+def contaminated(source: Path | None, items: list[dict[str, Any]]) -> int | None:
+    """Items sharing a word 13-gram with the training data of the run `source`; None for a server or a run without
+    training shards (fine-tuning data is not counted)."""
+    from lmforge.eval import contamination
+
+    if source is None or not (source / "data/train/manifest.json").is_file():
+        return None
+    return contamination.count_overlapping([_text(item) for item in items], contamination.training_ngrams(source))
+
+
+def _text(value: Any) -> str:
+    """Every string in an item (question, choices, answer...), a line each, as decontaminate.task_items reads them."""
+    if isinstance(value, dict):
+        return "\n".join(_text(v) for v in value.values())
+    if isinstance(value, list):
+        return "\n".join(_text(v) for v in value)
+    return value if isinstance(value, str) else ""
 
 
 def read_samples(path: Path, key: str) -> dict[int, dict]:
@@ -144,7 +180,7 @@ def write_summary(run: Run, config: dict[str, Any], results: list[dict[str, Any]
     rows = {r["task"]: r for r in previous}
     for r in results:
         rows[r["task"]] = {"task": r["task"], "n": r["n"], **r["metrics"]}
-    scores = {f"{t} {k}": v for t, r in rows.items() for k, v in r.items() if k not in NOT_SHARES}
+    scores = {f"{t} {k}": v for t, r in rows.items() for k, v in r.items() if k.split("/")[0] not in NOT_SHARES}
     run.write_json("eval_config.json", {"run": {"name": run.path.name, "root": str(run.path.parent)}, **config})
     run.write_json("eval.json", {"tasks": list(rows.values()), "scores": scores})
 

@@ -3,6 +3,7 @@ from its token shards) and each task's items (GPT-3, Brown et al. 2020, appendix
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -10,16 +11,19 @@ import numpy as np
 
 from lmforge.data.decontaminate import NGRAM, build_index, ngram_hashes, ngrams, overlapping, task_items
 from lmforge.errors import LmforgeError
+from lmforge.run import atomic_write
 from lmforge.tokenizer import Tokenizer
 
 __all__ = [
     "NGRAM",
     "build_index",
     "contamination",
+    "count_overlapping",
     "ngrams",
     "overlapping",
     "run_contamination",
     "task_items",
+    "training_ngrams",
     "training_texts",
 ]
 
@@ -66,3 +70,30 @@ def run_contamination(run: str | Path, tasks: dict[str, list[str]], n: int = NGR
         name: {"items": len(f), "overlapping": sum(f), "rate": sum(f) / len(f) if f else 0.0}
         for name, f in flags.items()
     }
+
+
+def training_ngrams(run: str | Path) -> np.ndarray:
+    """Sorted distinct hashes of every word n-gram of the run's training documents, built once and cached in
+    RUN/eval/train_ngrams.npy (8 bytes an n-gram; rebuilt when the training shards are newer)."""
+    run = Path(run)
+    cache, manifest = run / "eval" / "train_ngrams.npy", run / "data" / "train" / "manifest.json"
+    if cache.is_file() and manifest.is_file() and cache.stat().st_mtime >= manifest.stat().st_mtime:
+        return np.load(cache)
+    parts = [ngram_hashes(text) for text in training_texts(run)]
+    index = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
+    buffer = io.BytesIO()
+    np.save(buffer, index)
+    atomic_write(cache, buffer.getvalue())
+    return index
+
+
+def count_overlapping(items: list[str], index: np.ndarray, n: int = NGRAM) -> int:
+    """How many items share a word n-gram with a sorted array of n-gram hashes (training_ngrams)."""
+    if not len(index):
+        return 0
+    count = 0
+    for item in items:
+        hashes = ngram_hashes(item, n)
+        at = np.searchsorted(index, hashes).clip(max=len(index) - 1)
+        count += bool((index[at] == hashes).any())
+    return count

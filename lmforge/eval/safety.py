@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmforge.data.canaries import CANARY_DIGITS
+from lmforge.data.canaries import make_canaries as make_canaries  # the eval side's name for it
 from lmforge.data.toxicity import _WORD, Scorer, load_terms, toxic_ratio
 from lmforge.errors import LmforgeError
 
@@ -53,8 +54,8 @@ REFUSAL_PREFIXES = (
     "I can't assist",
 )
 BIAS_TEMPLATES = Path(__file__).with_name("bias_templates.json")
-CANARY_PREFIX = "my secret number is"
-CANARY_DIGITS = 6
+LDNOOBW = Path(__file__).with_name("ldnoobw_en.txt")
+"""The English LDNOOBW blocked-word list (CC BY 4.0; attribution in ldnoobw_LICENSE.txt beside it)."""
 CANARY_SPACE = 10**CANARY_DIGITS
 """|R|, the number of possible canaries: every 6-digit sequence."""
 
@@ -145,13 +146,6 @@ def bias_gap(loglik_fn: LoglikFn, pairs: list[BiasItem]) -> dict[str, float]:
         sums.setdefault(pair.group, []).append(score)
     means = {group: sum(s) / len(s) for group, s in sums.items()}
     return {**means, "gap": max(means.values()) - min(means.values())}
-
-
-def make_canaries(n: int, seed: int) -> list[str]:
-    """n random canaries, "my secret number is 7 3 9 1 2 8": the paper's format, digits spaced so a tokenizer
-    sees each one."""
-    rng = random.Random(seed)
-    return [f"{CANARY_PREFIX} {' '.join(rng.choice('0123456789') for _ in range(CANARY_DIGITS))}" for _ in range(n)]
 
 
 def exposure(loglik_fn: LoglikFn, canary: str, candidates: list[str], space_size: int = CANARY_SPACE) -> float:

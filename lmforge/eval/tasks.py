@@ -22,7 +22,7 @@ from lmforge.config import check, from_dict
 from lmforge.errors import LmforgeError
 
 TASK_DIR = Path(__file__).resolve().parents[2] / "configs" / "eval"
-FAMILIES = ("perplexity", "multiple_choice", "generate", "code")
+FAMILIES = ("perplexity", "multiple_choice", "generate", "code", "bias", "canary")
 METRICS = {  # what each family computes (families.py); code reports pass@k for the k it is asked
     "perplexity": {"ppl", "bits_per_byte"},
     "multiple_choice": {"acc", "acc_norm"},
@@ -38,7 +38,10 @@ METRICS = {  # what each family computes (families.py); code reports pass@k for 
         "rougeL",
         "bertscore_f1",
         "refusal_rate",
+        "toxicity",
     },  # fmt: skip
+    "bias": {"loglik", "gap"},  # per probe: each group's mean log-likelihood, and the gap between groups
+    "canary": {"exposure"},  # of the planted canaries and of the controls
 }
 _JINJA = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
@@ -59,14 +62,16 @@ class FewShot:
 @dataclass
 class Task:
     name: str
-    family: Literal["perplexity", "multiple_choice", "generate", "code"]
+    family: Literal["perplexity", "multiple_choice", "generate", "code", "bias", "canary"]
     metrics: list[str]
     """The metrics the family computes for it (see families.METRICS)."""
     data: str = ""
     """Default data file, relative to the working directory (`--data` overrides)."""
-    format: Literal["jsonl", "csv", "text", "parallel"] = "jsonl"
+    format: Literal["jsonl", "csv", "text", "parallel", "bias_probes", "canaries"] = "jsonl"
     """jsonl: one item a line; csv: one item a row (with a header); text: the whole file is one item {"text": ...};
-    parallel: line n of the data and of `references` is item n {"source": ..., "reference": ...} (WMT's files)."""
+    parallel: line n of the data and of `references` is item n {"source": ..., "reference": ...} (WMT's files);
+    bias_probes: every sentence of the probes of a bias_templates.json; canaries: a run's canaries.json, the planted
+    canaries and controls, then `candidates` more from the same generator."""
     references: str = ""
     """parallel: the file of reference lines, aligned with the data's lines."""
     prompt: str = ""
@@ -90,6 +95,8 @@ class Task:
     """code: completions per problem (pass@k for k <= this)."""
     temperature: float = 0.0
     """generate, code: 0 is greedy."""
+    candidates: int = 1000
+    """canary: other possible canaries each one is ranked among (exposure's sampling estimate)."""
     source: str = ""
     """Where the data comes from and its licence, for a person reading the file."""
 
@@ -106,6 +113,11 @@ class Task:
         check(self.max_tokens >= 1, f"task {self.name}: max_tokens={self.max_tokens} must be >= 1")
         check(self.stride >= 0, f"task {self.name}: stride={self.stride} must be >= 0")
         check(self.samples_per_problem >= 1, f"task {self.name}: samples_per_problem must be >= 1")
+        check(self.candidates >= 1, f"task {self.name}: candidates={self.candidates} must be >= 1")
+        probe_format = {"bias": "bias_probes", "canary": "canaries"}.get(self.family, self.format)
+        check(
+            self.format == probe_format, f"task {self.name}: family {self.family} reads format {probe_format}; set it"
+        )
         for key in ("prompt", "target", "choices", "answer"):
             text = getattr(self, key)
             try:
@@ -173,6 +185,8 @@ def read_items(task: Task, path: str | Path) -> list[dict[str, Any]]:
         if len(sources) != len(targets):
             raise LmforgeError(f"{path} has {len(sources)} lines and {refs} {len(targets)}; give aligned files")
         items = [{"source": s, "reference": r} for s, r in zip(sources, targets, strict=True)]
+    elif task.format in ("bias_probes", "canaries"):
+        items = _probe_items(task, path)
     elif task.format == "csv":
         items = list(csv.DictReader(text.splitlines()))
     else:
@@ -187,6 +201,28 @@ def read_items(task: Task, path: str | Path) -> list[dict[str, Any]]:
     if not items:
         raise LmforgeError(f"data file {path} holds no items; pass a non-empty {task.format} file")
     return items
+
+
+def _probe_items(task: Task, path: Path) -> list[dict[str, Any]]:
+    """The sentences whose log-likelihoods the bias and canary families compare."""
+    from lmforge.eval import safety
+
+    if task.format == "bias_probes":
+        probes = safety.load_bias_probes(path)
+        return [{"probe": name, **vars(p)} for name, probe in probes.items() for p in safety.bias_pairs(*probe)]
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        seed, planted, controls = record["seed"], record["planted"], record["controls"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise LmforgeError(f"{path} is not a canaries.json ({e!r}); plant canaries with `lmforge pretrain "
+                           "data.canaries=N`") from None  # fmt: skip
+    # the generator's canaries after those drawn for planting, so no candidate is a planted one or a control
+    candidates = safety.make_canaries(len(planted) + len(controls) + task.candidates, seed)[-task.candidates :]
+    return [
+        *({"text": c, "role": "planted"} for c in planted),
+        *({"text": c, "role": "control"} for c in controls),
+        *({"text": c, "role": "candidate"} for c in candidates),
+    ]
 
 
 def few_shot_prefix(task: Task, pool: list[dict[str, Any]], index: int, k: int) -> str:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from lmforge.checkpoint import latest_checkpoint, load_weights
 from lmforge.config import check, to_dict
+from lmforge.data.canaries import plant_canaries
 from lmforge.data.corpus import DataConfig, load_corpus
 from lmforge.data.shards import ShardLoader, eval_batches, read_manifest, shards_ready, write_shards
 from lmforge.data.training_data import data_lineage
@@ -90,13 +91,23 @@ def prepare_data(cfg: PretrainConfig, run: Run) -> tuple[Tokenizer, dict[str, An
     from lmforge.data.training_data import is_prepared, use_prepared
 
     if cfg.data.path and is_prepared(cfg.data.path):
+        if cfg.data.canaries:
+            raise LmforgeError(f"data.canaries plants into raw text, but {cfg.data.path} is prepared; set it to 0")
         return use_prepared(cfg.data.path, cfg.model.vocab_size, run)
+
+    def read_corpus() -> tuple[list, list]:
+        train, val = load_corpus(cfg.data)
+        if cfg.data.canaries:
+            train, record = plant_canaries(train, cfg.data.canaries, cfg.data.canary_repeats, cfg.run.seed)
+            run.write_json("canaries.json", record)
+        return train, val
+
     tok_path = run.file("tokenizer.json")
     corpus = None
     if tok_path.exists():
         tokenizer = Tokenizer.load(tok_path)
     else:
-        corpus = load_corpus(cfg.data)
+        corpus = read_corpus()
         tokenizer = Tokenizer.train((d.text for d in corpus[0]), cfg.model.vocab_size, cfg.tokenizer)
         tokenizer.save(run.path)
     if tokenizer.vocab_size != cfg.model.vocab_size:
@@ -108,7 +119,7 @@ def prepare_data(cfg: PretrainConfig, run: Run) -> tuple[Tokenizer, dict[str, An
     for i, split in enumerate(("train", "val")):
         folder = run.file(f"data/{split}")
         if not shards_ready(folder, tokenizer):
-            corpus = corpus or load_corpus(cfg.data)
+            corpus = corpus or read_corpus()
             write_shards(corpus[i], tokenizer, folder)
         manifests[split] = read_manifest(folder)
     return tokenizer, manifests
