@@ -8,6 +8,7 @@ from lmforge.config import load_config
 from lmforge.data.prepare import DataPrepConfig
 from lmforge.errors import LmforgeError
 from lmforge.eval.tasks import load_task
+from lmforge.finetune.config import FinetuneConfig
 from lmforge.speedrun import SpeedrunConfig, pretrain_config
 from lmforge.train.pretrain import PretrainConfig
 
@@ -15,9 +16,13 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parent.parent)))
-def test_every_shipped_yaml_loads(path):
+def test_every_shipped_yaml_loads(path, tiny_run):
     if path.parent.name == "eval":  # task files, with their own schema (eval/tasks.py)
         assert load_task(str(path)).name == path.stem
+        return
+    if path.parent.name == "finetune":  # its base run and data are named on the command line
+        base, data = tiny_run, Path(__file__).parent / "fixtures/alpaca_20.json"
+        assert isinstance(load_config(FinetuneConfig, path, [f"base={base}", f"data.path={data}"]), FinetuneConfig)
         return
     cfg_cls = {"pretrain": PretrainConfig, "speedrun": SpeedrunConfig, "data": DataPrepConfig}[path.parent.name]
     assert isinstance(load_config(cfg_cls, path), cfg_cls)
