@@ -9,8 +9,10 @@ from typing import Literal
 from lmforge.checkpoint import latest_checkpoint
 from lmforge.config import check
 from lmforge.errors import LmforgeError
+from lmforge.finetune.distributed import check_layout
 from lmforge.finetune.methods import PeftConfig
 from lmforge.run import RunConfig, resolve_run
+from lmforge.train.parallel import ParallelConfig
 
 
 @dataclass
@@ -88,10 +90,13 @@ class FinetuneConfig:
     data: SftDataConfig = field(default_factory=SftDataConfig)
     train: SftTrainConfig = field(default_factory=SftTrainConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Under torchrun: data parallelism only (parallel.dp; train.batch_size is per rank)."""
     resume: bool = False
     """Continue from the newest checkpoint of run.name (the same as --resume)."""
 
     def validate(self) -> None:
+        check_layout(self.parallel)
         check(bool(self.base), "base is empty; name the run to fine-tune (base=RUN)")
         base = resolve_run(self.base, self.run.root)
         if latest_checkpoint(base) is None:
