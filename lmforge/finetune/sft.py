@@ -124,6 +124,7 @@ def main(cfg: FinetuneConfig, run: Run) -> dict[str, float]:
         if data.rejected:
             print("rejected: " + ", ".join(f"{n} {why}" for why, n in sorted(data.rejected.items())), flush=True)
 
+    torch.manual_seed(cfg.run.seed)  # the new weights (LoRA's A, adapters, prompts) start alike on every rank
     tuned = tune(model.train(), cfg.peft)
     trainable, total = tuned.num_trainable()
     optimizer = build_optimizer(tuned, tc)
