@@ -47,7 +47,7 @@ def test_a_run_gets_a_methods_table_in_its_report(tmp_path, tiny_run):
     report = write_report(run).read_text()
     assert "## peft_methods" in report
     assert (
-        "| method | lr | trainable params | trainable percent | memory MiB | fastest step ms | held out loss |"
+        "| method | lr | trainable params | trainable percent | memory MiB | fastest step ms | held out loss after |"
         in report
     )
     with pytest.raises(LmforgeError, match="--methods lorax unknown; choose from adapter, freeze, full"):
