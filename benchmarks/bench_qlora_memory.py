@@ -3,7 +3,7 @@ process per method on the same Alpaca conversations, batch, sequence length and 
 each run's finetune.json. The issue's target is QLoRA <= 0.4x full fine-tuning's peak.
 
     .venv/bin/python benchmarks/bench_qlora_memory.py            # ~5 min on 2 CPU cores
-    .venv/bin/python benchmarks/bench_qlora_memory.py --steps 3 --batch 4 --seq 256
+    .venv/bin/python benchmarks/bench_qlora_memory.py --steps 3 --batch 4 --seq 256 --ac
 
 Two peaks per method: the process's whole peak (loading the float checkpoint, then QLoRA quantising it, counts
 here) and training's own (the resident high-water mark reset after loading, over the training steps; on a GPU the
@@ -44,6 +44,7 @@ def finetune(root: Path, base: Path, data: Path, method: str, args) -> dict:
         "train.samples=0",
         "train.log_every=1",
         f"peft.method={method}",
+        f"train.activation_checkpointing={str(args.ac).lower()}",
         f"run.root={root}",
         f"run.name={method}",
     ]
@@ -60,6 +61,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--ac", action="store_true", help="activation checkpointing for every method")
     args = parser.parse_args()
     data = require_data(args.data)
     if not SMOLLM2.is_file():
@@ -75,7 +77,7 @@ def main() -> None:
         rows = {m: finetune(root, base, subset, m, args) for m in METHODS}
     mib = 2**20
     print(f"\nSmolLM2-135M-Instruct, {args.records} Alpaca records, batch {args.batch} x seq {args.seq}, {args.steps}")
-    print(f"steps, {args.dtype} ({args.device})")
+    print(f"steps, {args.dtype} ({args.device}), activation checkpointing {'on' if args.ac else 'off'}")
     print("| method | trainable | process peak MiB | training peak MiB | step s | held-out loss after |")
     print("|---|---|---|---|---|---|")
     for m, r in rows.items():

@@ -59,6 +59,9 @@ class SftTrainConfig:
     """Clip the global gradient norm to this (0 turns clipping off)."""
     dtype: Literal["fp32", "bf16"] = "fp32"
     """bf16: autocast matmuls; the weights and optimizer stay fp32."""
+    activation_checkpointing: bool = False
+    """Keep only each block's input for backward, which recomputes the rest: far less activation memory, about a
+    third more compute."""
     eval_every: int = 0
     """Held-out loss every this many steps (0: before training and at the end only)."""
     log_every: int = 10

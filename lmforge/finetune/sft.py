@@ -15,11 +15,13 @@ import re
 import resource
 import shutil
 import time
+import types
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 
 from lmforge.checkpoint import checkpoint_dirs, load_run, read_state, save_checkpoint
 from lmforge.config import to_dict
@@ -126,6 +128,9 @@ def main(cfg: FinetuneConfig, run: Run) -> dict[str, float]:
 
     torch.manual_seed(cfg.run.seed)  # the new weights (LoRA's A, adapters, prompts) start alike on every rank
     tuned = tune(model.train(), cfg.peft)
+    if tc.activation_checkpointing:
+        for block in model.layers:
+            block.forward = types.MethodType(_recomputed, block)  # an attribute: parameter names stay as they are
     trainable, total = tuned.num_trainable()
     optimizer = build_optimizer(tuned, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, tc))
@@ -264,6 +269,11 @@ def answers(model, tokenizer, conversations: list[Conversation], max_new_tokens:
             }
         )
     return out
+
+
+def _recomputed(block, *args, **kwargs):
+    """A block's forward that keeps only its inputs for backward, which runs it again (Chen et al., 2016)."""
+    return torch.utils.checkpoint.checkpoint(type(block).forward, block, *args, use_reentrant=False, **kwargs)
 
 
 def _peak_memory(device: torch.device) -> int:
