@@ -11,22 +11,18 @@ import hashlib
 import io
 import json
 import math
-import re
-import resource
 import shutil
 import time
 import types
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-import torch.utils.checkpoint
 
 from lmforge.checkpoint import checkpoint_dirs, load_run, read_state, save_checkpoint
 from lmforge.config import to_dict
 from lmforge.errors import LmforgeError
-from lmforge.finetune import distributed
+from lmforge.finetune import distributed, memory
 from lmforge.finetune.config import FinetuneConfig, SftTrainConfig
 from lmforge.finetune.formats import Conversation, load_conversations
 from lmforge.finetune.methods import Tuned, tune
@@ -130,7 +126,7 @@ def main(cfg: FinetuneConfig, run: Run) -> dict[str, float]:
     tuned = tune(model.train(), cfg.peft)
     if tc.activation_checkpointing:
         for block in model.layers:
-            block.forward = types.MethodType(_recomputed, block)  # an attribute: parameter names stay as they are
+            block.forward = types.MethodType(memory.recomputed, block)  # an attribute: parameter names stay as they are
     trainable, total = tuned.num_trainable()
     optimizer = build_optimizer(tuned, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, tc))
@@ -156,8 +152,11 @@ def main(cfg: FinetuneConfig, run: Run) -> dict[str, float]:
 
     losses: list[float] = []
     val_loss, train_seconds, tokens, start_step = val_before, 0.0, 0, step
-    load_peak = _peak_memory(device)  # loading (and quantising) the base; training's own peak is measured from here
-    train_peak = _reset_peak(device)
+    load_peak = memory.peak_bytes(
+        device
+    )  # loading (and quantising) the base; training's own peak is measured from here
+    memory.return_freed(device)
+    train_peak = memory.reset_peak(device)
     with TrainProgress(tc.steps, step, description="finetune", show=lead) as progress:
         while step < tc.steps:
             t0 = time.perf_counter()
@@ -176,7 +175,7 @@ def main(cfg: FinetuneConfig, run: Run) -> dict[str, float]:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            train_peak = max(train_peak, _peak_memory(device))
+            train_peak = max(train_peak, memory.peak_bytes(device))
             step += 1
             loss_sum, step_tokens = distributed.step_totals(loss_sum, step_tokens, ranks)
             dt = time.perf_counter() - t0
@@ -201,7 +200,7 @@ def main(cfg: FinetuneConfig, run: Run) -> dict[str, float]:
                 if lead:
                     _save(run, step, tuned, optimizer, scheduler, loader, val_before, tc.keep_last)
                 parallel.barrier()
-                _reset_peak(device)  # saving copies the weights: not training's memory
+                memory.reset_peak(device)  # saving copies the weights: not training's memory
 
     summary = {
         "steps": step,
@@ -269,30 +268,6 @@ def answers(model, tokenizer, conversations: list[Conversation], max_new_tokens:
             }
         )
     return out
-
-
-def _recomputed(block, *args, **kwargs):
-    """A block's forward that keeps only its inputs for backward, which runs it again (Chen et al., 2016)."""
-    return torch.utils.checkpoint.checkpoint(type(block).forward, block, *args, use_reentrant=False, **kwargs)
-
-
-def _peak_memory(device: torch.device) -> int:
-    """Peak bytes since the process started or the last _reset_peak: allocated on a GPU, resident on a CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    status = Path("/proc/self/status")
-    if status.is_file():  # VmHWM, unlike ru_maxrss, restarts at a reset
-        return int(re.search(r"VmHWM:\s+(\d+) kB", status.read_text())[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux KiB; macOS bytes, never reset
-
-
-def _reset_peak(device: torch.device) -> int:
-    """Restart the peak at what is in use now (Linux: writing 5 to clear_refs resets VmHWM); return that."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    elif Path("/proc/self/clear_refs").is_file():
-        Path("/proc/self/clear_refs").write_text("5")
-    return _peak_memory(device)
 
 
 def _save(run: Run, step: int, tuned: Tuned, optimizer, scheduler, loader, val_before: float, keep_last: int) -> None:
