@@ -9,14 +9,23 @@ import gc
 import re
 import resource
 import sys
+import types
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.utils.checkpoint
 
 
-def recomputed(block, *args, **kwargs):
-    """A block's forward that keeps only its inputs for backward, which runs it again (Chen et al., 2016)."""
+def recompute_blocks(model: nn.Module) -> None:
+    """Each block of `model.layers` keeps only its inputs for backward, which runs it again (Chen et al., 2016).
+    The forward is swapped on the instance, not wrapped in a module, so parameter names (what checkpoints, adapters
+    and resumes key on) stay as they are."""
+    for block in model.layers:
+        block.forward = types.MethodType(_recomputed, block)
+
+
+def _recomputed(block: nn.Module, *args, **kwargs):
     return torch.utils.checkpoint.checkpoint(type(block).forward, block, *args, use_reentrant=False, **kwargs)
 
 

@@ -13,7 +13,6 @@ import json
 import math
 import shutil
 import time
-import types
 from collections import Counter
 from dataclasses import dataclass
 
@@ -125,8 +124,7 @@ def main(cfg: FinetuneConfig, run: Run) -> dict[str, float]:
     torch.manual_seed(cfg.run.seed)  # the new weights (LoRA's A, adapters, prompts) start alike on every rank
     tuned = tune(model.train(), cfg.peft)
     if tc.activation_checkpointing:
-        for block in model.layers:
-            block.forward = types.MethodType(memory.recomputed, block)  # an attribute: parameter names stay as they are
+        memory.recompute_blocks(model)
     trainable, total = tuned.num_trainable()
     optimizer = build_optimizer(tuned, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, tc))

@@ -24,3 +24,14 @@ def test_recomputing_blocks_changes_nothing_but_memory(tmp_path, tiny_run, metho
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_recomputed_blocks_keep_far_less_for_backward(make_base):
+    from lmforge.finetune.memory import recompute_blocks
+    from lmforge.train.parallel import saved_activation_bytes
+
+    model, x = make_base(n_layers=4), torch.randint(0, 256, (4, 64))
+    kept = saved_activation_bytes(model, x, x)
+    names = [n for n, _ in model.named_parameters()]
+    recompute_blocks(model)
+    assert saved_activation_bytes(model, x, x) < kept / 4 and [n for n, _ in model.named_parameters()] == names
