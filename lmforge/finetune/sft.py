@@ -161,10 +161,10 @@ def main(cfg: FinetuneConfig, run: Run) -> dict[str, float]:
             loss_sum, step_tokens = 0.0, 0
             for micro in range(tc.grad_accum):
                 x, y, seg = (t.to(device) for t in distributed.my_rows(loader.next_batch(), ranks))
-                share = distributed.token_share(y, ranks) / tc.grad_accum
+                share = distributed.token_share(y, ranks)  # 1.0 on one process
                 with parallel.grad_sync(loss_of, micro == tc.grad_accum - 1):
                     with autocast():
-                        loss = loss_of(x, y, seg if cfg.data.packing else None) * share
+                        loss = loss_of(x, y, seg if cfg.data.packing else None) * share / tc.grad_accum
                     loss.backward()
                 loss_sum += loss.item()
                 step_tokens += int((seg >= 0).sum())  # not padding
