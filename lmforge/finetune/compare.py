@@ -1,11 +1,16 @@
 """The fine-tuning methods side by side on one task: trainable parameters, training memory, step time and held-out
 loss after the same number of steps, as rows for a report table.
 
-Run: python -m lmforge.finetune.compare  (a byte-level model pretrained briefly on Shakespeare, tuned on Python code)
+Run: `python -m lmforge.finetune.compare RUN --data FILE [--format alpaca] [--methods full,lora,qlora]` (writes
+RUN/peft_methods.json, which `lmforge report RUN` shows as a table); without RUN, a byte-level model pretrained
+briefly on Shakespeare, tuned on Python code.
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,8 +18,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lmforge.checkpoint import load_run
+from lmforge.errors import LmforgeError
+from lmforge.finetune.config import FinetuneConfig, SftDataConfig
 from lmforge.finetune.methods import PeftConfig, Tuned, tune
+from lmforge.finetune.packing import pack
+from lmforge.finetune.sft import prepare_data
 from lmforge.models import Decoder, ModelConfig, build_model
+from lmforge.run import Run, resolve_run
 
 # One learning rate per method, each a common choice for it at this scale (low-rank and prompt updates take larger
 # steps than full fine-tuning); the same for every run of the comparison.
@@ -126,6 +137,63 @@ def _bytes_batches(text: bytes, B: int, T: int, n: int, seed: int) -> list[tuple
     return out
 
 
+def _batches(examples, batch: int, seq_len: int, pad_id: int) -> list[tuple[Tensor, Tensor]]:
+    """One example per row (padding is never trained), each batch cut to its longest example."""
+    x, y, seg = pack(examples, seq_len, pad_id, packing=False)
+    out = []
+    for i in range(0, len(x), batch):
+        n = int((seg[i : i + batch] >= 0).sum(1).max())
+        out.append((x[i : i + batch, :n], y[i : i + batch, :n]))
+    return out
+
+
+def on_run(
+    run_dir: str, data: str, data_format: str = "alpaca", steps: int = 20, batch: int = 4, seq_len: int = 0,
+    methods: list[str] | None = None,
+) -> Path:  # fmt: skip
+    """Each method (peft.method names; default every row of METHODS) tuned `steps` steps from run `run_dir` on the
+    training split of `data`, scored on its held-out split (sft.prepare_data's); rows in RUN/peft_methods.json."""
+    run = resolve_run(run_dir)
+    model, tokenizer = load_run(run)
+    seq_len = seq_len or model.cfg.max_seq_len
+    cfg = FinetuneConfig(base=str(run), data=SftDataConfig(path=data, format=data_format, seq_len=seq_len))
+    cfg.data.validate()
+    split = prepare_data(cfg, tokenizer, seq_len)
+    chosen = METHODS
+    if methods:
+        known = {c.method for c, _ in METHODS.values()}
+        if unknown := sorted(set(methods) - known):
+            raise LmforgeError(f"--methods {','.join(unknown)} unknown; choose from {', '.join(sorted(known))}")
+        chosen = {name: row for name, row in METHODS.items() if row[0].method in methods}
+    train = _batches(split.train, batch, seq_len, tokenizer.pad_id)
+    heldout = _batches(split.val, batch, seq_len, tokenizer.pad_id)
+    rows = compare_methods(lambda: copy.deepcopy(model), train, steps, heldout, chosen)
+    table = [
+        {
+            "method": r["method"],
+            "lr": r["lr"],
+            "trainable_params": r["trainable"],
+            "trainable_percent": round(100 * r["share"], 3),
+            "memory_MiB": round(r["memory_mb"], 1),
+            "fastest_step_ms": round(r["step_ms"], 1),
+            "held_out_loss_after": round(r["heldout_loss"], 4),
+        }
+        for r in rows
+    ]
+    summary = {
+        "base": str(run),
+        "data": data,
+        "steps": steps,
+        "batch_size": batch,
+        "train_conversations": len(split.train),
+        "held_out_conversations": len(split.val),
+        "held_out_loss_before": round(rows[0]["heldout_before"], 4),
+        "memory": "peak allocated on a GPU; on a CPU weights as stored + gradients + AdamW state + saved activations",
+        "methods": table,
+    }
+    return Run(run).write_json("peft_methods.json", summary)
+
+
 def main() -> list[dict]:
     """A byte-level llama-style model (dim 128, 4 layers) pretrained 300 steps on Shakespeare, then each method
     tuned 100 steps on Python's argparse.py and scored on json/decoder.py and heapq.py."""
@@ -161,5 +229,23 @@ def main() -> list[dict]:
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", nargs="?", help="the run to fine-tune (without it: the byte-level demonstration)")
+    parser.add_argument("--data", help="instruction data file (as finetune's data.path)")
+    parser.add_argument("--format", default="alpaca", help="as finetune's data.format")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=0, help="row length (0: the model's context)")
+    parser.add_argument("--methods", default="", help="comma-separated peft.method names (default: all)")
+    args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    main()
+    if args.run is None:
+        main()
+        sys.exit(0)
+    try:
+        methods = [m for m in args.methods.split(",") if m]
+        path = on_run(args.run, args.data or "", args.format, args.steps, args.batch, args.seq, methods)
+    except LmforgeError as e:
+        print(f"error: {e}", file=sys.stderr)  # one line and exit 2, as the lmforge CLI
+        sys.exit(2)
+    print(path.read_text())

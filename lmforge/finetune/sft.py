@@ -11,7 +11,6 @@ import hashlib
 import io
 import json
 import math
-import resource
 import shutil
 import time
 from collections import Counter
@@ -22,6 +21,7 @@ import torch
 from lmforge.checkpoint import checkpoint_dirs, load_run, read_state, save_checkpoint
 from lmforge.config import to_dict
 from lmforge.errors import LmforgeError
+from lmforge.finetune import distributed, memory
 from lmforge.finetune.config import FinetuneConfig, SftTrainConfig
 from lmforge.finetune.formats import Conversation, load_conversations
 from lmforge.finetune.methods import Tuned, tune
@@ -30,6 +30,7 @@ from lmforge.finetune.peft_format import save_adapter
 from lmforge.finetune.template import encode_example, marked, shifted
 from lmforge.run import Run, atomic_write, resolve_run
 from lmforge.sampling import generate_tokens
+from lmforge.train import parallel
 from lmforge.train.progress import TrainProgress
 from lmforge.train.schedule import lr_multiplier
 from lmforge.train.steps import autocast_for, pick_device
@@ -103,7 +104,8 @@ def held_out_loss(tuned: Tuned, rows, batch_size: int, autocast, packing: bool) 
 
 def main(cfg: FinetuneConfig, run: Run) -> dict[str, float]:
     tc = cfg.train
-    device = pick_device(tc.device)
+    ranks = distributed.start(cfg.parallel, pick_device(tc.device))
+    device, lead = ranks.device, ranks.rank == 0
     base = resolve_run(cfg.base, cfg.run.root)
     model, tokenizer = load_run(base, device)
     seq_len = cfg.data.seq_len or model.cfg.max_seq_len
@@ -112,43 +114,58 @@ def main(cfg: FinetuneConfig, run: Run) -> dict[str, float]:
     data = prepare_data(cfg, tokenizer, seq_len)
     rows = pack(data.train, seq_len, tokenizer.pad_id, cfg.data.packing)
     val_rows = pack(data.val, seq_len, tokenizer.pad_id, cfg.data.packing)
-    run.write_json("finetune_config.json", {**to_dict(cfg), "base": str(base)})
-    tokenizer.save(run.path)
-    print(f"example (trained tokens in [[...]]):\n{data.shown}\n", flush=True)
-    if data.rejected:
-        print("rejected: " + ", ".join(f"{n} {why}" for why, n in sorted(data.rejected.items())), flush=True)
+    if lead:
+        run.write_json("finetune_config.json", {**to_dict(cfg), "base": str(base)})
+        tokenizer.save(run.path)
+        print(f"example (trained tokens in [[...]]):\n{data.shown}\n", flush=True)
+        if data.rejected:
+            print("rejected: " + ", ".join(f"{n} {why}" for why, n in sorted(data.rejected.items())), flush=True)
 
+    torch.manual_seed(cfg.run.seed)  # the new weights (LoRA's A, adapters, prompts) start alike on every rank
     tuned = tune(model.train(), cfg.peft)
+    if tc.activation_checkpointing:
+        memory.recompute_blocks(model)
     trainable, total = tuned.num_trainable()
     optimizer = build_optimizer(tuned, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, tc))
-    loader = RowLoader(rows, tc.batch_size, cfg.run.seed)
+    loss_of = distributed.loss_module(tuned, ranks)
+    loader = RowLoader(rows, tc.batch_size * ranks.size, cfg.run.seed)  # global batches: each rank takes its share
     autocast = autocast_for(device, tc.dtype)
-    val_set = (val_rows, tc.batch_size, autocast, cfg.data.packing)
-    print(
-        f"run {run.path} | base {base} | {cfg.peft.method}: {trainable:,} of {total:,} params trained | "
-        f"{len(data.train)} train / {len(data.val)} held-out conversations in {len(rows[0])} rows of {seq_len}",
-        flush=True,
-    )
+    val_set = (val_rows, tc.batch_size, autocast, cfg.data.packing)  # every rank evaluates all: no gather needed
+    if lead:
+        print(
+            f"run {run.path} | base {base} | {cfg.peft.method}: {trainable:,} of {total:,} params trained | "
+            f"{len(data.train)} train / {len(data.val)} held-out conversations in {len(rows[0])} rows of {seq_len} | "
+            f"{ranks.size} data-parallel rank(s)",
+            flush=True,
+        )
     step = 0
     if cfg.resume:
         step, val_before = _resume(run, tuned, optimizer, scheduler, loader, device)
     else:
         torch.manual_seed(cfg.run.seed)
         val_before = held_out_loss(tuned, *val_set)
-        run.log_metrics(dict(step=0, val_loss=val_before), stage="finetune")
+        if lead:
+            run.log_metrics(dict(step=0, val_loss=val_before), stage="finetune")
 
     losses: list[float] = []
     val_loss, train_seconds, tokens, start_step = val_before, 0.0, 0, step
-    with TrainProgress(tc.steps, step, description="finetune") as progress:
+    load_peak = memory.peak_bytes(
+        device
+    )  # loading (and quantising) the base; training's own peak is measured from here
+    memory.return_freed(device)
+    train_peak = memory.reset_peak(device)
+    with TrainProgress(tc.steps, step, description="finetune", show=lead) as progress:
         while step < tc.steps:
             t0 = time.perf_counter()
             loss_sum, step_tokens = 0.0, 0
-            for _ in range(tc.grad_accum):
-                x, y, seg = (t.to(device) for t in loader.next_batch())
-                with autocast():
-                    loss = tuned.loss(x, y, seg if cfg.data.packing else None) / tc.grad_accum
-                loss.backward()
+            for micro in range(tc.grad_accum):
+                x, y, seg = (t.to(device) for t in distributed.my_rows(loader.next_batch(), ranks))
+                share = distributed.token_share(y, ranks)  # 1.0 on one process
+                with parallel.grad_sync(loss_of, micro == tc.grad_accum - 1):
+                    with autocast():
+                        loss = loss_of(x, y, seg if cfg.data.packing else None) * share / tc.grad_accum
+                    loss.backward()
                 loss_sum += loss.item()
                 step_tokens += int((seg >= 0).sum())  # not padding
             params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -156,12 +173,14 @@ def main(cfg: FinetuneConfig, run: Run) -> dict[str, float]:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            train_peak = max(train_peak, memory.peak_bytes(device))
             step += 1
+            loss_sum, step_tokens = distributed.step_totals(loss_sum, step_tokens, ranks)
             dt = time.perf_counter() - t0
             train_seconds, tokens = train_seconds + dt, tokens + step_tokens
             losses.append(loss_sum)
             progress.update(step, loss_sum, step_tokens / dt)
-            if step % tc.log_every == 0 or step == tc.steps:
+            if lead and (step % tc.log_every == 0 or step == tc.steps):
                 lr = optimizer.param_groups[0]["lr"]
                 eta = (tc.steps - step) * train_seconds / (step - start_step)
                 row = dict(step=step, loss=loss_sum, lr=lr, tokens_per_s=step_tokens / dt, grad_norm=grad_norm.item())
@@ -172,10 +191,14 @@ def main(cfg: FinetuneConfig, run: Run) -> dict[str, float]:
                 )
             if (tc.eval_every and step % tc.eval_every == 0) or step == tc.steps:
                 val_loss = held_out_loss(tuned, *val_set)
-                run.log_metrics(dict(step=step, val_loss=val_loss), stage="finetune")
-                progress.line(f"step {step:>6} | held-out loss {val_loss:.4f}")
+                if lead:
+                    run.log_metrics(dict(step=step, val_loss=val_loss), stage="finetune")
+                    progress.line(f"step {step:>6} | held-out loss {val_loss:.4f}")
             if (tc.ckpt_every and step % tc.ckpt_every == 0) or step == tc.steps:
-                _save(run, step, tuned, optimizer, scheduler, loader, val_before, tc.keep_last)
+                if lead:
+                    _save(run, step, tuned, optimizer, scheduler, loader, val_before, tc.keep_last)
+                parallel.barrier()
+                memory.reset_peak(device)  # saving copies the weights: not training's memory
 
     summary = {
         "steps": step,
@@ -187,8 +210,13 @@ def main(cfg: FinetuneConfig, run: Run) -> dict[str, float]:
         "train_seconds": train_seconds,
         "step_seconds": train_seconds / (step - start_step) if step > start_step else math.nan,
         "tokens_per_s": tokens / train_seconds if train_seconds else math.nan,
-        "peak_memory_bytes": _peak_memory(device),
+        "peak_memory_bytes": max(load_peak, train_peak),
+        "train_peak_memory_bytes": train_peak,
+        "data_parallel_ranks": ranks.size,
     }
+    if not lead:
+        parallel.destroy()
+        return {**summary, "rejected": sum(data.rejected.values())}
     # greedy answers need a plain decoder; an adapter or soft-prompt run is read back with load_trainable_state
     samples = (
         answers(tuned.merged(), tokenizer, data.val_conversations[: tc.samples], tc.max_new_tokens)
@@ -211,6 +239,7 @@ def main(cfg: FinetuneConfig, run: Run) -> dict[str, float]:
         },
     )
     run.close()
+    parallel.destroy()  # after rank 0 wrote finetune.json, so no rank returns before it
     return {**summary, "rejected": sum(data.rejected.values())}
 
 
@@ -237,12 +266,6 @@ def answers(model, tokenizer, conversations: list[Conversation], max_new_tokens:
             }
         )
     return out
-
-
-def _peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _save(run: Run, step: int, tuned: Tuned, optimizer, scheduler, loader, val_before: float, keep_last: int) -> None:
