@@ -48,11 +48,12 @@ def train_curve(root: Path) -> list[list[float]]:
 
 
 def test_tiny_loss_curve_is_reproduced(tmp_path):
-    # rtol 1e-5, not bit equality: another CPU's kernels may round the last bit differently; a refactor that changes
-    # the maths moves these numbers by far more
+    # rtol 1e-4, not bit equality: another CPU's kernels round differently (the curve was stored on an AMD EPYC; an
+    # Intel Xeon's AVX-512 kernels land within 2.3e-5 of it); a refactor that changes the maths moves these numbers
+    # by far more
     curve, stored = train_curve(tmp_path), json.loads(STORED.read_text())
     assert [step for step, _ in curve] == [step for step, _ in stored]
-    assert [loss for _, loss in curve] == pytest.approx([loss for _, loss in stored], rel=1e-5)
+    assert [loss for _, loss in curve] == pytest.approx([loss for _, loss in stored], rel=1e-4)
 
 
 if __name__ == "__main__":

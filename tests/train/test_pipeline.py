@@ -37,7 +37,9 @@ def test_pipeline_checkpoint_resumes_on_one_process(trained):
 
 
 def test_pipeline_of_fsdp_and_tensor_parallel_matches_one_process(trained):
-    trained.assert_same_training("3d", "single")
+    # three reorderings of the sums at once (tensor, pipeline and FSDP): on an Intel Xeon's kernels the weights drift
+    # past 1e-5 after two steps, on an AMD EPYC they did not
+    trained.assert_same_training("3d", "single", rel=1e-4)
 
 
 def test_stages_split_layers_evenly_earliest_first():
