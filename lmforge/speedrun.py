@@ -53,7 +53,8 @@ class SpeedrunConfig:
     """The data stages; data.input="" is the embedded corpus (this interpreter's standard library, 9.6 MB), and
     data.vocab_size is the model's vocabulary too."""
     finetune_steps: int = 0
-    """Fine-tuning steps after pre-training (0: a tenth of the pre-training steps, at least 2)."""
+    """Fine-tuning steps after pre-training (0: a fifth of the pre-training steps, at least 2: about three passes over
+    the mined pairs)."""
     device: str = "auto"
 
     def validate(self) -> None:
@@ -133,7 +134,7 @@ def finetune_config(cfg: SpeedrunConfig, run: Run, pretrain_steps: int) -> Finet
     pairs = run.file("finetune_pairs.jsonl")
     run.write_text("finetune_pairs.jsonl", "".join(json.dumps(p) + "\n" for p in mine_pairs(600)))
     train = SftTrainConfig(
-        steps=cfg.finetune_steps or max(2, pretrain_steps // 10),
+        steps=cfg.finetune_steps or max(2, pretrain_steps // 5),
         batch_size=8,
         lr=1e-3,
         warmup_steps=5,
