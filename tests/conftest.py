@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import sysconfig
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -41,3 +45,31 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Tokenizer
     cfg = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=128)
     save_checkpoint(run_dir, 0, build_model(cfg, seed=0), state={})
     return run_dir
+
+
+@contextlib.contextmanager
+def serve_on_loopback(app):
+    """A FastAPI app served by uvicorn on a free loopback port, in a thread; yields the base URL."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def live_server():
+    """`with live_server(app) as url:` serves a FastAPI app on loopback for the block's duration."""
+    return serve_on_loopback

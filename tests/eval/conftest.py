@@ -34,34 +34,3 @@ def eval_export(eval_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     from lmforge.interop.hf import export_hf
 
     return export_hf(eval_run, tmp_path_factory.mktemp("export") / "hf")
-
-
-@pytest.fixture(scope="session")
-def live_server():
-    """`with live_server(app) as url:` serves a FastAPI app on loopback for the block's duration."""
-    import contextlib
-    import socket
-    import threading
-    import time
-
-    import uvicorn
-
-    @contextlib.contextmanager
-    def serve(app):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            server.should_exit = True
-            thread.join(timeout=10)
-
-    return serve

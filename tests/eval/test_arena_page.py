@@ -3,15 +3,10 @@ in the SQLite file, survive a restart of the server on the same file, and move t
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import sqlite3
-import threading
-import time
 
 import httpx
 import pytest
-import uvicorn
 from playwright.sync_api import Page, sync_playwright
 
 from lmforge.checkpoint import save_checkpoint
@@ -33,26 +28,6 @@ def contenders(tmp_path_factory, tiny_tokenizer):
     return load_contenders([str(root / "alpha"), str(root / "beta")])
 
 
-@contextlib.contextmanager
-def live_server(app):
-    """The app served by uvicorn on a free loopback port, in a thread; yields the base URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
 def vote(page: Page, button: str) -> tuple[str, str]:
     """Wait for a pair, click `button`, wait for the names; returns the models shown as A and B."""
     pair = page.locator("#answers[data-pair]")
@@ -72,7 +47,7 @@ def shown_board(page: Page) -> dict[str, list[str]]:
     }
 
 
-def test_votes_land_survive_a_restart_and_move_the_leaderboard(contenders, tmp_path):
+def test_votes_land_survive_a_restart_and_move_the_leaderboard(contenders, tmp_path, live_server):
     db, prompts, settings = tmp_path / "arena.sqlite", ["What is a list?", "def main():"], Settings(max_new_tokens=8)
     votes = []
     with sync_playwright() as p:

@@ -1,14 +1,9 @@
 """Fixtures for the generation and serving tests: one intra-op thread, and a live server on loopback."""
 
-import contextlib
-import socket
-import threading
-import time
 from dataclasses import dataclass
 
 import pytest
 import torch
-import uvicorn
 from fastapi import FastAPI
 
 from lmforge.checkpoint import load_run
@@ -41,32 +36,6 @@ def numpy_only(monkeypatch):
     yield
     monkeypatch.delenv("LMFORGE_NATIVE")
     _forget_native_kernels()
-
-
-@contextlib.contextmanager
-def _live_server(app):
-    """The app served by uvicorn on a free loopback port, in a thread; yields the base URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
-@pytest.fixture(scope="session")
-def live_server():
-    """`with live_server(app) as url:` serves a FastAPI app on loopback for the block's duration."""
-    return _live_server
 
 
 @dataclass
