@@ -177,11 +177,7 @@ def _loss_plot(run: Run, rows: list[dict[str, Any]], name: str) -> bool:
     ax.set_ylabel("loss (nats/token for cross-entropy)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write(run.file(name), buf.getvalue())
+    _save(run, fig, name)
     return True
 
 
@@ -198,12 +194,18 @@ def _bar_plot(run: Run, scores: Any, name: str) -> bool:
     ax.barh(list(scores)[::-1], list(scores.values())[::-1])
     ax.set_xlim(0, 1)
     ax.grid(alpha=0.3, axis="x")
+    _save(run, fig, name)
+    return True
+
+
+def _save(run: Run, fig, name: str) -> None:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
     atomic_write(run.file(name), buf.getvalue())
-    return True
 
 
 def _number(value: Any) -> bool:
