@@ -41,8 +41,10 @@ def save_checkpoint(
     model: Decoder,
     state: dict[str, Any],
     keep_last: int = 2,
+    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically (temp folder + rename) and delete all but the newest `keep_last`."""
+    """Write checkpoint `step` atomically (temp folder + rename) and delete all but the newest `keep_last`;
+    extra_tensors: more safetensors files by name (a reward model's head) written inside before the rename."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:06d}"
     tmp = root / f".step_{step:06d}.tmp"
@@ -51,6 +53,8 @@ def save_checkpoint(
     safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
     atomic_write(tmp / "model.json", json.dumps(to_dict(model.cfg), indent=2) + "\n")
     atomic_write(tmp / "state.json", json.dumps({"step": step, **state}, indent=2) + "\n")
+    for name, tensors in (extra_tensors or {}).items():
+        safetensors.torch.save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)

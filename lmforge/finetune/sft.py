@@ -8,34 +8,30 @@ Run: `lmforge finetune --config configs/finetune/sft.yaml base=RUN data.path=FIL
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
-from lmforge.checkpoint import checkpoint_dirs, load_run, read_state, save_checkpoint
+from lmforge.checkpoint import load_run
 from lmforge.config import to_dict
 from lmforge.errors import LmforgeError
 from lmforge.finetune import distributed, memory
+from lmforge.finetune.checkpointing import load_tuning, save_tuning
 from lmforge.finetune.config import FinetuneConfig, SftTrainConfig
 from lmforge.finetune.formats import Conversation, load_conversations
 from lmforge.finetune.methods import Tuned, tune
 from lmforge.finetune.packing import Example, RowLoader, pack
-from lmforge.finetune.peft_format import save_adapter
 from lmforge.finetune.template import encode_example, marked, shifted
-from lmforge.run import Run, atomic_write, resolve_run
+from lmforge.run import Run, resolve_run
 from lmforge.sampling import generate_tokens
 from lmforge.train import parallel
 from lmforge.train.progress import TrainProgress
 from lmforge.train.schedule import lr_multiplier
 from lmforge.train.steps import autocast_for, pick_device
-
-STATE_FILE = "finetune_state.pt"
 
 
 @dataclass
@@ -269,57 +265,14 @@ def answers(model, tokenizer, conversations: list[Conversation], max_new_tokens:
 
 
 def _save(run: Run, step: int, tuned: Tuned, optimizer, scheduler, loader, val_before: float, keep_last: int) -> None:
-    """The merged weights as a plain checkpoint (for generate, serve, export), and beside them what a resume needs:
-    the trainable weights, the optimizer and schedule, the RNG and the data position. A method no plain decoder can
-    compute (adapters, soft prompts) keeps only the latter, under tuning/; a LoRA run also writes its peft adapter."""
-    info = {"stage": "finetune", "val_loss_before": val_before}
-    if tuned.merges:
-        folder = save_checkpoint(run.path, step, tuned.merged(), info, keep_last)
-    else:
-        folder = run.file(f"tuning/step_{step:06d}")
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(folder / "state.json", json.dumps({"step": step, **info}, indent=2) + "\n")
-        for old in _tuning_dirs(run)[:-keep_last]:
-            shutil.rmtree(old)
-    if tuned.cfg.method == "lora":
-        save_adapter(tuned, run.file("adapter"))
-    state = {
-        "trainable": tuned.trainable_state(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "loader": loader.state_dict(),
-        "rng": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write(folder / STATE_FILE, buf.getvalue())
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "loader": loader.state_dict()}
+    save_tuning(run, step, tuned, state, {"stage": "finetune", "val_loss_before": val_before}, keep_last)
 
 
 def _resume(run: Run, tuned: Tuned, optimizer, scheduler, loader, device) -> tuple[int, float]:
     """Load the newest complete checkpoint's training state; return its step and the held-out loss before training."""
-    complete = [c for c in checkpoint_dirs(run.path) + _tuning_dirs(run) if (c / STATE_FILE).is_file()]
-    complete.sort(key=lambda c: c.name)
-    if not complete:
-        raise LmforgeError(f"--resume given but {run.path}/checkpoints holds no fine-tuning state; drop --resume")
-    ckpt = complete[-1]
-    state = torch.load(ckpt / STATE_FILE, map_location=device, weights_only=True)
-    missing, unexpected = tuned.load_state_dict(state["trainable"], strict=False)
-    trained = set(tuned.trainable_state())
-    if unexpected or trained & set(missing) or set(state["trainable"]) != trained:
-        raise LmforgeError(f"{ckpt} was trained with another peft method; resume with the same peft settings")
+    _, state, info = load_tuning(run, tuned, device)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     loader.load_state_dict(state["loader"])
-    torch.set_rng_state(state["rng"].cpu())
-    if "cuda_rng" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
-    info = read_state(ckpt)
-    print(f"resumed from {ckpt} at step {info['step']}", flush=True)
     return int(info["step"]), float(info["val_loss_before"])
-
-
-def _tuning_dirs(run: Run) -> list:
-    root = run.file("tuning")
-    return sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
