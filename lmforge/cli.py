@@ -12,6 +12,8 @@ import sys
 from typing import NoReturn
 
 from lmforge import report
+from lmforge.align import main as align
+from lmforge.align.config import AlignConfig
 from lmforge.config import load_config
 from lmforge.data import prepare
 from lmforge.errors import LmforgeError
@@ -34,6 +36,7 @@ VERBS = {
     "pretrain": (PretrainConfig, pretrain_main),
     "speedrun": (SpeedrunConfig, speedrun_main),
     "finetune": (FinetuneConfig, sft.main),
+    "align": (AlignConfig, align.main),
 }
 # tools: add_arguments(parser) and command(args)
 TOOLS = {

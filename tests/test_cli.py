@@ -17,7 +17,7 @@ def lmforge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_the_verbs_do_not_change_by_accident():
-    assert sorted(VERBS) == ["finetune", "pretrain", "speedrun"]
+    assert sorted(VERBS) == ["align", "finetune", "pretrain", "speedrun"]
     assert sorted(TOOLS) == [
         "arena",
         "chat",
