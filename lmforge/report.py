@@ -20,6 +20,8 @@ from lmforge.run import Run, atomic_write, resolve_run
 # the pre-training plot keeps the name the README and older runs use
 PLOT_NAMES = {"pretrain": "loss_curve.png"}
 PERCENT_KEYS = {"mfu"}
+# metrics other than losses that get a panel each in a stage's second plot (alignment's rewards, KL, accuracies)
+CURVE_WORDS = ("reward", "kl", "accuracy", "acc", "margin", "score")
 # summaries in transformers' layout that the tokenizer and exports write into a run folder: not stages
 NOT_STAGES = {"tokenizer", "special_tokens_map", "config", "generation_config"}
 
@@ -76,6 +78,8 @@ def _stage_section(run: Run, stage: str) -> list[str]:
     plot = PLOT_NAMES.get(stage, f"{stage}_loss_curve.png")
     if _loss_plot(run, run.read_metrics(stage), plot):
         lines += [f"![{stage} loss curve]({plot})", ""]
+    if _curves_plot(run, run.read_metrics(stage), f"{stage}_curves.png"):
+        lines += [f"![{stage} rewards, KL and accuracy]({stage}_curves.png)", ""]
     summary_path = run.file(f"{stage}.json")
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
@@ -177,6 +181,36 @@ def _loss_plot(run: Run, rows: list[dict[str, Any]], name: str) -> bool:
     ax.set_ylabel("loss (nats/token for cross-entropy)")
     ax.grid(alpha=0.3)
     ax.legend()
+    _save(run, fig, name)
+    return True
+
+
+def _curves_plot(run: Run, rows: list[dict[str, Any]], name: str) -> bool:
+    """One panel per numeric metric named for a reward, KL, accuracy, margin or score, against the step."""
+    keys = [
+        k
+        for k in dict.fromkeys(k for r in rows for k, v in r.items() if _number(v))
+        if not k.endswith("loss") and any(w in k.lower().replace("/", "_").split("_") for w in CURVE_WORDS)
+    ]
+    curves = {k: [(r["step"], r[k]) for r in rows if _number(r.get(k)) and _number(r.get("step"))] for k in keys}
+    curves = {k: points for k, points in curves.items() if points}
+    if not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(curves))
+    nrows = math.ceil(len(curves) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.8 * nrows), dpi=100, squeeze=False)
+    for ax, (key, points) in zip(axes.flat, curves.items(), strict=False):
+        ax.plot(*zip(*points, strict=True), "o-" if len(points) < 20 else "-", markersize=3)
+        ax.set_title(key.replace("_", " "), fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(curves) :]:
+        ax.set_visible(False)
     _save(run, fig, name)
     return True
 

@@ -79,3 +79,20 @@ def test_a_summary_without_a_config_gets_its_section_in_time_order(tmp_path):
     data, pretrain = text.split("## data\n")[1].split("## pretrain\n")
     assert "| stage | docs in | docs kept |" in data and "| dedup | 10 | 8 |" in data
     assert "### Corpus" in pretrain and "special" not in text
+
+
+def test_rewards_kl_and_accuracy_get_a_panel_each(tmp_path):
+    run = Run(tmp_path / "r")
+    run.write_json("align_config.json", {"run": {"name": "r"}})
+    run.write_json("align.json", {"reward_before": 0.1, "reward_after": 0.9})
+    for step in (1, 2, 3):
+        run.log_metrics({"step": step, "loss": 1.0 / step, "reward": step * 0.3, "kl": 0.01 * step}, stage="align")
+    run.log_metrics({"step": 3, "val_accuracy": 0.7, "lr": 1e-5, "tokens_per_s": 10.0}, stage="align")
+    run.close()
+    text = write_report(run.path).read_text()
+    assert "![align rewards, KL and accuracy](align_curves.png)" in text
+    assert run.file("align_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pretrain = Run(tmp_path / "p")  # loss and lr alone: no second plot
+    pretrain.log_metrics({"step": 1, "loss": 2.0, "lr": 1e-3})
+    pretrain.close()
+    assert "curves.png" not in write_report(pretrain.path).read_text()
