@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from lmforge.align.config import AlignConfig
 from lmforge.config import load_config
 from lmforge.data.prepare import DataPrepConfig
 from lmforge.errors import LmforgeError
@@ -23,6 +24,11 @@ def test_every_shipped_yaml_loads(path, tiny_run):
     if path.parent.name == "finetune":  # its base run and data are named on the command line
         base, data = tiny_run, Path(__file__).parent / "fixtures/alpaca_20.json"
         assert isinstance(load_config(FinetuneConfig, path, [f"base={base}", f"data.path={data}"]), FinetuneConfig)
+        return
+    if path.parent.name == "align":  # the runs and data are named on the command line
+        data = Path(__file__).parent / "fixtures/alpaca_20.json"
+        overrides = [f"policy={tiny_run}", f"data.path={data}", f"ppo.reward={tiny_run}"]
+        assert isinstance(load_config(AlignConfig, path, overrides), AlignConfig)
         return
     cfg_cls = {"pretrain": PretrainConfig, "speedrun": SpeedrunConfig, "data": DataPrepConfig}[path.parent.name]
     assert isinstance(load_config(cfg_cls, path), cfg_cls)
