@@ -1,6 +1,7 @@
-"""The alignment losses as functions of log-probabilities, rewards and masks, so each can be checked against TRL's on
-the same numbers: the Bradley-Terry reward-model loss, DPO and its relatives (IPO, hinge, KTO, ORPO, SimPO), GRPO's
-clipped objective, and PPO's clipped policy and value losses with GAE and the adaptive KL controller.
+"""The alignment losses as functions of log-probabilities, rewards and masks, each equal to TRL 1.16's on the same
+numbers (tests/align/test_losses.py runs TRL's own trainer code): the Bradley-Terry reward-model loss, DPO and its
+relatives (IPO, hinge, KTO, ORPO, SimPO), GRPO's clipped objective, and PPO's clipped policy and value losses with
+GAE and the adaptive KL controller (TRL 1.16 has no PPO; these follow its last PPOTrainer and are checked by hand).
 
 Shapes: `*_logps` are (B,) summed reply log-probabilities unless named per-token, which are (B, T) with a mask."""
 
@@ -18,7 +19,8 @@ from torch import Tensor
 def bradley_terry_loss(
     chosen: Tensor, rejected: Tensor, margin: Tensor | None = None, center_coef: float = 0.0
 ) -> Tensor:
-    """-log sigmoid(r_chosen - r_rejected [- margin]), averaged, plus center_coef * mean((r_c + r_r)^2)."""
+    """-log sigmoid(r_chosen - r_rejected [- margin]), averaged, plus center_coef * mean((r_c + r_r)^2): TRL's
+    RewardTrainer with a `margin` column and center_rewards_coefficient (Eisenstein et al., 2023)."""
     delta = chosen - rejected - (margin if margin is not None else 0.0)
     loss = -F.logsigmoid(delta).mean()
     if center_coef:
@@ -40,10 +42,12 @@ def dpo_loss(
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(mean loss, chosen rewards, rejected rewards); rewards are beta * (logp - ref_logp), detached.
-    sigmoid: -log sigmoid(beta * delta), label-smoothed; hinge: relu(1 - beta * delta); ipo: (delta' - 1/(2 beta))^2
-    where delta' uses each side's log-ratio averaged over its reply tokens (TRL's normalisation, which needs the
-    lengths)."""
+    """(mean loss, chosen rewards, rejected rewards); rewards are beta * (logp - ref_logp), detached, and delta is
+    the chosen minus the rejected log-ratio. sigmoid: -log sigmoid(beta * delta), with label_smoothing e conservative
+    DPO's -(1 - e) log sigmoid(beta delta) - e log sigmoid(-beta delta) (Mitchell, 2023; TRL's sigmoid until it moved
+    smoothing to loss_type="robust", and still its CPO sigmoid); hinge: relu(1 - beta * delta) (SLiC); ipo:
+    (delta' - 1/(2 beta))^2 (Azar et al., 2023, eq. 17) where delta' uses each side's log-ratio divided by its reply
+    token count, as TRL does (agreed with the IPO authors), so the lengths are needed."""
     chosen_ratio = chosen_logps - ref_chosen_logps
     rejected_ratio = rejected_logps - ref_rejected_logps
     delta = chosen_ratio - rejected_ratio
@@ -71,8 +75,9 @@ def kto_loss(
     undesirable_weight: float = 1.0,
 ) -> Tensor:
     """KTO (Ethayarajh et al., 2024, eq. 7) over single replies labelled desirable (bool (B,)): 1 - sigmoid(beta *
-    (ratio - kl)) for desirable, 1 - sigmoid(beta * (kl - ratio)) for the rest, weighted, averaged over replies.
-    `kl` is the batch's detached reference-point estimate (clamped at 0), as TRL computes it from mismatched pairs."""
+    (ratio - kl)) for desirable, 1 - sigmoid(beta * (kl - ratio)) for the rest, weighted, averaged over all replies.
+    `kl` is the reference point as TRL computes it: the batch's mean of policy-minus-reference summed log-probs of
+    mismatched pairs (each prompt with another example's reply), detached here and clamped at 0 after the mean."""
     ratio = logps - ref_logps
     kl = kl.detach().clamp(min=0)
     good = 1 - torch.sigmoid(beta * (ratio - kl))
@@ -89,16 +94,27 @@ def log1mexp(x: Tensor) -> Tensor:
 def orpo_loss(
     chosen_mean_logps: Tensor, rejected_mean_logps: Tensor, chosen_nll: Tensor, beta: float
 ) -> tuple[Tensor, Tensor]:
-    """ORPO: the chosen reply's NLL minus beta * log sigmoid(log odds(chosen) - log odds(rejected)), with the odds of
-    each reply's per-token mean log-probability. Returns (loss, the log odds ratio per pair)."""
+    """ORPO (Hong et al., 2024, eq. 6): chosen_nll - beta * mean(log sigmoid(log odds(chosen) - log odds(rejected))),
+    the odds of each reply's per-token mean log-probability; beta is the paper's lambda. TRL's chosen_nll is
+    token_mean_nll over the chosen sequences' prompt and reply tokens (every real token after the first), not the
+    reply alone. Returns (loss, the log odds ratio per pair)."""
     log_odds = (chosen_mean_logps - rejected_mean_logps) - (log1mexp(chosen_mean_logps) - log1mexp(rejected_mean_logps))
     return chosen_nll - beta * F.logsigmoid(log_odds).mean(), log_odds.detach()
+
+
+def token_mean_nll(token_logps: Tensor, mask: Tensor) -> Tensor:
+    """-(sum of the masked per-token log-probabilities) / (their count): the NLL averaged over the batch's tokens."""
+    mask = mask.to(token_logps.dtype)
+    return -(token_logps * mask).sum() / mask.sum().clamp(min=1)
 
 
 def simpo_loss(
     chosen_mean_logps: Tensor, rejected_mean_logps: Tensor, beta: float, gamma: float, label_smoothing: float = 0.0
 ) -> Tensor:
-    """SimPO: -log sigmoid(beta * (mean logp_chosen - mean logp_rejected) - gamma), no reference model."""
+    """SimPO (Meng et al., 2024, eq. 6): -log sigmoid(beta * (mean logp_chosen - mean logp_rejected) - gamma), label-
+    smoothed like conservative DPO, no reference model; gamma is the reward margin itself (TRL's simpo_gamma), not
+    gamma / beta. This is TRL's CPOTrainer(loss_type="simpo") with cpo_alpha=0; TRL's default cpo_alpha=1 adds
+    cpo_alpha * token_mean_nll over the chosen replies' tokens (CPO's behaviour cloning)."""
     z = beta * (chosen_mean_logps - rejected_mean_logps) - gamma
     losses = -F.logsigmoid(z) * (1 - label_smoothing) - F.logsigmoid(-z) * label_smoothing
     return losses.mean()
@@ -135,9 +151,11 @@ def grpo_loss(
     max_new_tokens: int = 0,
     num_items: float | None = None,
 ) -> Tensor:
-    """The clipped surrogate -min(ratio A, clip(ratio, 1 +- epsilon) A) per token (B, T), plus beta * k3 KL, reduced
-    by loss_type: grpo, each sequence's token mean then the mean; bnpo, the mean over all reply tokens; dr_grpo, the
-    sum over B * max_new_tokens; dapo, the sum over num_items (the reply tokens of the whole generation batch)."""
+    """TRL's GRPOTrainer loss: the clipped surrogate -min(ratio A, clip(ratio, 1 +- epsilon) A) per token (B, T),
+    plus beta * k3 KL after the clip, reduced by loss_type: grpo, each sequence's token mean, then the mean (Shao et
+    al., 2024); bnpo, the mean over the batch's reply tokens; dr_grpo, the sum over B * max_new_tokens (Liu et al.,
+    2025); dapo (TRL's default; Yu et al., 2025), the sum over num_items, the reply tokens of the whole generation
+    batch, so the micro-batches of one generation batch add up to its token mean (default: this batch's tokens)."""
     mask = mask.to(logps.dtype)
     ratio = torch.exp(logps - old_logps)
     a = advantages.unsqueeze(-1)
@@ -151,6 +169,8 @@ def grpo_loss(
     if loss_type == "bnpo":
         return masked.sum() / mask.sum().clamp(min=1.0)
     if loss_type == "dr_grpo":
+        if max_new_tokens <= 0:
+            raise ValueError("dr_grpo divides by B * max_new_tokens: give max_new_tokens > 0")
         return masked.sum() / (logps.shape[0] * max_new_tokens)
     if loss_type == "dapo":
         return masked.sum() / max(num_items if num_items is not None else float(mask.sum()), 1.0)
