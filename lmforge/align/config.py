@@ -62,7 +62,7 @@ class DpoConfig:
     label_smoothing: float = 0.0
     """sigmoid: conservative DPO's assumed share of flipped labels."""
     simpo_gamma: float = 0.5
-    """simpo: the target margin gamma / beta."""
+    """simpo: the target reward margin gamma (subtracted after scaling by beta, as TRL's simpo_gamma)."""
     kto_desirable_weight: float = 1.0
     kto_undesirable_weight: float = 1.0
 

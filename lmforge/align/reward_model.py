@@ -29,7 +29,8 @@ class ScoreModel(nn.Module):
     def values(self, x: Tensor) -> Tensor:
         """(B, T) a score after every position of x (B, T) (PPO's values)."""
         hidden = self.backbone.hidden_states(x)
-        return self.head(self.backbone.norm(hidden)).squeeze(-1).float()
+        values = self.head(self.backbone.norm(hidden)).squeeze(-1)
+        return values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
 
     def scores(self, x: Tensor, lengths: Tensor) -> Tensor:
         """(B,) the score after the last of each row's `lengths` real tokens (rows right-padded)."""
