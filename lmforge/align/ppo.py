@@ -10,29 +10,28 @@ Run: `lmforge align --config configs/align/ppo.yaml policy=RUN ppo.reward=RM_RUN
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import random
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from lmforge.align.config import AlignConfig
-from lmforge.align.losses import AdaptiveKL, gae, ppo_policy_loss, ppo_value_loss, whiten
+from lmforge.align.experience import Experience, Models, evaluate, make_experience, rollout_batch
+from lmforge.align.losses import AdaptiveKL, ppo_policy_loss, ppo_value_loss
 from lmforge.align.prompts import load_prompts
-from lmforge.align.reward_model import ScoreModel, load_score_model
+from lmforge.align.reward_model import load_score_model
 from lmforge.align.rollouts import sample_groups
-from lmforge.align.sequences import SequenceBatch, make_batch, reply_logprobs
+from lmforge.align.sequences import reply_logprobs
 from lmforge.align.value import build_value_model, load_value_state, value_state
 from lmforge.checkpoint import load_run
 from lmforge.config import to_dict
 from lmforge.errors import LmforgeError
 from lmforge.finetune import distributed
 from lmforge.finetune.checkpointing import load_tuning, save_tuning
-from lmforge.finetune.methods import Tuned, tune
+from lmforge.finetune.methods import tune
 from lmforge.finetune.sft import build_optimizer
 from lmforge.run import Run, resolve_run
 from lmforge.train import parallel
@@ -41,35 +40,6 @@ from lmforge.train.steps import pick_device
 
 MERGING = ("full", "freeze", "lora", "qlora")
 """The PEFT methods that fold into a plain decoder, which the rollout engine runs."""
-
-
-@dataclass
-class Models:
-    tuned: Tuned
-    value: ScoreModel
-    reference: torch.nn.Module
-    reward: ScoreModel
-
-
-@dataclass
-class Experience:
-    """One step's rollouts, scored: every tensor (B, T-1) over the batch's targets unless named per sequence (B,)."""
-
-    batch: SequenceBatch
-    logps: Tensor
-    ref_logps: Tensor
-    values: Tensor
-    advantages: Tensor
-    returns: Tensor
-    scores: Tensor
-    """(B,) the reward model's score, less the missing-end penalty."""
-    finished: Tensor
-    """(B,) bool: the reply ended by itself."""
-
-    def rows(self, idx: Tensor) -> Experience:
-        b = self.batch
-        rest = {f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self) if f.name != "batch"}
-        return Experience(SequenceBatch(b.x[idx], b.y[idx], b.mask[idx]), **rest)
 
 
 def load_models(cfg: AlignConfig, device) -> tuple[Models, object]:
@@ -106,47 +76,6 @@ def load_models(cfg: AlignConfig, device) -> tuple[Models, object]:
         frozen.requires_grad_(False).eval()
     # dropout stays off throughout, so the first minibatch's probability ratio is exactly 1
     return Models(tuned.eval(), value, reference, reward), tok
-
-
-def rollout_batch(prompts: list[list[int]], groups, pad_id: int) -> tuple[SequenceBatch, Tensor]:
-    rollouts = [r for g in groups for r in g]
-    batch = make_batch([r.prompt for r in rollouts], [r.reply for r in rollouts], pad_id)
-    return batch, torch.tensor([r.finished for r in rollouts])
-
-
-def last_reply_index(mask: Tensor) -> Tensor:
-    """(B,) the position of each row's last reply target."""
-    return mask.shape[1] - 1 - mask.flip(-1).float().argmax(-1)
-
-
-@torch.no_grad()
-def score(reward: ScoreModel, batch: SequenceBatch) -> Tensor:
-    """(B,) the reward model's score of each whole prompt-and-reply sequence."""
-    ids = torch.cat([batch.x, batch.y[:, -1:]], dim=1)  # (B, T): make_batch's rows again
-    return reward.scores(ids, last_reply_index(batch.mask) + 2)
-
-
-@torch.no_grad()
-def make_experience(models: Models, batch: SequenceBatch, finished: Tensor, kl_coef: float, cfg: AlignConfig):
-    """Log-probs, values, per-token rewards (-kl_coef * (logp - ref_logp), the score added at the last reply token),
-    then GAE; in micro-batches of train.batch_size."""
-    pc, parts = cfg.ppo, []
-    for idx in torch.arange(len(batch.x)).split(cfg.train.batch_size):
-        b = SequenceBatch(batch.x[idx], batch.y[idx], batch.mask[idx])
-        parts.append(
-            (reply_logprobs(models.tuned, b), reply_logprobs(models.reference, b), models.value.values(b.x) * b.mask)
-        )
-    logps, ref_logps, values = (torch.cat(t) for t in zip(*parts, strict=True))
-    scores = score(models.reward, batch) - pc.missing_eos_penalty * (~finished).float()
-    mask = batch.mask
-    rewards = -kl_coef * (logps - ref_logps) * mask  # k1, the estimator whose expectation is the KL
-    rewards[torch.arange(len(mask)), last_reply_index(mask)] += scores
-    if pc.whiten_rewards:
-        rewards = whiten(rewards, mask, shift_mean=False)
-    advantages, returns = gae(rewards, values, mask, pc.gamma, pc.lam)
-    if pc.whiten_advantages:
-        advantages = whiten(advantages, mask)
-    return Experience(batch, logps, ref_logps, values, advantages, returns, scores, finished)
 
 
 def update(models: Models, optimizer, exp: Experience, cfg: AlignConfig, step: int, ranks) -> dict[str, float]:
@@ -202,34 +131,6 @@ def mean_over_ranks(values: dict[str, float], ranks) -> dict[str, float]:
     t = torch.tensor(list(values.values()), dtype=torch.float64, device=ranks.device)
     dist.all_reduce(t)
     return dict(zip(values, (t / ranks.size).tolist(), strict=True))
-
-
-@torch.no_grad()
-def evaluate(models: Models, tok, prompts: list[list[int]], cfg: AlignConfig, samples: int = 0) -> dict:
-    """Held-out prompts answered once each (sampled as in training, with a fixed seed, so before and after compare
-    like with like): the mean score, the mean KL to the reference (sum over reply tokens of logp - ref_logp) and
-    the reply length; with `samples`, that many prompts and replies for the report."""
-    rc = cfg.rollout
-    groups = sample_groups(models.tuned.merged(), tok, prompts, 1, rc.max_new_tokens, rc.temperature, rc.top_p, 7)
-    batch, finished = rollout_batch(prompts, groups, tok.pad_id)
-    exp = make_experience(
-        models,
-        batch,
-        finished,
-        0.0,
-        dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, missing_eos_penalty=0.0)),
-    )
-    kl = ((exp.logps - exp.ref_logps) * batch.mask).sum(-1)
-    out = {
-        "reward": exp.scores.mean().item(),
-        "kl": kl.mean().item(),
-        "reply_length": batch.lengths.float().mean().item(),
-    }
-    shown = [
-        {"prompt": tok.decode(g[0].prompt), "completion": g[0].text, "score": s}
-        for g, s in zip(groups[:samples], exp.scores.tolist(), strict=False)
-    ]
-    return {**out, "samples": shown} if samples else out
 
 
 def build_optimizers(models: Models, cfg: AlignConfig):
