@@ -4,6 +4,7 @@ run ends where an uninterrupted one does, and bad inputs exit 2."""
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from pathlib import Path
@@ -12,12 +13,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmforge.align.config import AlignDataConfig
+from lmforge.align.config import AlignConfig, AlignDataConfig, PpoConfig
+from lmforge.align.experience import Models, make_experience, rollout_batch
 from lmforge.align.losses import bradley_terry_loss
 from lmforge.align.prompts import load_prompts
 from lmforge.align.reward_model import ScoreModel, load_score_model
+from lmforge.align.rollouts import sample_groups
 from lmforge.checkpoint import latest_checkpoint, load_run
 from lmforge.cli import main
+from lmforge.finetune.methods import PeftConfig, tune
 from lmforge.tokenizer import Tokenizer
 
 CONFIG = Path(__file__).parents[2] / "configs/align/ppo.yaml"
@@ -98,6 +102,32 @@ def test_prompts_reader_takes_prompts_and_hh_transcripts(prompts, tiny_tokenizer
     )  # fmt: skip
     assert hh in train + val  # the transcript's turns before its last reply
     assert all(p[-1] == tiny_tokenizer.encode_chat([], add_generation_prompt=True)[-1] for p in train)
+
+
+def test_returns_sum_the_score_and_the_kl_penalty(tiny_run, reward_run):
+    model, tok = load_run(tiny_run)
+    reference, _ = load_run(tiny_run)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)  # a policy apart from its reference
+    reward, _ = load_score_model(reward_run)
+    models = Models(tune(model, PeftConfig()), copy.deepcopy(reward), reference, reward)
+    cfg = AlignConfig(ppo=PpoConfig(gamma=1.0, lam=1.0, whiten_advantages=False))
+    chats = [[{"role": "user", "content": text}] for text in ("cat", "big red tree")]
+    prompts = [tok.encode_chat(c, add_generation_prompt=True, bos=True) for c in chats]
+    groups = sample_groups(model, tok, prompts, 2, 8, seed=3)
+    batch, finished = rollout_batch(prompts, groups, tok.pad_id)
+    exp = make_experience(models, batch, finished, 0.2, cfg)
+    # with gamma = lambda = 1 the return at the first reply token is the sum of the rewards that follow
+    first = batch.mask.float().argmax(-1)
+    kl = ((exp.logps - exp.ref_logps) * batch.mask).sum(-1)
+    torch.testing.assert_close(exp.returns[torch.arange(4), first], exp.scores - 0.2 * kl)
+    for i, r in enumerate(r for g in groups for r in g):  # the score: each whole sequence alone, at its last token
+        with torch.no_grad():
+            alone = reward.values(torch.tensor([r.prompt + r.reply]))[0, -1]
+        torch.testing.assert_close(exp.scores[i], alone, rtol=1e-4, atol=1e-5)
+        ref = torch.log_softmax(reference(torch.tensor([r.prompt + r.reply[:-1]]))[0, len(r.prompt) - 1 :], -1)
+        want = ref.gather(-1, torch.tensor(r.reply)[:, None]).sum()
+        torch.testing.assert_close(exp.ref_logps[i].sum(), want, rtol=1e-4, atol=1e-4)
 
 
 def test_ppo_through_the_cli_writes_summary_metrics_and_report(tmp_path, tiny_run, reward_run, prompts):
