@@ -2,7 +2,8 @@
 reward model (ScoreModel on the policy's backbone, Bradley-Terry on the same file's chosen/rejected pairs, or on
 chosen-vs-scrambled replies), then `lmforge align method=ppo`, whose report plots the reward and KL.
 
-Run: `nice -n 10 python benchmarks/ppo_experiment.py --out runs/ppo_exp [--preference hh|scrambled]`.
+Run: `nice -n 10 python benchmarks/ppo_experiment.py --out runs/ppo_exp [--preference hh|scrambled] [key=value ...]`
+(extra key=value pairs go to `lmforge align`, e.g. ppo.adaptive_kl=true ppo.kl_target=6 ppo.kl_horizon=100).
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ def main_() -> None:
     command = [
         "align", "--config", "configs/align/ppo.yaml", f"policy={policy}", f"ppo.reward={reward}",
         f"data.path={DATA}", f"run.root={out}", "run.name=ppo", f"train.steps={args.ppo_steps}",
-        "peft.method=full", "train.lr=1e-4", "ppo.epochs=2", "rollout.max_new_tokens=32", "train.eval_every=10", "ppo.eval_prompts=64",
+        "peft.method=full", "train.lr=1e-4", "ppo.epochs=2", "rollout.max_new_tokens=32", "train.eval_every=10",
+        "ppo.eval_prompts=64",
         *overrides,
     ]  # fmt: skip
     print("lmforge " + " ".join(command), flush=True)
