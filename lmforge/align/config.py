@@ -98,6 +98,24 @@ class PpoConfig:
     """Optimisation passes over each batch of rollouts."""
     minibatches: int = 1
     whiten_advantages: bool = True
+    whiten_rewards: bool = False
+    """Whiten the per-token rewards over the batch before GAE, keeping their mean (TRL's whiten_rewards)."""
+    value_init: Literal["reward", "policy"] = "reward"
+    """The value model's start: the reward model, backbone and head (InstructGPT's choice), or the policy's backbone
+    with a new head."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the score of a reply cut off at max_new_tokens (TRL's missing_eos_penalty; 0: none)."""
+    eval_prompts: int = 16
+    """Held-out prompts answered before and after training (and every train.eval_every steps) for the reward and KL."""
+
+    def validate(self) -> None:
+        check(0.0 <= self.gamma <= 1.0 and 0.0 <= self.lam <= 1.0, "ppo.gamma and ppo.lam must be in [0, 1]")
+        for name in ("clip_range", "value_clip", "kl_target"):
+            check(getattr(self, name) > 0, f"ppo.{name}={getattr(self, name)} must be positive")
+        for name in ("epochs", "minibatches", "kl_horizon"):
+            check(getattr(self, name) >= 1, f"ppo.{name}={getattr(self, name)} must be >= 1")
+        check(self.kl_coef >= 0 and self.vf_coef >= 0, "ppo.kl_coef and ppo.vf_coef must be >= 0")
+        check(self.eval_prompts >= 1, f"ppo.eval_prompts={self.eval_prompts} must be >= 1")
 
 
 @dataclass
