@@ -141,14 +141,10 @@ def test_reward_model_gradient(pairs):
     lengths = torch.tensor([len(p) + len(r) for p, r in zip(PROMPTS * 2, CHOSEN + REJECTED, strict=True)])
     margin = torch.tensor([0.5, 0.0, 1.0], dtype=torch.float64)
 
-    def scores():
-        # ScoreModel.values casts to float32 (.float()), which finite differences cannot resolve; these are the same
-        # layers in float64, read where scores() reads
-        values = rm.head(rm.backbone.norm(rm.backbone.hidden_states(ids))).squeeze(-1)
-        return values.gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)
-
-    assert torch.allclose(scores().float(), rm.scores(ids, lengths), atol=1e-6)
-    check_gradient(lambda: losses.bradley_terry_loss(*halves(scores()), margin, 0.05), list(rm.parameters()))
+    assert rm.scores(ids, lengths).dtype == torch.float64  # float64 kept: finite differences resolve it
+    check_gradient(
+        lambda: losses.bradley_terry_loss(*halves(rm.scores(ids, lengths)), margin, 0.05), list(rm.parameters())
+    )
 
 
 def rollouts():
@@ -196,8 +192,8 @@ def test_ppo_gradient():
     batch = rollouts()
     policy, critic = decoder(0), ScoreModel(decoder(2)).double()
 
-    def values():  # ScoreModel.values without its float32 cast (see the reward-model test)
-        return critic.head(critic.backbone.norm(critic.backbone.hidden_states(batch.x))).squeeze(-1)
+    def values():
+        return critic.values(batch.x)
 
     with torch.no_grad():
         old = reply_logprobs(policy, batch) + 0.3 * torch.randn(
