@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from lmforge.align.config import AlignDataConfig
 from lmforge.align.sequences import SequenceBatch, encode_reply, make_batch
@@ -156,3 +157,61 @@ def batches(pairs: list[EncodedPair], size: int, pad_id: int) -> list[SequenceBa
 
 def margins(pairs: list[EncodedPair]) -> torch.Tensor:
     return torch.tensor([p.margin for p in pairs], dtype=torch.float32)
+
+
+@dataclass
+class PackedSequences:
+    """n prompt-and-reply sequences packed end to end into R rows of width W (first-fit decreasing), each attending
+    only to itself through models/packed.py's PackedRows: inputs x, targets y, segments (-1 on padding), and owner,
+    the sequence whose reply token each target is (-1 elsewhere)."""
+
+    x: Tensor
+    y: Tensor
+    segments: Tensor
+    owner: Tensor
+    n: int
+
+    def to(self, device) -> PackedSequences:
+        return PackedSequences(*(t.to(device) for t in (self.x, self.y, self.segments, self.owner)), self.n)
+
+
+PACK_WIDTH = 512
+"""Rows at least this wide (or the context, if shorter) when packing: fewer rows of padding, an attention mask that
+stays small."""
+
+
+def pack_sequences(prompts: list[list[int]], replies: list[list[int]], pad_id: int, context: int) -> PackedSequences:
+    n = len(prompts)
+    lengths = [len(p) + len(r) - 1 for p, r in zip(prompts, replies, strict=True)]  # inputs drop the last token
+    width = max(max(lengths), min(context, PACK_WIDTH))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(n), key=lambda i: -lengths[i]):
+        r = next((j for j, free in enumerate(room) if free >= lengths[i]), None)
+        if r is None:
+            rows.append([])
+            room.append(width)
+            r = len(rows) - 1
+        rows[r].append(i)
+        room[r] -= lengths[i]
+    R = len(rows)
+    x = torch.full((R, width), pad_id, dtype=torch.long)
+    y = torch.full((R, width), -100, dtype=torch.long)
+    segments = torch.full((R, width), -1, dtype=torch.long)
+    owner = torch.full((R, width), -1, dtype=torch.long)
+    for r, members in enumerate(rows):
+        at = 0
+        for s, i in enumerate(members):
+            ids = torch.tensor(prompts[i] + replies[i])
+            T, P = lengths[i], len(prompts[i])
+            x[r, at : at + T], y[r, at : at + T], segments[r, at : at + T] = ids[:-1], ids[1:], s
+            owner[r, at + P - 1 : at + T] = i  # targets P-1.. are the reply's tokens
+            at += T
+    y[owner < 0] = -100
+    return PackedSequences(x, y, segments, owner, n)
+
+
+def packed_pairs(pairs: list[EncodedPair], pad_id: int, context: int) -> PackedSequences:
+    """The B chosen sequences (0..B-1), then the B rejected (B..2B-1), packed."""
+    prompts = [p.prompt for p in pairs] * 2
+    return pack_sequences(prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, context)

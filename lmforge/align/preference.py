@@ -16,16 +16,25 @@ from torch import Tensor
 
 from lmforge.align import losses
 from lmforge.align.config import AlignConfig, DpoConfig
-from lmforge.align.pairs import EncodedPair, batches, describe_rejected, load_pairs
-from lmforge.align.sequences import SequenceBatch, make_batch, reply_logprobs, reply_logprobs_in_batches
+from lmforge.align.pairs import (
+    EncodedPair,
+    PackedSequences,
+    describe_rejected,
+    load_pairs,
+    pack_sequences,
+    packed_pairs,
+)
+from lmforge.align.sequences import token_logprobs
 from lmforge.checkpoint import load_run
 from lmforge.config import to_dict
 from lmforge.errors import LmforgeError
 from lmforge.finetune import distributed
 from lmforge.finetune.checkpointing import load_tuning, save_tuning
-from lmforge.finetune.methods import tune
+from lmforge.finetune.methods import Tuned, tune
 from lmforge.finetune.packing import RowLoader
 from lmforge.finetune.sft import build_optimizer
+from lmforge.models import Decoder
+from lmforge.models.packed import PackedRows
 from lmforge.run import Run, resolve_run
 from lmforge.train import parallel
 from lmforge.train.progress import TrainProgress
@@ -50,27 +59,43 @@ def kto_items(
     return items, desirable, mismatched
 
 
-def kto_batch(items: list, mismatched: list, pad_id: int) -> SequenceBatch:
-    """2B rows: the B replies after their prompts, then the same prompts with their mismatched replies."""
+def kto_batch(items: list, mismatched: list, pad_id: int, context: int) -> PackedSequences:
+    """The B replies after their prompts (sequences 0..B-1), then the same prompts with their mismatched replies."""
     both = items + mismatched
-    return make_batch([p for p, _ in both], [r for _, r in both], pad_id)
+    return pack_sequences([p for p, _ in both], [r for _, r in both], pad_id, context)
+
+
+def sequence_logps(model: nn.Module, packed: PackedSequences) -> Tensor:
+    """(n,) each packed sequence's summed reply log-probability under `model` (a Decoder or a finetune Tuned). The
+    head runs on reply positions only (for a plain Tuned or Decoder): the prompts' logits are never made."""
+    scored = packed.owner >= 0
+    decoder = model.model if isinstance(model, Tuned) else model
+    if isinstance(model, Decoder) or type(model).logits is Tuned.logits:
+        hidden = decoder.hidden_states(packed.x, PackedRows(packed.segments))  # (R, W, C)
+        logps = token_logprobs(decoder.lm_head(decoder.norm(hidden[scored])), packed.y[scored])  # (N,)
+    else:  # soft prompts and prefixes change the forward pass around the decoder
+        logps = token_logprobs(model.logits(packed.x, packed.segments), packed.y)[scored]
+    sums = torch.zeros(packed.n, dtype=logps.dtype, device=logps.device)
+    return sums.index_add(0, packed.owner[scored], logps)
 
 
 class Objective(nn.Module):
-    """One loss of the family as a forward pass (what DDP wraps): the policy's reply log-probabilities of a batch
-    (pairs: B chosen rows then B rejected; KTO: B replies then B mismatched ones) against the reference's."""
+    """One loss of the family as a forward pass (what DDP wraps): the policy's summed reply log-probabilities of 2B
+    packed sequences (B chosen then B rejected; KTO: B replies, B mismatched ones apart) against the reference's
+    (B, 2); `lengths` (2B,) counts each reply's tokens."""
 
     def __init__(self, tuned: nn.Module, dc: DpoConfig, ranks: distributed.Ranks):
         super().__init__()
         self.tuned, self.dc, self.ranks = tuned, dc, ranks
 
-    def forward(self, batch: SequenceBatch, ref: Tensor, desirable: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        self, packed: PackedSequences, lengths: Tensor, ref: Tensor, desirable: Tensor | None = None, kl_packed=None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         dc = self.dc
-        if dc.loss == "kto":
-            B = len(ref)
-            logps = reply_logprobs(self.tuned, _rows(batch, 0, B)).sum(-1)
+        if dc.loss == "kto":  # packed: the B replies; kl_packed: their mismatched ones, which need no gradient
+            logps = sequence_logps(self.tuned, packed)
             with torch.no_grad():
-                kl = (reply_logprobs(self.tuned, _rows(batch, B, 2 * B)).sum(-1) - ref[:, 1]).mean()
+                kl = (sequence_logps(self.tuned, kl_packed) - ref[:, 1]).mean()
                 if self.ranks.size > 1:  # TRL gathers the estimate over processes
                     dist.all_reduce(kl)
                     kl = kl / self.ranks.size
@@ -79,9 +104,8 @@ class Objective(nn.Module):
             )
             rewards = dc.beta * (logps - ref[:, 0]).detach()
             return loss, rewards[desirable], rewards[~desirable]
-        logps = reply_logprobs(self.tuned, batch)
-        lengths = batch.lengths.to(logps.dtype)
-        (chosen, rejected), (n_chosen, n_rejected) = logps.sum(-1).chunk(2), lengths.chunk(2)
+        lengths = lengths.to(torch.float32)
+        (chosen, rejected), (n_chosen, n_rejected) = sequence_logps(self.tuned, packed).chunk(2), lengths.chunk(2)
         if dc.loss == "orpo":
             nll = -chosen.sum() / n_chosen.sum()
             loss, _ = losses.orpo_loss(chosen / n_chosen, rejected / n_rejected, nll, dc.beta)
@@ -96,32 +120,30 @@ class Objective(nn.Module):
         )
 
 
-def _rows(batch: SequenceBatch, start: int, end: int) -> SequenceBatch:
-    return SequenceBatch(batch.x[start:end], batch.y[start:end], batch.mask[start:end])
-
-
-def reference_logps(model, pair_batches: list[SequenceBatch], device) -> Tensor:
-    """(N, 2) summed reply log-probabilities of each batch's first and second half of rows (chosen and rejected, or
-    a KTO reply and its mismatched one)."""
-    out = []
-    for logps in reply_logprobs_in_batches(model, pair_batches, device):
-        first, second = logps.sum(-1).chunk(2)
-        out.append(torch.stack([first, second], 1))
+@torch.no_grad()
+def paired_logps(model: nn.Module, batches: list[PackedSequences], device) -> Tensor:
+    """(N, 2) summed reply log-probabilities of each packed batch's first and second half of sequences (chosen and
+    rejected, or a KTO reply and its mismatched one), without gradients, on the CPU."""
+    was_training = model.training
+    model.eval()
+    out = [torch.stack(sequence_logps(model, b.to(device)).float().cpu().chunk(2), 1) for b in batches]
+    model.train(was_training)
     return torch.cat(out)
 
 
-@torch.no_grad()
-def held_out(model, val_batches: list[SequenceBatch], ref: Tensor, dc: DpoConfig, device) -> tuple[float, float]:
+def pair_lengths(pairs: list[EncodedPair]) -> Tensor:
+    """(N, 2) reply tokens of each pair's chosen and rejected reply."""
+    return torch.tensor([[len(p.chosen), len(p.rejected)] for p in pairs], dtype=torch.float32)
+
+
+def held_out(
+    model, val: list[PackedSequences], lengths: Tensor, ref: Tensor, dc: DpoConfig, device
+) -> tuple[float, float]:
     """(accuracy, mean margin) of the implicit reward on held-out pairs: beta * (logp - ref logp), or for orpo and
     simpo beta times the per-token mean logp; accuracy counts chosen > rejected strictly (ties, as at the start,
     fail)."""
-    rewards = []
-    for batch, logps in zip(val_batches, reply_logprobs_in_batches(model, val_batches, device), strict=True):
-        sums = logps.sum(-1)
-        rewards.append(sums / batch.lengths if dc.loss in REFERENCE_FREE else sums)
-    r = torch.cat([torch.stack(x.chunk(2), 1) for x in rewards])
-    if dc.loss not in REFERENCE_FREE:
-        r = r - ref
+    r = paired_logps(model, val, device)
+    r = r / lengths if dc.loss in REFERENCE_FREE else r - ref
     margin = dc.beta * (r[:, 0] - r[:, 1])
     return (margin > 0).float().mean().item(), margin.mean().item()
 
@@ -145,13 +167,17 @@ def train(cfg: AlignConfig, run: Run) -> dict[str, float]:
     policy = resolve_run(cfg.policy, cfg.run.root)
     model, tokenizer = load_run(policy, device)
     data = load_pairs(cfg.data, tokenizer, model.cfg.max_seq_len)
-    pad = tokenizer.pad_id
+    pad, context = tokenizer.pad_id, model.cfg.max_seq_len
+    chunks = lambda n, size: [slice(i, i + size) for i in range(0, n, size)]  # noqa: E731
     if dc.loss == "kto":
-        items, desirable, mismatched = kto_items(data.train, tc.batch_size, model.cfg.max_seq_len + 1)
-        train_batches = [kto_batch(items[i : i + 64], mismatched[i : i + 64], pad) for i in range(0, len(items), 64)]
+        items, desirable, mismatched = kto_items(data.train, tc.batch_size, context + 1)
+        lengths = torch.tensor([len(r) for _, r in items], dtype=torch.float32)
+        train_batches = [kto_batch(items[c], mismatched[c], pad, context) for c in chunks(len(items), 64)]
     else:
-        train_batches = batches(data.train, 64, pad)
-    val_batches = batches(data.val, tc.batch_size, pad)
+        train_batches = [packed_pairs(data.train[c], pad, context) for c in chunks(len(data.train), 64)]
+        lengths = pair_lengths(data.train)
+    val_batches = [packed_pairs(data.val[c], pad, context) for c in chunks(len(data.val), 64)]
+    val_lengths = pair_lengths(data.val)
     if lead:
         run.write_json("align_config.json", {**to_dict(cfg), "policy": str(policy)})
         tokenizer.save(run.path)
@@ -162,8 +188,8 @@ def train(cfg: AlignConfig, run: Run) -> dict[str, float]:
     ref_train = ref_val = torch.zeros(0, 2)
     if dc.loss not in REFERENCE_FREE:  # computed once: the reference is never run during training
         reference = load_reference(cfg, model, tokenizer, device) if cfg.reference else model
-        ref_train = reference_logps(reference, train_batches, device)
-        ref_val = reference_logps(reference, val_batches, device)
+        ref_train = paired_logps(reference, train_batches, device)
+        ref_val = paired_logps(reference, val_batches, device)
         del reference
     ref_seconds = time.perf_counter() - t0
 
@@ -196,7 +222,7 @@ def train(cfg: AlignConfig, run: Run) -> dict[str, float]:
         step, before = int(info["step"]), (info["accuracy_before"], info["margin_before"])
     else:
         with autocast():
-            before = held_out(tuned, val_batches, ref_val, dc, device)
+            before = held_out(tuned, val_batches, val_lengths, ref_val, dc, device)
         if lead:
             run.log_metrics(dict(step=0, val_accuracy=before[0], val_margin=before[1]), stage="align")
     after, train_seconds, start_step, loss_value = before, 0.0, step, math.nan
@@ -207,16 +233,18 @@ def train(cfg: AlignConfig, run: Run) -> dict[str, float]:
             for micro in range(tc.grad_accum):
                 (idx,) = distributed.my_rows(loader.next_batch(), ranks)
                 if dc.loss == "kto":
-                    batch = kto_batch([items[i] for i in idx], [mismatched[i] for i in idx], pad)
-                    flags = desirable[idx].to(device)
+                    batch, kl_batch = (
+                        pack_sequences([part[i][0] for i in idx], [part[i][1] for i in idx], pad, context).to(device)
+                        for part in (items, mismatched)
+                    )
+                    flags, n_tokens = desirable[idx].to(device), lengths[idx]
                 else:
-                    picked = [data.train[i] for i in idx]
-                    batch = batches(picked, len(picked), pad)[0]
-                    flags = None
+                    batch = packed_pairs([data.train[i] for i in idx], pad, context)
+                    flags, n_tokens, kl_batch = None, lengths[idx].T.reshape(-1), None  # (2B,): chosen then rejected
                 ref = ref_train[idx].to(device) if len(ref_train) else torch.zeros(len(idx), 2, device=device)
                 with parallel.grad_sync(loss_of, micro == tc.grad_accum - 1):
                     with autocast():
-                        loss, c, r = loss_of(batch.to(device), ref, flags)
+                        loss, c, r = loss_of(batch.to(device), n_tokens.to(device), ref, flags, kl_batch)
                     (loss / tc.grad_accum).backward()
                 loss_sum += loss.item() / tc.grad_accum
                 chosen_r.append(c.float())
@@ -241,7 +269,7 @@ def train(cfg: AlignConfig, run: Run) -> dict[str, float]:
                 )
             if (tc.eval_every and step % tc.eval_every == 0) or step == tc.steps:
                 with autocast():
-                    after = held_out(tuned, val_batches, ref_val, dc, device)
+                    after = held_out(tuned, val_batches, val_lengths, ref_val, dc, device)
                 if lead:
                     run.log_metrics(dict(step=step, val_accuracy=after[0], val_margin=after[1]), stage="align")
                     progress.line(f"step {step:>5} | held-out accuracy {after[0]:.3f} | margin {after[1]:+.4f}")

@@ -1,6 +1,6 @@
-"""The DPO family through `lmforge align`: every loss trains and reports, the implicit reward learns an easy
-preference (full and LoRA), a resumed run ends on the uninterrupted run's weights exactly, two torchrun ranks match
-one process on the same global batch, and user errors exit 2."""
+"""The DPO family: packed log-probabilities equal padded ones; through `lmforge align`, every loss trains and reports,
+the implicit reward learns an easy preference with LoRA, a resumed run ends on the uninterrupted run's weights
+exactly, two torchrun ranks match one process on the same global batch, and user errors exit 2."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ import pytest
 import torch
 
 from lmforge import cli
-from lmforge.checkpoint import save_checkpoint
+from lmforge.align.pairs import pack_sequences
+from lmforge.align.preference import sequence_logps
+from lmforge.align.sequences import make_batch, reply_logprobs
+from lmforge.checkpoint import load_run, save_checkpoint
 from lmforge.models import ModelConfig, build_model
 from lmforge.run import Run
 from lmforge.tokenizer import Tokenizer
@@ -39,6 +42,16 @@ def align(tmp_path: Path, policy: Path, name: str, *overrides: str, resume: bool
     args += ["data.val_fraction=0.25", "train.eval_every=0", *overrides]
     cli.main(args + (["--resume"] if resume else []))
     return Run(tmp_path / name)
+
+
+def test_packed_log_probs_equal_each_padded_sequence(tiny_run):
+    model, tok = load_run(tiny_run)
+    prompts = [tok.encode(t, bos=True) for t in ("def f(x):", "The quick brown", "import", "class A:")]
+    replies = [tok.encode(t) for t in (" return x", " fox jumps over the lazy dog", " os, sys", " pass")]
+    want = reply_logprobs(model, make_batch(prompts, replies, tok.pad_id)).sum(-1)
+    packed = pack_sequences(prompts, replies, tok.pad_id, context=24)
+    assert packed.x.shape[0] < len(prompts)  # several sequences share a row
+    torch.testing.assert_close(sequence_logps(model, packed), want, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("loss", ["sigmoid", "ipo", "hinge", "kto", "orpo", "simpo"])
