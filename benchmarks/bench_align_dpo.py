@@ -155,8 +155,14 @@ def main() -> None:
             ours_pps = ours(base, data, root, method, args.steps, args.batch)
             theirs = {s: trl(export, records[:n_pairs], root, method, args.steps, args.batch, s) for s in TRL_SETTINGS}
             rows.append((method, ours_pps, theirs))
-    print(f"\npairs/s, {args.steps} steps of {args.batch} pairs (<= {args.side} tokens a side), fp32, {threads} threads")
-    print(f"{'method':<8}{'lmforge':>10}" + "".join(f"{'TRL ' + s:>14}" for s in TRL_SETTINGS) + "  vs default  vs fastest")
+    print(
+        f"\npairs/s, {args.steps} steps of {args.batch} pairs (<= {args.side} tokens a side), fp32, {threads} threads"
+    )
+    print(
+        f"{'method':<8}{'lmforge':>10}"
+        + "".join(f"{'TRL ' + s:>14}" for s in TRL_SETTINGS)
+        + "  vs default  vs fastest"
+    )
     for method, ours_pps, theirs in rows:
         cells = "".join(f"{theirs[s]:>14.2f}" for s in TRL_SETTINGS)
         print(

@@ -151,10 +151,6 @@ def pair_batch(pairs: list[EncodedPair], pad_id: int) -> SequenceBatch:
     return make_batch(prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
 
 
-def batches(pairs: list[EncodedPair], size: int, pad_id: int) -> list[SequenceBatch]:
-    return [pair_batch(pairs[i : i + size], pad_id) for i in range(0, len(pairs), size)]
-
-
 def margins(pairs: list[EncodedPair]) -> torch.Tensor:
     return torch.tensor([p.margin for p in pairs], dtype=torch.float32)
 
