@@ -2,7 +2,8 @@
 
 Run: `lmforge speedrun [depth=4] [run.name=speedrun]` (what `make run` does). The corpus goes through the data stages
 (lmforge/data/prepare.py) into the run folder's data/, then pre-training trains on its shards, then fine-tuning teaches
-the model to write a function from its description (pairs mined from the corpus) into the run `<run.name>-sft`. One
+the model to write a function from its description (pairs mined from the corpus) into the run `<run.name>-sft`, and DPO
+prefers each description's own function over another's (`<run.name>-dpo`). One
 dial, `depth`, sets the model size; width, heads, learning rates, batch and steps are derived from it here and nowhere
 else.
 """
@@ -14,6 +15,8 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from lmforge.align import preference
+from lmforge.align.config import AlignConfig, AlignDataConfig, DpoConfig
 from lmforge.config import check, to_dict
 from lmforge.data import prepare
 from lmforge.data.config import DataPrepConfig
@@ -55,12 +58,15 @@ class SpeedrunConfig:
     finetune_steps: int = 0
     """Fine-tuning steps after pre-training (0: a fifth of the pre-training steps, at least 2: about three passes over
     the mined pairs)."""
+    align_steps: int = 0
+    """DPO steps after fine-tuning (0: a tenth of the pre-training steps, at least 2)."""
     device: str = "auto"
 
     def validate(self) -> None:
         check(1 <= self.depth <= 48, f"depth={self.depth} must be in 1..48")
         check(self.steps >= 0, f"steps={self.steps} must be >= 0")
         check(self.finetune_steps >= 0, f"finetune_steps={self.finetune_steps} must be >= 0")
+        check(self.align_steps >= 0, f"align_steps={self.align_steps} must be >= 0")
 
 
 def pretrain_config(cfg: SpeedrunConfig, data_path: str = "") -> pretrain.PretrainConfig:
@@ -119,13 +125,25 @@ def main(cfg: SpeedrunConfig, run: Run) -> dict[str, float]:
     t0 = time.perf_counter()
     tuned = finetune_config(cfg, run, pre.train.steps)
     ft = sft.main(tuned, Run.from_config(tuned.run))
-    # its summary in this run's report too (the fine-tuned weights live in their own run folder)
-    for name in ("finetune_config.json", "finetune.json"):
-        run.write_text(name, (Path(tuned.run.root) / tuned.run.name / name).read_text())
+    _copy_summary(run, tuned.run, "finetune")
     ft_seconds = time.perf_counter() - t0
     print(f"fine-tuning: {ft_seconds:.0f}s, the fine-tuned run is {tuned.run.root}/{tuned.run.name}", flush=True)
+    t0 = time.perf_counter()
+    aligned = align_config(cfg, run, tuned, pre.train.steps)
+    dpo = preference.train(aligned, Run.from_config(aligned.run))
+    _copy_summary(run, aligned.run, "align")
+    align_seconds = time.perf_counter() - t0
+    print(f"DPO: {align_seconds:.0f}s, the aligned run is {aligned.run.root}/{aligned.run.name}", flush=True)
+    stages = {"finetune_seconds": ft_seconds, "finetune_val_loss": ft["val_loss_after"]}
+    stages |= {"align_seconds": align_seconds, "align_val_accuracy": dpo["val_accuracy_after"]}
     # the pre-trained model's held-out bits per byte and a next-line choice, in this run's eval section
-    return {**metrics, "finetune_seconds": ft_seconds, "finetune_val_loss": ft["val_loss_after"], **heldout.main(run)}
+    return {**metrics, **stages, **heldout.main(run)}
+
+
+def _copy_summary(run: Run, stage_run: RunConfig, stage: str) -> None:
+    """A later stage's config and summary in this run's report too (its weights live in their own run folder)."""
+    for name in (f"{stage}_config.json", f"{stage}.json"):
+        run.write_text(name, (Path(stage_run.root) / stage_run.name / name).read_text())
 
 
 def finetune_config(cfg: SpeedrunConfig, run: Run, pretrain_steps: int) -> FinetuneConfig:
@@ -148,3 +166,33 @@ def finetune_config(cfg: SpeedrunConfig, run: Run, pretrain_steps: int) -> Finet
     run_cfg = replace(cfg.run, name=f"{cfg.run.name}-sft")
     data = SftDataConfig(path=str(pairs), format="prompt_completion", val_fraction=0.05)
     return FinetuneConfig(run=run_cfg, base=str(run.path), data=data, train=train)
+
+
+def align_config(cfg: SpeedrunConfig, run: Run, tuned: FinetuneConfig, pretrain_steps: int) -> AlignConfig:
+    """DPO of the fine-tuned run on pairs from the same mined functions: each description's own function chosen over
+    the function of another pair, so the implicit reward's held-out accuracy says whether the model ties what it
+    writes to what it was asked."""
+    mined = mine_pairs(600)
+    pairs = [
+        {"prompt": p["prompt"], "chosen": p["completion"], "rejected": mined[(i + 7) % len(mined)]["completion"]}
+        for i, p in enumerate(mined)
+    ]
+    path = run.write_text("align_pairs.jsonl", "".join(json.dumps(p) + "\n" for p in pairs))
+    train = SftTrainConfig(
+        steps=cfg.align_steps or max(2, pretrain_steps // 10),
+        batch_size=8,
+        lr=1e-4,
+        warmup_steps=0,
+        dtype="bf16",
+        eval_every=0,
+        log_every=10,
+        device=cfg.device,
+    )
+    return AlignConfig(
+        run=replace(cfg.run, name=f"{cfg.run.name}-dpo"),
+        method="dpo",
+        policy=str(Path(tuned.run.root) / tuned.run.name),
+        data=AlignDataConfig(path=str(path), format="pairs", val_fraction=0.05),
+        train=train,
+        dpo=DpoConfig(loss="sigmoid", beta=0.1),
+    )

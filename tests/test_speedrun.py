@@ -36,6 +36,11 @@ def test_speedrun_filters_its_corpus_then_trains_on_it(tmp_path, tiny_text):
     assert metrics["finetune_seconds"] > 0 and (tmp_path / "s-sft/checkpoints").is_dir()
     assert json.loads((run / "finetune.json").read_text())["training"]["steps"] == 2
     assert "## finetune" in (run / "report.md").read_text()
+    # then DPO of the fine-tuned run on the same functions, each description's own chosen over another's
+    assert metrics["align_seconds"] > 0 and (tmp_path / "s-dpo/checkpoints").is_dir()
+    assert json.loads((tmp_path / "s-dpo/align_config.json").read_text())["policy"] == str(tmp_path / "s-sft")
+    assert json.loads((run / "align.json").read_text())["training"]["steps"] == 2
+    assert "## align" in (run / "report.md").read_text()
 
 
 def test_speedrun_data_settings_are_validated():
