@@ -140,12 +140,12 @@ def held_out(
     model, val: list[PackedSequences], lengths: Tensor, ref: Tensor, dc: DpoConfig, device
 ) -> tuple[float, float]:
     """(accuracy, mean margin) of the implicit reward on held-out pairs: beta * (logp - ref logp), or for orpo and
-    simpo beta times the per-token mean logp; accuracy counts chosen > rejected strictly (ties, as at the start,
-    fail)."""
+    simpo beta times the per-token mean logp; a tie counts half (at the start every margin is 0 and the accuracy is
+    0.5, chance; TRL's strict count would report 0)."""
     r = paired_logps(model, val, device)
     r = r / lengths if dc.loss in REFERENCE_FREE else r - ref
     margin = dc.beta * (r[:, 0] - r[:, 1])
-    return (margin > 0).float().mean().item(), margin.mean().item()
+    return ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item(), margin.mean().item()
 
 
 def load_reference(cfg: AlignConfig, model, tokenizer, device):

@@ -67,7 +67,7 @@ def test_every_loss_trains_and_reports(tmp_path, tiny_run, loss):
 def test_the_implicit_reward_learns_an_easy_preference_with_lora(tmp_path, tiny_run):
     run = align(tmp_path, tiny_run, "lora", "peft.method=lora", "train.steps=8", "train.lr=1e-2")
     t = run.read_json("align.json")["training"]
-    assert t["val_accuracy_before"] == 0.0  # the policy is its own reference: every margin is 0
+    assert t["val_accuracy_before"] == 0.5  # the policy is its own reference: every margin ties (half each)
     assert t["val_accuracy_after"] == 1.0 and t["val_margin_after"] > 0.05
     losses = [r["loss"] for r in run.read_metrics("align") if "loss" in r]
     assert losses[-1] < losses[0] - 0.05
