@@ -237,7 +237,9 @@ def _mean_over_ranks(values: list[float], ranks) -> list[float]:
 def _finish(cfg, run, tuned, tokenizer, held_out, train_tasks, rejected, curve, failures, ranks, step, start_step,
             gen_seconds, update_seconds) -> dict[str, float]:  # fmt: skip
     """Write align.json (rank 0) and return the summary."""
-    before, after = curve[0]["accuracy"], curve[-1]["accuracy"]
+    if ranks.rank == 0 and curve[-1]["step"] != step:  # resumed at the last step: the loop did not evaluate
+        curve.append({"step": step, "accuracy": accuracy(tuned, tokenizer, held_out, cfg)[0]})
+    before, after = (curve[0]["accuracy"], curve[-1]["accuracy"]) if curve else (math.nan, math.nan)
     steps_run = max(step - start_step, 1)
     summary = {
         "steps": step,

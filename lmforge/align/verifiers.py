@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from lmforge.eval.sandbox import SandboxConfig, run_program
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+_THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _CODE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
 
 
@@ -55,7 +56,7 @@ def final_answer(text: str) -> str:
     if boxed is not None:
         return boxed.strip()
     numbers = _NUMBER.findall(text)
-    return numbers[-1] if numbers else ""
+    return numbers[-1].replace(",", "") if numbers else ""
 
 
 def normalise(answer: str) -> str:
@@ -68,6 +69,8 @@ def check_math(reply: str, task: Task, timeout_s: float) -> float:
     import math_verify
 
     pred = final_answer(reply)
+    if _THOUSANDS.fullmatch(pred):
+        pred = pred.replace(",", "")
     if not pred:
         return 0.0
     limit = max(1, math.ceil(timeout_s))  # math-verify's own limit is signal.alarm: whole seconds, main thread only
@@ -78,7 +81,7 @@ def check_math(reply: str, task: Task, timeout_s: float) -> float:
 
 
 def check_exact(reply: str, task: Task, timeout_s: float) -> float:
-    return float(normalise(final_answer(reply)) == normalise(task.answer))
+    return float(normalise(final_answer(reply) or reply) == normalise(task.answer))  # a word answer: the whole reply
 
 
 def code_of(reply: str) -> str:
@@ -89,7 +92,12 @@ def code_of(reply: str) -> str:
 
 def check_python(reply: str, task: Task, timeout_s: float) -> float:
     cfg = SandboxConfig(timeout_s=timeout_s, cpu_s=max(1, math.ceil(timeout_s)), memory_mb=512, nproc=16)
-    result = run_program(code_of(reply) + "\n\n" + task.tests + "\n", cfg)
+    # the tests run even when the reply's code does not compile, so that they alone decide (a NameError fails them)
+    program = (
+        f"__ns = {{}}\ntry:\n    exec(compile({code_of(reply)!r}, 'reply.py', 'exec'), __ns)\n"
+        "except Exception:\n    pass\n"
+    )
+    result = run_program(program + f"exec(compile({task.tests!r}, 'tests.py', 'exec'), __ns)\n", cfg)
     if result.status in ("timeout", "killed", "error"):
         raise _CheckerFailed(result.status)
     return float(result.passed)
