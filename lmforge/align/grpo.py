@@ -84,9 +84,10 @@ def accuracy(tuned, tokenizer, tasks: list[Task], cfg: AlignConfig) -> tuple[flo
     return sum(s.rewards) / len(tasks), shown
 
 
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """The sampling seed of one rank's rollouts at one step (request i adds i): a resumed run draws the same replies."""
-    return ((seed * 1_000_003 + step) * 64 + rank) * 100_000
+def step_seed(seed: int, step: int, first: int) -> int:
+    """The sampling seed of a step's rollouts from the global request index `first` on (sample_groups adds each
+    request's index): a resumed run, or one with the same global batch over more ranks, draws the same replies."""
+    return (seed * 1_000_003 + step) * 1_000_000 + first
 
 
 def train(cfg: AlignConfig, run: Run) -> dict[str, float]:
@@ -145,7 +146,7 @@ def train(cfg: AlignConfig, run: Run) -> dict[str, float]:
         prompts = [tokenizer.encode_chat(t.prompt, add_generation_prompt=True, bos=True) for t in tasks]
         groups = sample_groups(
             tuned.merged(), tokenizer, prompts, rc.group_size, rc.max_new_tokens, rc.temperature, rc.top_p,
-            seed=step_seed(cfg.run.seed, step, ranks.rank),
+            seed=step_seed(cfg.run.seed, step, ranks.rank * len(prompts) * rc.group_size),
         )  # fmt: skip
         rollouts = [r for g in groups for r in g]
         scores = score(
