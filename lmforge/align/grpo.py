@@ -47,8 +47,11 @@ def load_tasks(cfg: AlignConfig) -> tuple[list[Task], list[Task], Counter]:
             generate_tasks(g.task, g.eval_prompts, "held_out", **knobs),
             Counter(),
         )
-    fmt = cfg.data.format if cfg.data.format in ("gsm8k", "tasks") else "tasks"
-    tasks, rejected = read_tasks(cfg.data.path, fmt, g.system, g.instruction, cfg.data.limit)
+    if cfg.data.format not in ("gsm8k", "tasks"):
+        raise LmforgeError(
+            f"method=grpo reads verifiable tasks, not data.format={cfg.data.format}; set data.format=tasks or gsm8k"
+        )
+    tasks, rejected = read_tasks(cfg.data.path, cfg.data.format, g.system, g.instruction, cfg.data.limit)
     train, held = split_tasks(tasks, cfg.data.val_fraction)
     if not train or not held:
         reasons = ", ".join(f"{n} {why}" for why, n in rejected.items()) or "none rejected"

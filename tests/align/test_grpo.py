@@ -12,8 +12,12 @@ import pytest
 import safetensors.torch
 import torch
 
+from lmforge.align.config import AlignConfig
 from lmforge.checkpoint import load_model
 from lmforge.cli import main
+from lmforge.config import load_config
+
+CONFIG = Path(__file__).parents[2] / "configs/align/grpo.yaml"
 
 SMALL = ["method=grpo", "grpo.task=arithmetic", "grpo.digits=1", "grpo.train_tasks=40", "grpo.eval_prompts=2",
          "rollout.prompts_per_step=2", "rollout.group_size=8", "rollout.max_new_tokens=12", "train.log_every=1",
@@ -23,6 +27,11 @@ SMALL = ["method=grpo", "grpo.task=arithmetic", "grpo.digits=1", "grpo.train_tas
 def align(tmp_path, tiny_run, name, *overrides):
     main(["align", f"policy={tiny_run}", f"run.root={tmp_path}", f"run.name={name}", *SMALL, *overrides])
     return tmp_path / name
+
+
+def test_the_config_loads(tiny_run):
+    cfg = load_config(AlignConfig, str(CONFIG), [f"policy={tiny_run}"])
+    assert cfg.method == "grpo" and cfg.grpo.task == "arithmetic" and cfg.peft.method == "lora"
 
 
 def test_a_few_steps_write_summary_metrics_and_report(tmp_path, tiny_run):
