@@ -164,8 +164,10 @@ def train(cfg: AlignConfig, run: Run) -> dict[str, float]:
         step += 1
         t2 = time.perf_counter()
         gen_seconds, update_seconds = gen_seconds + t1 - t0, update_seconds + t2 - t1
-        totals = _mean_over_ranks([rewards.mean().item(), (rewards == 1).float().mean().item()], ranks)
-        row = dict(step=step, reward=totals[0], accuracy=totals[1], **stats, lr=optimizer.param_groups[0]["lr"])
+        flat = (rewards.view(-1, rc.group_size).std(dim=1) == 0).float().mean()  # groups that teach nothing
+        totals = _mean_over_ranks([rewards.mean().item(), (rewards == 1).float().mean().item(), flat.item()], ranks)
+        row = dict(step=step, reward=totals[0], accuracy=totals[1], flat_groups=totals[2], **stats)
+        row["lr"] = optimizer.param_groups[0]["lr"]
         row |= dict(reply_tokens=sum(len(r.reply) for r in rollouts) / len(rollouts), gen_s=t1 - t0, update_s=t2 - t1)
         if lead and (step % tc.log_every == 0 or step == tc.steps):
             run.log_metrics(row, stage="align")

@@ -41,7 +41,9 @@ def test_a_few_steps_write_summary_metrics_and_report(tmp_path, tiny_run):
     assert summary["training"]["steps"] == 2 and summary["tasks"] == {"train": 40, "held_out": 2, "rejected": {}}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "reward" in r]
-    assert [r["step"] for r in steps] == [1, 2] and all(r["kl"] >= 0 and r["gen_s"] > 0 for r in steps)
+    assert [r["step"] for r in steps] == [1, 2] and all(
+        r["kl"] >= 0 and r["gen_s"] > 0 and 0 <= r["flat_groups"] <= 1 for r in steps
+    )
     assert "## align" in (out / "report.md").read_text() and (out / "adapter/adapter_config.json").is_file()
     assert json.loads((out / "align_config.json").read_text())["method"] == "grpo"
 
