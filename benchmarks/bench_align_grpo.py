@@ -115,6 +115,9 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=8, help="replies per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    parser.add_argument(
+        "--policy", default="", help="a run to use instead of the random model (its replies may end early)"
+    )
     a = parser.parse_args()
     threads = set_threads(a.threads or None)
     tasks = [t for split in ("train", "held_out") for t in generate_tasks("arithmetic", 40, split, 0, instruction="")]
@@ -122,7 +125,7 @@ def main() -> None:
         root = Path(tmp)
         data = root / "tasks.jsonl"
         data.write_text("".join(json.dumps({"prompt": t.prompt, "answer": t.answer}) + "\n" for t in tasks))
-        base = make_base(root, tasks)
+        base = Path(a.policy) if a.policy else make_base(root, tasks)
         export = export_hf(base, root / "export")
         ours_s, ours_len = ours(base, data, root, a)
         trl_s, trl_len = trl(export, tasks, root, a)
