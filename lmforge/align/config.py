@@ -77,6 +77,11 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
 
+    def validate(self) -> None:
+        for name in ("prompts_per_step", "group_size", "max_new_tokens"):
+            check(getattr(self, name) > 0, f"rollout.{name}={getattr(self, name)} must be positive")
+        check(self.temperature >= 0 and 0 < self.top_p <= 1, "rollout.temperature must be >= 0, top_p in (0, 1]")
+
 
 @dataclass
 class PpoConfig:
@@ -140,6 +145,24 @@ class GrpoConfig:
     """Per-reply time limit of the checker."""
     eval_prompts: int = 100
     """Held-out tasks scored (greedy) before, during and after training."""
+    train_tasks: int = 2000
+    """grpo.task: how many distinct training tasks to generate."""
+    digits: int = 2
+    """grpo.task: digits of each number (difficulty)."""
+    terms: int = 2
+    """grpo.task=arithmetic: numbers per expression (difficulty)."""
+    ops: str = "+"
+    """grpo.task: the operators drawn from, any of '+-*'."""
+    instruction: str = "Answer with the number only, after '####'."
+    """Appended to each question of a generated or read task: the answer format the checker reads."""
+    system: str = ""
+    """A system message before each question (empty: none)."""
+
+    def validate(self) -> None:
+        for name in ("timeout_s", "eval_prompts", "train_tasks", "digits", "terms", "iterations"):
+            check(getattr(self, name) > 0, f"grpo.{name}={getattr(self, name)} must be positive")
+        check(self.beta >= 0 and self.epsilon > 0, "grpo.beta must be >= 0 and grpo.epsilon > 0")
+        check(bool(self.ops) and set(self.ops) <= set("+-*"), f"grpo.ops={self.ops!r} must be some of '+-*'")
 
 
 @dataclass
