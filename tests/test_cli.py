@@ -70,7 +70,8 @@ def test_usage_errors_exit_2_from_the_command(tmp_path):
 
 
 def test_readme_commands_at_tiny_scale(tmp_path, tiny_text):
-    """pretrain -> generate -> export hf -> import hf, as the README shows them, on a tiny corpus."""
+    """pretrain -> generate -> export hf -> import hf -> finetune -> eval -> align, as the README shows them, on a
+    tiny corpus."""
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i in range(20):
@@ -111,6 +112,15 @@ def test_readme_commands_at_tiny_scale(tmp_path, tiny_text):
     scored = lmforge("eval", "sft", "--task", "perplexity", "--data", str(corpus / "19.txt"), cwd=tmp_path)
     assert scored.returncode == 0, scored.stderr
     assert json.loads((tmp_path / "runs/sft/eval/perplexity.json").read_text())["metrics"]["ppl"] > 1
+    # then align it with DPO (LoRA) on hh-rlhf pairs
+    aligned = lmforge(
+        "align", "--config", str(repo / "configs/align/dpo.yaml"), "policy=sft", "run.name=dpo",
+        f"data.path={repo / 'tests/fixtures/preference_hh_rlhf_40.jsonl'}", "data.max_len=128", "train.steps=2",
+        "train.eval_every=0", "peft.method=lora", "peft.rank=4", cwd=tmp_path,
+    )  # fmt: skip
+    assert aligned.returncode == 0, aligned.stderr
+    assert json.loads((tmp_path / "runs/dpo/align.json").read_text())["training"]["steps"] == 2
+    assert "## align" in (tmp_path / "runs/dpo/report.md").read_text()
 
 
 @pytest.mark.parametrize(
