@@ -16,8 +16,8 @@ from lmforge.eval.tasks import Task, few_shot_prefix, load_task, read_items, tas
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "eval"
 SHIPPED = [
-    "advbench", "arc", "bias", "canary", "cnndm", "gsm8k", "hellaswag", "humaneval", "mmlu", "next_line", "perplexity",
-    "piqa", "squad", "wmt",
+    "advbench", "arc", "bias", "canary", "cnndm", "gsm8k", "hellaswag", "humaneval", "mmlu", "next_line", "overrefusal",
+    "perplexity", "piqa", "squad", "wmt",
 ]  # fmt: skip
 
 
