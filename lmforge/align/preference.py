@@ -32,7 +32,7 @@ from lmforge.finetune import distributed
 from lmforge.finetune.checkpointing import load_tuning, save_tuning
 from lmforge.finetune.methods import Tuned, tune
 from lmforge.finetune.packing import RowLoader
-from lmforge.finetune.sft import build_optimizer
+from lmforge.finetune.sft import build_optimizer, optimizer_step
 from lmforge.models import Decoder
 from lmforge.models.packed import PackedRows
 from lmforge.run import Run, resolve_run
@@ -249,11 +249,7 @@ def train(cfg: AlignConfig, run: Run) -> dict[str, float]:
                 loss_sum += loss.item() / tc.grad_accum
                 chosen_r.append(c.float())
                 rejected_r.append(r.float())
-            params = [p for g in optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else math.inf)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(optimizer, scheduler, tc.grad_clip)
             step += 1
             loss_value, _ = distributed.step_totals(loss_sum, 0, ranks)
             dt = time.perf_counter() - t0

@@ -80,6 +80,17 @@ def build_optimizer(tuned: Tuned, tc: SftTrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=1e-8)
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, scheduler, grad_clip: float) -> torch.Tensor:
+    """Clip the global gradient norm to grad_clip (0: no clipping), step the optimizer and the schedule, and clear the
+    gradients; returns the norm before clipping."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 @torch.no_grad()
 def held_out_loss(tuned: Tuned, rows, batch_size: int, autocast, packing: bool) -> float:
     """Mean loss per trained token over all held-out rows (each token weighted once however the batches fall)."""
@@ -164,11 +175,7 @@ def main(cfg: FinetuneConfig, run: Run) -> dict[str, float]:
                     loss.backward()
                 loss_sum += loss.item()
                 step_tokens += int((seg >= 0).sum())  # not padding
-            params = [p for g in optimizer.param_groups for p in g["params"]]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else math.inf)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(optimizer, scheduler, tc.grad_clip)
             train_peak = max(train_peak, memory.peak_bytes(device))
             step += 1
             loss_sum, step_tokens = distributed.step_totals(loss_sum, step_tokens, ranks)
