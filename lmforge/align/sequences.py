@@ -10,6 +10,7 @@ from torch import Tensor
 
 from lmforge.errors import LmforgeError
 from lmforge.finetune.formats import Conversation
+from lmforge.finetune.tuned import Tuned
 
 
 def encode_reply(tokenizer, prompt: Conversation, reply: str) -> tuple[list[int], list[int]]:
@@ -67,9 +68,17 @@ def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
 
 def reply_logprobs(model, batch: SequenceBatch) -> Tensor:
     """(B, T-1) log-probabilities of the reply tokens under `model` (a Decoder or a finetune Tuned), 0 elsewhere.
-    Sum over the last axis for a sequence's log-probability."""
-    logits = model.logits(batch.x) if hasattr(model, "logits") else model(batch.x)
-    return token_logprobs(logits, batch.y) * batch.mask
+    Sum over the last axis for a sequence's log-probability. Where the method leaves the forward pass to the decoder,
+    the LM head runs on reply positions only: a prompt position's logits (49k numbers each for SmolLM2) are never
+    made."""
+    decoder = model.model if isinstance(model, Tuned) else model
+    if not isinstance(model, Tuned) or type(model).logits is Tuned.logits:
+        hidden = decoder.hidden_states(batch.x)  # (B, T-1, C)
+        picked = token_logprobs(decoder.lm_head(decoder.norm(hidden[batch.mask])), batch.y[batch.mask])  # (N,)
+        return torch.zeros(batch.mask.shape, dtype=picked.dtype, device=picked.device).masked_scatter(
+            batch.mask, picked
+        )
+    return token_logprobs(model.logits(batch.x), batch.y) * batch.mask  # soft prompts and prefixes: the whole pass
 
 
 @torch.no_grad()
