@@ -188,8 +188,9 @@ def train(cfg: AlignConfig, run: Run) -> dict[str, float]:
     ref_train = ref_val = torch.zeros(0, 2)
     if dc.loss not in REFERENCE_FREE:  # computed once: the reference is never run during training
         reference = load_reference(cfg, model, tokenizer, device) if cfg.reference else model
-        ref_train = paired_logps(reference, train_batches, device)
-        ref_val = paired_logps(reference, val_batches, device)
+        with autocast_for(device, tc.dtype)():  # the policy's precision: at step 0 every log-ratio is exactly 0
+            ref_train = paired_logps(reference, train_batches, device)
+            ref_val = paired_logps(reference, val_batches, device)
         del reference
     ref_seconds = time.perf_counter() - t0
 
