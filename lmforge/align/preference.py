@@ -166,6 +166,9 @@ def train(cfg: AlignConfig, run: Run) -> dict[str, float]:
     device, lead = ranks.device, ranks.rank == 0
     policy = resolve_run(cfg.policy, cfg.run.root)
     model, tokenizer = load_run(policy, device)
+    uses_reference = dc.loss not in REFERENCE_FREE
+    # checked before anything is written: a reference with another vocabulary leaves the run folder untouched
+    reference = load_reference(cfg, model, tokenizer, device) if uses_reference and cfg.reference else model
     data = load_pairs(cfg.data, tokenizer, model.cfg.max_seq_len)
     pad, context = tokenizer.pad_id, model.cfg.max_seq_len
     chunks = lambda n, size: [slice(i, i + size) for i in range(0, n, size)]  # noqa: E731
@@ -186,12 +189,11 @@ def train(cfg: AlignConfig, run: Run) -> dict[str, float]:
 
     t0 = time.perf_counter()
     ref_train = ref_val = torch.zeros(0, 2)
-    if dc.loss not in REFERENCE_FREE:  # computed once: the reference is never run during training
-        reference = load_reference(cfg, model, tokenizer, device) if cfg.reference else model
+    if uses_reference:  # computed once: the reference is never run during training
         with autocast_for(device, tc.dtype)():  # the policy's precision: at step 0 every log-ratio is exactly 0
             ref_train = paired_logps(reference, train_batches, device)
             ref_val = paired_logps(reference, val_batches, device)
-        del reference
+    del reference
     ref_seconds = time.perf_counter() - t0
 
     torch.manual_seed(cfg.run.seed)  # LoRA's A starts alike on every rank
