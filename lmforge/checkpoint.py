@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +43,11 @@ def save_checkpoint(
     state: dict[str, Any],
     keep_last: int = 2,
     extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+    extra_json: dict[str, Callable[[Path], Any]] | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically (temp folder + rename) and delete all but the newest `keep_last`;
-    extra_tensors: more safetensors files by name (a reward model's head) written inside before the rename."""
+    extra_tensors: more safetensors files by name (a reward model's head) written inside before the rename;
+    extra_json: more JSON files by name, each made from the temp folder once the weights are in it."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:06d}"
     tmp = root / f".step_{step:06d}.tmp"
@@ -55,6 +58,8 @@ def save_checkpoint(
     atomic_write(tmp / "state.json", json.dumps({"step": step, **state}, indent=2) + "\n")
     for name, tensors in (extra_tensors or {}).items():
         safetensors.torch.save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
+    for name, describe in (extra_json or {}).items():
+        atomic_write(tmp / name, json.dumps(describe(tmp), indent=2) + "\n")
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -90,6 +95,10 @@ def load_model(run_or_ckpt: str | Path, device: str | torch.device = "cpu") -> D
     """The model of a checkpoint folder, or of the newest checkpoint of a run folder."""
     ckpt = _find(run_or_ckpt)
     cfg = read_model_config(ckpt)
+    if (ckpt / "compression.json").exists():
+        from lmforge.compress.store import load_compressed
+
+        return load_compressed(ckpt, cfg, device)
     check_config_fits(cfg, read_shapes(ckpt / "model.safetensors"), ckpt / "model.json")
     model = build_model(cfg, device=device)
     load_weights(model, ckpt / "model.safetensors")
@@ -190,4 +199,8 @@ def load_run(run: str | Path, device: str | torch.device = "cpu"):
             f"the checkpoint's vocabulary ({model.cfg.vocab_size}) does not match {run_dir}/tokenizer.json "
             f"({tokenizer.vocab_size}); use the tokenizer the model was trained with"
         )
+    if (_find(run_dir) / "compression.json").exists():
+        from lmforge.compress.store import check_tokenizer
+
+        check_tokenizer(_find(run_dir), run_dir / "tokenizer.json")
     return model.eval(), tokenizer

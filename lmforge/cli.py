@@ -14,6 +14,7 @@ from typing import NoReturn
 from lmforge import report
 from lmforge.align import main as align
 from lmforge.align.config import AlignConfig
+from lmforge.compress import cli as compress_cli
 from lmforge.config import load_config
 from lmforge.data import prepare
 from lmforge.errors import LmforgeError
@@ -51,6 +52,7 @@ TOOLS = {
     "tokenizer": (tokenizer_train.add_arguments, tokenizer_train.command),
     "arena": (arena.add_arguments, arena.command),
     "eval": (eval_cli.add_arguments, eval_cli.command),
+    "compress": (compress_cli.add_arguments, compress_cli.command),
 }
 
 

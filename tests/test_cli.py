@@ -21,6 +21,7 @@ def test_the_verbs_do_not_change_by_accident():
     assert sorted(TOOLS) == [
         "arena",
         "chat",
+        "compress",
         "data",
         "eval",
         "export",

@@ -1,0 +1,165 @@
+"""Compression's settings (`lmforge compress BASE method=NAME ... run.name=OUT`): the base run, the method and its
+options, the calibration text and, for the methods that train, the training loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmforge.checkpoint import latest_checkpoint
+from lmforge.config import check
+from lmforge.errors import LmforgeError
+from lmforge.finetune.config import SftTrainConfig
+from lmforge.run import RunConfig, resolve_run
+
+QUANT_METHODS = ("int8", "int4", "gptq", "awq", "nf4", "ternary")
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "structured")
+OTHER_METHODS = ("distill", "lowrank", "share")
+NEEDS_CALIBRATION = ("gptq", "awq", "wanda", "sparsegpt")
+
+
+@dataclass
+class CalibrationConfig:
+    path: str = ""
+    """A text file whose tokens calibrate GPTQ, AWQ, Wanda and SparseGPT (and train distill, lowrank and share)."""
+    samples: int = 128
+    """Windows of seq_len tokens drawn from it (fewer when the text is shorter)."""
+    seq_len: int = 512
+    """Tokens per window (capped at the model's context)."""
+
+    def validate(self) -> None:
+        check(self.samples > 0, f"calibration.samples={self.samples} must be positive")
+        check(self.seq_len > 1, f"calibration.seq_len={self.seq_len} must be > 1")
+        check(not self.path or Path(self.path).is_file(), f"calibration.path={self.path!r} is not a file")
+
+
+@dataclass
+class QuantConfig:
+    bits: int = 4
+    """Bits per weight for int4, gptq and awq (4 or 8; int8 is always 8)."""
+    group_size: int = -1
+    """Input columns sharing a scale (32, 64, 128...; 0: one scale per output channel; -1: the method's default,
+    per channel for int8 and 128 for the 4-bit methods)."""
+    symmetric: bool = True
+    """Symmetric: codes centred on zero, one scale per group; asymmetric: a scale and a zero point per group."""
+    act_order: bool = False
+    """GPTQ: quantize columns in order of decreasing Hessian diagonal (groups keep their place)."""
+    damp: float = 0.01
+    """GPTQ/SparseGPT: add damp * mean(diag(H)) to the Hessian's diagonal."""
+    block_size: int = 128
+    """GPTQ/SparseGPT: columns updated together (lazy batch updates)."""
+    head: bool = False
+    """Quantize the LM head too (the embedding table stays float: it is read by rows)."""
+
+    def groups(self, bits: int) -> int:
+        """The group size in use for `bits`-bit weights (0: per channel)."""
+        return self.group_size if self.group_size >= 0 else (0 if bits == 8 else 128)
+
+    def validate(self) -> None:
+        check(self.bits in (4, 8), f"quant.bits={self.bits} must be 4 or 8")
+        check(self.group_size >= -1, f"quant.group_size={self.group_size} must be >= 0 (0: per channel)")
+        check(self.damp >= 0, f"quant.damp={self.damp} must be >= 0")
+        check(self.block_size > 0, f"quant.block_size={self.block_size} must be positive")
+
+
+@dataclass
+class PruneConfig:
+    sparsity: float = 0.5
+    """Share of each linear layer's weights set to zero (unstructured)."""
+    pattern: str = ""
+    """N:M semi-structured sparsity (e.g. 2:4: two zeros in every four inputs); empty: unstructured."""
+    heads: int = 0
+    """structured: attention heads removed per layer (whole kv groups where heads share keys)."""
+    neurons: int = 0
+    """structured: MLP neurons removed per layer."""
+    layers: int = 0
+    """structured: whole layers removed."""
+
+    def validate(self) -> None:
+        check(0.0 <= self.sparsity < 1.0, f"prune.sparsity={self.sparsity} must be in [0, 1)")
+        if self.pattern:
+            n, _, m = self.pattern.partition(":")
+            check(n.isdigit() and m.isdigit() and 0 < int(n) < int(m), f"prune.pattern={self.pattern!r} is not N:M")
+        for name in ("heads", "neurons", "layers"):
+            check(getattr(self, name) >= 0, f"prune.{name}={getattr(self, name)} must be >= 0")
+
+
+@dataclass
+class DistillConfig:
+    layers: int = 0
+    """Student layers (0: the teacher's), taken from the teacher's layers evenly spaced."""
+    dim: int = 0
+    """Student width (0: the teacher's); a narrower student starts from scratch."""
+    hidden_dim: int = 0
+    """Student MLP width (0: scaled with dim)."""
+    temperature: float = 2.0
+    """Softmax temperature of the logit KL."""
+    alpha: float = 0.5
+    """Weight of the KL term against the next-token loss."""
+    hidden_weight: float = 0.0
+    """Weight of the hidden-state MSE (with a learned projection when widths differ)."""
+    scratch: bool = True
+    """Also train the same student from scratch for the same steps, for the report."""
+
+    def validate(self) -> None:
+        check(self.temperature > 0, f"distill.temperature={self.temperature} must be > 0")
+        check(0 <= self.alpha <= 1, f"distill.alpha={self.alpha} must be in [0, 1]")
+        check(self.hidden_weight >= 0, f"distill.hidden_weight={self.hidden_weight} must be >= 0")
+
+
+@dataclass
+class LowRankConfig:
+    energy: float = 0.9
+    """Keep each matrix's smallest rank holding this share of its squared singular values."""
+    budget: float = 0.0
+    """Instead: a target share of the linear weights' size kept (0 < budget < 1); ranks chosen by energy globally."""
+    recover_steps: int = 0
+    """Recovery fine-tune steps on the calibration text after the factorisation (0: none)."""
+
+    def validate(self) -> None:
+        check(0 < self.energy <= 1, f"lowrank.energy={self.energy} must be in (0, 1]")
+        check(0 <= self.budget < 1, f"lowrank.budget={self.budget} must be in [0, 1)")
+        check(self.recover_steps >= 0, f"lowrank.recover_steps={self.recover_steps} must be >= 0")
+
+
+@dataclass
+class ShareConfig:
+    groups: int = 0
+    """Distinct layers kept (0: half the base's); consecutive layers share one block, initialised from their mean."""
+    recover_steps: int = 50
+    """Recovery fine-tune steps on the calibration text."""
+
+    def validate(self) -> None:
+        check(self.groups >= 0, f"share.groups={self.groups} must be >= 0")
+        check(self.recover_steps >= 0, f"share.recover_steps={self.recover_steps} must be >= 0")
+
+
+@dataclass
+class CompressConfig:
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="compressed"))
+    base: str = ""
+    """The run to compress: its folder, or its name under run.root."""
+    method: str = "int8"
+    """int8, int4, gptq, awq, nf4, ternary; magnitude, wanda, sparsegpt, structured; distill, lowrank, share."""
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    lowrank: LowRankConfig = field(default_factory=LowRankConfig)
+    share: ShareConfig = field(default_factory=ShareConfig)
+    train: SftTrainConfig = field(default_factory=lambda: SftTrainConfig(steps=100, lr=1e-4, samples=0))
+    """The loop of the methods that train (ternary's QAT, distill, lowrank's and share's recovery)."""
+
+    def validate(self) -> None:
+        methods = (*QUANT_METHODS, *PRUNE_METHODS, *OTHER_METHODS)
+        check(self.method in methods, f"method={self.method!r} is not a method; choose one of {', '.join(methods)}")
+        check(bool(self.base), "base is empty; name the run to compress (lmforge compress BASE method=...)")
+        base = resolve_run(self.base, self.run.root)
+        if latest_checkpoint(base) is None:
+            raise LmforgeError(f"base run {base} has no checkpoint; train it first (lmforge pretrain)")
+        if base.resolve() == (Path(self.run.root) / self.run.name).resolve():
+            raise LmforgeError(f"run.name={self.run.name} is the base run itself; give the compressed run a new name")
+        if self.method in NEEDS_CALIBRATION and not self.calibration.path:
+            raise LmforgeError(
+                f"method={self.method} needs calibration text; give calibration.path=FILE (a plain text file)"
+            )
