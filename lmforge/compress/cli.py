@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+from pathlib import Path
 
 from lmforge import report as run_report
 from lmforge.compress import main as compress_main
@@ -37,8 +39,15 @@ def command(args: argparse.Namespace) -> None:
     if "=" in base:
         raise LmforgeError(f"the first argument must be the base run, not {base!r} (lmforge compress BASE key=value)")
     cfg = load_config(CompressConfig, args.config, [f"base={base}", *overrides])
+    path = Path(cfg.run.root) / cfg.run.name
+    existed = path.exists()
     run = Run.from_config(cfg.run)
-    metrics = compress_main.main(cfg, run)
+    try:
+        metrics = compress_main.main(cfg, run)
+    except BaseException:
+        if not existed:  # a method that does not apply (or a crash) leaves no half-made run behind
+            shutil.rmtree(path, ignore_errors=True)
+        raise
     if os.environ.get("RANK", "0") == "0":
         print(f"report: {run_report.write_report(run.path)}")
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
