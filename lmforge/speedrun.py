@@ -3,7 +3,8 @@
 Run: `lmforge speedrun [depth=4] [run.name=speedrun]` (what `make run` does). The corpus goes through the data stages
 (lmforge/data/prepare.py) into the run folder's data/, then pre-training trains on its shards, then fine-tuning teaches
 the model to write a function from its description (pairs mined from the corpus) into the run `<run.name>-sft`, and DPO
-prefers each description's own function over another's (`<run.name>-dpo`). One
+prefers each description's own function over another's (`<run.name>-dpo`); last, the pre-trained model is quantized
+(`<run.name>-int8`, `-int4`, `-gptq`) and each is measured on the held-out text. One
 dial, `depth`, sets the model size; width, heads, learning rates, batch and steps are derived from it here and nowhere
 else.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from lmforge.align import preference
 from lmforge.align.config import AlignConfig, AlignDataConfig, DpoConfig
+from lmforge.compress import stage as compress_stage
 from lmforge.config import check, to_dict
 from lmforge.data import prepare
 from lmforge.data.config import DataPrepConfig
@@ -60,9 +62,15 @@ class SpeedrunConfig:
     the mined pairs)."""
     align_steps: int = 0
     """DPO steps after fine-tuning (0: a tenth of the pre-training steps, at least 2)."""
+    compress_methods: list[str] = field(default_factory=lambda: ["int8", "int4", "gptq"])
+    """The pre-trained model quantized by each of these at the end (see lmforge/compress/stage.py)."""
     device: str = "auto"
 
     def validate(self) -> None:
+        check(
+            set(self.compress_methods) <= set(compress_stage.METHODS),
+            f"compress_methods={list(self.compress_methods)} may hold only {', '.join(compress_stage.METHODS)}",
+        )
         check(1 <= self.depth <= 48, f"depth={self.depth} must be in 1..48")
         check(self.steps >= 0, f"steps={self.steps} must be >= 0")
         check(self.finetune_steps >= 0, f"finetune_steps={self.finetune_steps} must be >= 0")
@@ -137,7 +145,9 @@ def main(cfg: SpeedrunConfig, run: Run) -> dict[str, float]:
     stages = {"finetune_seconds": ft_seconds, "finetune_val_loss": ft["val_loss_after"]}
     stages |= {"align_seconds": align_seconds, "align_val_accuracy": dpo["val_accuracy_after"]}
     # the pre-trained model's held-out bits per byte and a next-line choice, in this run's eval section
-    return {**metrics, **stages, **heldout.main(run)}
+    evaluated = heldout.main(run)
+    # then the pre-trained model quantized, and each quantized run's held-out perplexity
+    return {**metrics, **stages, **evaluated, **compress_stage.main(run, cfg.run, cfg.compress_methods)}
 
 
 def _copy_summary(run: Run, stage_run: RunConfig, stage: str) -> None:

@@ -41,6 +41,11 @@ def test_speedrun_filters_its_corpus_then_trains_on_it(tmp_path, tiny_text):
     assert json.loads((tmp_path / "s-dpo/align_config.json").read_text())["policy"] == str(tmp_path / "s-sft")
     assert json.loads((run / "align.json").read_text())["training"]["steps"] == 2
     assert "## align" in (run / "report.md").read_text()
+    # last, the pre-trained model quantized three ways, each measured on the held-out text
+    rows = json.loads((run / "compress.json").read_text())
+    assert set(rows) == {"base", "int8", "int4", "gptq"} and abs(rows["int8"]["perplexity_change_pct"]) < 1
+    assert rows["int4"]["size_mib"] < rows["int8"]["size_mib"] < rows["base"]["size_mib"]
+    assert (tmp_path / "s-gptq/checkpoints").is_dir() and "## compress" in (run / "report.md").read_text()
 
 
 def test_speedrun_data_settings_are_validated():
