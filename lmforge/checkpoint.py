@@ -186,8 +186,9 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def load_run(run: str | Path, device: str | torch.device = "cpu"):
-    """The newest model of a run and its tokenizer, checked to share one vocabulary."""
+def load_run(run: str | Path, device: str | torch.device = "cpu", dense: bool = False):
+    """The newest model of a run and its tokenizer, checked to share one vocabulary. dense: a compressed model's
+    quantized or factorised layers become plain nn.Linear holding their dequantized weights (for training, export)."""
     from lmforge.run import resolve_run
     from lmforge.tokenizer import Tokenizer
 
@@ -203,4 +204,8 @@ def load_run(run: str | Path, device: str | torch.device = "cpu"):
         from lmforge.compress.store import check_tokenizer
 
         check_tokenizer(_find(run_dir), run_dir / "tokenizer.json")
+        if dense:
+            from lmforge.compress.modules import densify
+
+            densify(model)
     return model.eval(), tokenizer

@@ -114,7 +114,7 @@ def main(cfg: FinetuneConfig, run: Run) -> dict[str, float]:
     ranks = distributed.start(cfg.parallel, pick_device(tc.device))
     device, lead = ranks.device, ranks.rank == 0
     base = resolve_run(cfg.base, cfg.run.root)
-    model, tokenizer = load_run(base, device)
+    model, tokenizer = load_run(base, device, dense=True)  # a compressed base trains dequantized
     seq_len = cfg.data.seq_len or model.cfg.max_seq_len
     if seq_len > model.cfg.max_seq_len:
         raise LmforgeError(f"data.seq_len={seq_len} exceeds the base model's context {model.cfg.max_seq_len}")

@@ -312,7 +312,7 @@ def export_hf(run: str | Path, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     _check_new(out)
     transformers = _transformers()
-    model, tokenizer = load_run(run)
+    model, tokenizer = load_run(run, dense=True)
     tensors = _hf_tensors(model)
     config = _hf_config(model.cfg, hf_family(model.cfg), tokenizer, model.lm_head.weight.dtype)
     out.parent.mkdir(parents=True, exist_ok=True)

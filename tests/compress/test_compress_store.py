@@ -115,3 +115,20 @@ def test_a_compressed_run_is_not_compressed_again(tmp_path, tiny_run, capsys):
         main(["compress", str(out), "method=int4", f"run.root={tmp_path}", "run.name=again"])
     assert exit_.value.code == 2 and "already compressed (int8)" in capsys.readouterr().err
     assert not (tmp_path / "again").exists()
+
+
+def test_a_quantized_run_exports_to_transformers_and_fine_tunes_dequantized(tmp_path, tiny_run):
+    import transformers
+
+    from lmforge.interop.hf import export_hf
+
+    out = compress(tmp_path, tiny_run, "tiny-int4", "method=int4", "quant.group_size=32")
+    export_hf(out, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    model, tokenizer = load_run(out)
+    dense, _ = load_run(out, dense=True)
+    assert not any(isinstance(m, QuantLinear) for m in dense.modules())
+    ids = torch.tensor([tokenizer.encode("def f(x):\n    return x")])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(dense(ids), model(ids), rtol=1e-5, atol=1e-5)
