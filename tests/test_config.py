@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.align.config import AlignConfig
+from lmforge.compress.config import CompressConfig
 from lmforge.config import load_config
 from lmforge.data.prepare import DataPrepConfig
 from lmforge.errors import LmforgeError
@@ -29,6 +30,11 @@ def test_every_shipped_yaml_loads(path, tiny_run):
         data = Path(__file__).parent / "fixtures/alpaca_20.json"
         overrides = [f"policy={tiny_run}", f"data.path={data}", f"ppo.reward={tiny_run}"]
         assert isinstance(load_config(AlignConfig, path, overrides), AlignConfig)
+        return
+    if path.parent.name == "compress":  # the base run and the calibration text are named on the command line
+        text = Path(__file__).parent / "fixtures/tinyshakespeare_120k.txt"
+        overrides = [f"base={tiny_run}", f"calibration.path={text}"]
+        assert isinstance(load_config(CompressConfig, path, overrides), CompressConfig)
         return
     cfg_cls = {"pretrain": PretrainConfig, "speedrun": SpeedrunConfig, "data": DataPrepConfig}[path.parent.name]
     assert isinstance(load_config(cfg_cls, path), cfg_cls)
