@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,12 @@ from lmforge.compress import rtn
 from lmforge.compress.calibration import block_inputs, capture, run_blocks
 from lmforge.compress.modules import QuantLinear, linear_names
 from lmforge.errors import LmforgeError
+
+if TYPE_CHECKING:
+    from lmforge.compress.config import CompressConfig, QuantConfig
+    from lmforge.compress.main import Compressed
+    from lmforge.models import Decoder
+    from lmforge.run import Run
 
 GRID = 20  # alphas 0, 0.05, ..., 0.95 (AutoAWQ's n_grid); alpha = 0 is plain round to nearest
 SEARCH_WINDOWS = 2  # calibration windows the grid is scored on (the statistics use all): 20 passes cost CPU time
@@ -35,7 +41,7 @@ def fake_quant(w: Tensor, bits: int, group_size: int, symmetric: bool) -> Tensor
 
 @torch.no_grad()
 def search_scale(
-    x_mean: Tensor, linears: list[nn.Linear], run: Callable[[], list[Tensor]], quant
+    x_mean: Tensor, linears: list[nn.Linear], run: Callable[[], list[Tensor]], quant: QuantConfig
 ) -> tuple[Tensor, float, float]:
     """The per-input-channel scale for `linears` (sharing inputs whose mean |x| is x_mean) that minimises the MSE of
     run()'s outputs against their float values, each linear's weight fake-quantized as Q(W diag(s)) diag(s)^-1 ->
@@ -96,7 +102,7 @@ def inputs_of(model, block: nn.Module, name: str, xs: list[Tensor]) -> list[Tens
 
 
 @torch.no_grad()
-def scale_block(model, block: nn.Module, xs: list[Tensor], quant) -> dict[str, tuple[float, float]]:
+def scale_block(model, block: nn.Module, xs: list[Tensor], quant: QuantConfig) -> dict[str, tuple[float, float]]:
     """Search and fold the AWQ scales of one block in place -> {group: (its loss, round to nearest's loss)}."""
     attn, mlp, swiglu = block.attn, block.mlp, hasattr(block.mlp, "gate_up")
     first = mlp.gate_up if swiglu else mlp.up
@@ -130,7 +136,7 @@ def scale_block(model, block: nn.Module, xs: list[Tensor], quant) -> dict[str, t
     return {k: tuple(v) for k, v in losses.items()}
 
 
-def quantize_awq(model, windows: Tensor, quant, batch_size: int = 8) -> dict[str, Any]:
+def quantize_awq(model: Decoder, windows: Tensor, quant: QuantConfig, batch_size: int = 8) -> dict[str, Any]:
     """Scale (AWQ) and round every block linear of `model` to its QuantLinear, in place -> summary."""
     bits, size = quant.bits, quant.groups(quant.bits)
     rtn.check_groups(model, linear_names(model), size)
@@ -161,8 +167,8 @@ def quantize_awq(model, windows: Tensor, quant, batch_size: int = 8) -> dict[str
     }
 
 
-def compress(cfg, model, tokenizer, windows: Tensor, run):
+def compress(cfg: CompressConfig, model: Decoder, tokenizer, windows: Tensor, run: Run) -> Compressed:
     """main.METHODS["awq"]."""
-    from lmforge.compress.main import Compressed  # main imports this module to list it
+    from lmforge.compress.main import Compressed  # noqa: F811 (main imports this module to list it)
 
     return Compressed(model, quantize_awq(model, windows, cfg.quant))

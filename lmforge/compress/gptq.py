@@ -8,7 +8,7 @@ inputs, in lazy batches of quant.block_size columns; blocks in order, each seein
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -17,6 +17,12 @@ from lmforge.compress import rtn
 from lmforge.compress.calibration import block_inputs, block_linears, hessians, run_blocks
 from lmforge.compress.modules import QuantLinear, linear_names
 from lmforge.errors import LmforgeError
+
+if TYPE_CHECKING:
+    from lmforge.compress.config import CompressConfig, QuantConfig
+    from lmforge.compress.main import Compressed
+    from lmforge.models import Decoder
+    from lmforge.run import Run
 
 
 def inverse_hessian_factor(h: Tensor, damp: float) -> Tensor:
@@ -100,7 +106,7 @@ def output_error(w: Tensor, w_hat: Tensor, h: Tensor) -> float:
     return float(((d @ h) * d).sum() / (2 * w.shape[0]))
 
 
-def quantize_gptq(model, windows: Tensor, quant, batch_size: int = 8) -> dict[str, Any]:
+def quantize_gptq(model: Decoder, windows: Tensor, quant: QuantConfig, batch_size: int = 8) -> dict[str, Any]:
     """Replace every block linear of `model` by its GPTQ QuantLinear, in place -> summary (per-layer output MSE)."""
     bits, size = quant.bits, quant.groups(quant.bits)
     rtn.check_groups(model, linear_names(model), size)
@@ -129,8 +135,8 @@ def quantize_gptq(model, windows: Tensor, quant, batch_size: int = 8) -> dict[st
     return {"output_mse": sum(errors.values()), "layer_output_mse": errors}
 
 
-def compress(cfg, model, tokenizer, windows: Tensor, run):
+def compress(cfg: CompressConfig, model: Decoder, tokenizer, windows: Tensor, run: Run) -> Compressed:
     """main.METHODS["gptq"]."""
-    from lmforge.compress.main import Compressed  # main imports this module to list it
+    from lmforge.compress.main import Compressed  # noqa: F811 (main imports this module to list it)
 
     return Compressed(model, quantize_gptq(model, windows, cfg.quant))

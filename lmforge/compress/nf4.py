@@ -7,11 +7,19 @@ held as 4-bit NormalFloat codes in blocks of 64 with double-quantized absmax sca
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from lmforge.compress.modules import linear_names
 from lmforge.finetune.nf4 import NF4Linear
+
+if TYPE_CHECKING:
+    from lmforge.compress.config import CompressConfig
+    from lmforge.compress.main import Compressed
+    from lmforge.models import Decoder
+    from lmforge.run import Run
 
 
 @torch.no_grad()
@@ -22,9 +30,9 @@ def quantize_nf4_model(model: torch.nn.Module, head: bool = False) -> None:
         setattr(model.get_submodule(parent), attr, NF4Linear(model.get_submodule(name)))
 
 
-def compress(cfg, model, tokenizer, windows: Tensor | None, run):
+def compress(cfg: CompressConfig, model: Decoder, tokenizer, windows: Tensor | None, run: Run) -> Compressed:
     """main.METHODS["nf4"]."""
-    from lmforge.compress.main import Compressed  # main imports this module to list it
+    from lmforge.compress.main import Compressed  # noqa: F811 (main imports this module to list it)
 
     quantize_nf4_model(model, cfg.quant.head)
     return Compressed(model)
