@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmforge.errors import LmforgeError
+from lmforge.finetune.nf4 import NF4Linear
 
 
 def pack_codes(codes: Tensor, bits: int) -> Tensor:
@@ -88,8 +89,14 @@ def _int(old: nn.Linear, spec: dict[str, Any]) -> nn.Module:
     return QuantLinear(old.in_features, old.out_features, spec["bits"], spec["group_size"], old.bias is not None)
 
 
+def _nf4(old: nn.Linear, spec: dict[str, Any]) -> nn.Module:
+    return NF4Linear.empty(
+        old.in_features, old.out_features, spec["blocksize"], spec["double_quant"], old.bias is not None
+    )
+
+
 # spec kind -> (the module being replaced, its spec) -> an empty module of that kind, filled by loading the weights
-BUILDERS: dict[str, Callable[[nn.Module, dict[str, Any]], nn.Module]] = {"int": _int}
+BUILDERS: dict[str, Callable[[nn.Module, dict[str, Any]], nn.Module]] = {"int": _int, "nf4": _nf4}
 
 
 def install(model: nn.Module, modules: dict[str, dict[str, Any]]) -> nn.Module:

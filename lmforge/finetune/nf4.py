@@ -141,6 +141,35 @@ class NF4Linear(nn.Module):
             self.register_buffer("absmax", absmax)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
+    @classmethod
+    def empty(
+        cls, in_features: int, out_features: int, blocksize: int = 64, double_quant: bool = True, bias: bool = False
+    ) -> NF4Linear:
+        """An NF4Linear of zeros in the shapes an (out, in) weight quantizes to: what a saved one loads into (built
+        on any device, the meta device included, without quantizing anything)."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        n, blocks = in_features * out_features, -(-in_features * out_features // blocksize)
+        layer.shape, layer.blocksize, layer.double_quant = (
+            torch.Size([out_features, in_features]),
+            blocksize,
+            double_quant,
+        )
+        layer.in_features, layer.out_features = in_features, out_features
+        layer.register_buffer("packed", torch.zeros((n + 1) // 2, 1, dtype=torch.uint8))
+        if double_quant:
+            layer.register_buffer("absmax_q", torch.zeros(blocks, dtype=torch.uint8))
+            layer.register_buffer("absmax2", torch.zeros(-(-blocks // 256)))
+            layer.register_buffer("offset", torch.zeros(()))
+        else:
+            layer.register_buffer("absmax", torch.zeros(blocks))
+        layer.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        return layer
+
+    def spec(self) -> dict:
+        """What a compressed checkpoint's compression.json records to rebuild this layer (lmforge.compress)."""
+        return {"kind": "nf4", "blocksize": self.blocksize, "double_quant": self.double_quant}
+
     @property
     def weight(self) -> Tensor:
         """The dequantised weight (out, in), float32."""
