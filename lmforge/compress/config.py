@@ -79,6 +79,8 @@ class PruneConfig:
 
     def validate(self) -> None:
         check(0.0 <= self.sparsity < 1.0, f"prune.sparsity={self.sparsity} must be in [0, 1)")
+        if self.pattern.isdigit() and int(self.pattern) >= 60:  # YAML 1.1 reads an unquoted 2:4 as base 60: 124
+            self.pattern = f"{int(self.pattern) // 60}:{int(self.pattern) % 60}"
         if self.pattern:
             n, _, m = self.pattern.partition(":")
             check(n.isdigit() and m.isdigit() and 0 < int(n) < int(m), f"prune.pattern={self.pattern!r} is not N:M")
