@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -139,8 +138,12 @@ def structured(cfg: CompressConfig, model: Decoder, tokenizer, windows: Tensor |
     pruned = shrink(model, layers, groups, hidden)
     removed = {
         "layers": sorted(set(range(mcfg.n_layers)) - set(layers.tolist())),
-        "kv_heads": {i: sorted(set(range(mcfg.n_kv_heads)) - set(g.tolist())) for i, g in zip(layers.tolist(), groups)},
-        "neurons": {i: sorted(set(range(mcfg.hidden_dim)) - set(h.tolist())) for i, h in zip(layers.tolist(), hidden)},
+        "kv_heads": {
+            i: sorted(set(range(mcfg.n_kv_heads)) - set(groups[k].tolist())) for k, i in enumerate(layers.tolist())
+        },
+        "neurons": {
+            i: sorted(set(range(mcfg.hidden_dim)) - set(hidden[k].tolist())) for k, i in enumerate(layers.tolist())
+        },
     }
     run.write_json("structured_removed.json", removed)  # by the base's indices, for the test and the curious
     summary = {
