@@ -87,3 +87,18 @@ def test_removing_everything_exits_2_and_writes_nothing(tiny_run, tmp_path, caps
         compress(tiny_run, tmp_path, "gone", option)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "gone").exists()
+
+
+def test_heads_narrower_than_the_width_decode_on_the_cpu(tiny_run, tmp_path):
+    from lmforge.cpu.runner import numpy_step
+    from lmforge.models.kv_cache import KVCache
+
+    pruned = load_run(compress(tiny_run, tmp_path, "cpu", "prune.heads=2"))[0]
+    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = pruned(ids)[0]  # (T, V)
+        cache = KVCache(pruned.cfg, 1, 16)
+        pruned(ids[:, :6], cache=cache)
+        step = numpy_step(pruned, cache)
+        for t in range(6, 12):
+            torch.testing.assert_close(torch.from_numpy(step(int(ids[0, t]))), full[t], atol=1e-5, rtol=1e-5)
