@@ -63,6 +63,7 @@ def sparsity_summary(model: Decoder) -> dict[str, float]:
 
 @torch.no_grad()
 def prune_magnitude(model: Decoder, cfg: CompressConfig) -> None:
+    # one threshold per matrix: q, k and v (and gate and up) are fused here, so they share theirs
     for name in linear_names(model):
         weight = model.get_submodule(name).weight
         weight[prune_mask(weight.abs().float(), cfg, per_row=False)] = 0

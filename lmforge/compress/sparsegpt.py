@@ -58,7 +58,7 @@ def sparsegpt_weight(
             w = W1[:, i]
             err = torch.where(mask[:, i], w, 0.0) / d[i]  # (out,): the pruned weights over their pivot
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]  # zeroes the pruned w, moves the rest of the row
-            W1[:, i][mask[:, i]] = 0  # exactly zero, not a rounding residue
+            W1[:, i].masked_fill_(mask[:, i], 0.0)  # exactly zero, not a rounding residue
             errors[:, i] = err
         W[:, i1:i2] = W1
         W[:, i2:] -= errors @ U[i1:i2, i2:]
