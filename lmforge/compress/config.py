@@ -6,10 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmforge.checkpoint import latest_checkpoint
+from lmforge.checkpoint import latest_checkpoint, read_model_config
 from lmforge.config import check
 from lmforge.errors import LmforgeError
 from lmforge.finetune.config import SftTrainConfig
+from lmforge.models import ModelConfig
 from lmforge.run import RunConfig, resolve_run
 
 QUANT_METHODS = ("int8", "int4", "gptq", "awq", "nf4", "ternary")
@@ -67,7 +68,8 @@ class PruneConfig:
     sparsity: float = 0.5
     """Share of each linear layer's weights set to zero (unstructured)."""
     pattern: str = ""
-    """N:M semi-structured sparsity (e.g. 2:4: two zeros in every four inputs); empty: unstructured."""
+    """N:M semi-structured sparsity: N weights kept in every M consecutive inputs of a row (2:4 keeps two of four);
+    empty: unstructured."""
     heads: int = 0
     """structured: attention heads removed per layer (whole kv groups where heads share keys)."""
     neurons: int = 0
@@ -77,11 +79,38 @@ class PruneConfig:
 
     def validate(self) -> None:
         check(0.0 <= self.sparsity < 1.0, f"prune.sparsity={self.sparsity} must be in [0, 1)")
+        if self.pattern.isdigit() and int(self.pattern) >= 60:  # YAML 1.1 reads an unquoted 2:4 as base 60: 124
+            self.pattern = f"{int(self.pattern) // 60}:{int(self.pattern) % 60}"
         if self.pattern:
             n, _, m = self.pattern.partition(":")
             check(n.isdigit() and m.isdigit() and 0 < int(n) < int(m), f"prune.pattern={self.pattern!r} is not N:M")
         for name in ("heads", "neurons", "layers"):
             check(getattr(self, name) >= 0, f"prune.{name}={getattr(self, name)} must be >= 0")
+
+    def nm(self) -> tuple[int, int] | None:
+        """(N, M) of the N:M pattern, or None for unstructured sparsity."""
+        n, _, m = self.pattern.partition(":")
+        return (int(n), int(m)) if self.pattern else None
+
+    def check_model(self, model: ModelConfig, method: str) -> None:
+        """Refuse, before any run folder exists, a prune the base's shapes cannot take."""
+        if method == "structured":
+            check(self.heads or self.neurons or self.layers, "structured pruning needs prune.heads, neurons or layers")
+            group = model.n_heads // model.n_kv_heads
+            check(
+                self.heads % group == 0,
+                f"prune.heads={self.heads} must be a multiple of {group}: heads sharing a kv head go together",
+            )
+            for name, limit in (("heads", model.n_heads), ("neurons", model.hidden_dim), ("layers", model.n_layers)):
+                check(
+                    getattr(self, name) < limit,
+                    f"prune.{name}={getattr(self, name)} would remove every one of the {limit} {name}; give fewer",
+                )
+            check(not self.heads or model.pos != "alibi", "prune.heads cannot remove ALiBi heads (slopes by index)")
+        elif self.pattern and method in ("magnitude", "wanda", "sparsegpt"):
+            m = self.nm()[1]
+            for width in (model.dim, model.n_heads * model.head_dim, model.hidden_dim):
+                check(width % m == 0, f"prune.pattern={self.pattern}: {m} does not divide a layer's {width} inputs")
 
 
 @dataclass
@@ -159,6 +188,8 @@ class CompressConfig:
             raise LmforgeError(f"base run {base} has no checkpoint; train it first (lmforge pretrain)")
         if base.resolve() == (Path(self.run.root) / self.run.name).resolve():
             raise LmforgeError(f"run.name={self.run.name} is the base run itself; give the compressed run a new name")
+        if self.method in PRUNE_METHODS:
+            self.prune.check_model(read_model_config(latest_checkpoint(base)), self.method)
         if self.method in NEEDS_CALIBRATION and not self.calibration.path:
             raise LmforgeError(
                 f"method={self.method} needs calibration text; give calibration.path=FILE (a plain text file)"

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from lmforge.checkpoint import latest_checkpoint, load_run
-from lmforge.compress import awq, gptq, nf4, rtn
+from lmforge.compress import awq, gptq, nf4, prune, rtn, sparsegpt, structured
 from lmforge.compress.calibration import calibration_windows
 from lmforge.compress.config import CompressConfig
 from lmforge.compress.store import save_compressed
@@ -58,6 +58,10 @@ METHODS: dict[str, Method] = {
     "gptq": gptq.compress,
     "awq": awq.compress,
     "nf4": nf4.compress,
+    "magnitude": prune.magnitude,
+    "wanda": prune.wanda,
+    "sparsegpt": sparsegpt.sparsegpt,
+    "structured": structured.structured,
 }
 
 

@@ -130,6 +130,8 @@ def write_gguf(model: Decoder, tokenizer: Tokenizer, path: str | Path, name: str
         w.add_head_count(cfg.n_heads)
         w.add_head_count_kv(cfg.n_kv_heads)
         w.add_rope_dimension_count(cfg.head_dim)
+        w.add_key_length(cfg.head_dim)  # llama.cpp assumes dim / n_heads without them (pruned heads keep their width)
+        w.add_value_length(cfg.head_dim)
         w.add_rope_freq_base(cfg.rope_theta)
         w.add_layer_norm_rms_eps(cfg.norm_eps)
         w.add_tokenizer_model("gpt2")

@@ -52,6 +52,8 @@ def hf_family(cfg: ModelConfig) -> str:
     wrong = {f: {k: v for k, v in want.items() if getattr(cfg, k) != v} for f, want in FAMILIES.items()}
     if cfg.n_kv_heads != cfg.n_heads:  # GPT-2 attention has no grouped keys and values
         wrong["gpt2"]["n_kv_heads"] = cfg.n_heads
+    if cfg.n_heads * cfg.head_dim != cfg.dim:  # GPT-2's heads always split the width
+        wrong["gpt2"]["head_size"] = 0
     if cfg.mlp == "gelu_tanh":  # GPT-2's own activation, "gelu_new" in its config
         wrong["gpt2"].pop("mlp")
     family = min(wrong, key=lambda f: len(wrong[f]))
@@ -212,11 +214,9 @@ def _need(c: dict[str, Any], key: str, where: Path) -> Any:
 
 def _llama_model_config(c: dict[str, Any], where: Path) -> dict[str, Any]:
     dim, heads = _need(c, "hidden_size", where), _need(c, "num_attention_heads", where)
-    if c.get("head_dim") not in (None, dim // heads) or dim % heads:
-        raise LmforgeError(
-            f"{where}: head_dim={c.get('head_dim')} differs from hidden_size/num_attention_heads={dim}/{heads}; "
-            "lmforge models have head_dim = dim / n_heads, so this model cannot be imported"
-        )
+    head_dim = c.get("head_dim") or dim // heads
+    if not head_dim:
+        raise LmforgeError(f"{where}: num_attention_heads={heads} exceeds hidden_size={dim} and no head_dim is given")
     if c.get("attention_bias") or c.get("mlp_bias"):
         raise LmforgeError(
             f"{where}: attention_bias/mlp_bias are set, but lmforge's llama-style layers have no biases; "
@@ -239,6 +239,7 @@ def _llama_model_config(c: dict[str, Any], where: Path) -> dict[str, Any]:
         n_heads=heads,
         n_kv_heads=c.get("num_key_value_heads") or heads,
         hidden_dim=_need(c, "intermediate_size", where),
+        head_size=0 if head_dim * heads == dim else head_dim,  # pruned heads keep their width
         max_seq_len=c.get("max_position_embeddings", 2048),
         norm_eps=c.get("rms_norm_eps", 1e-6),
         rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),

@@ -56,6 +56,8 @@ class ModelConfig:
     """Key/value heads: n_heads for MHA, fewer for GQA, 1 for MQA."""
     hidden_dim: int = 256
     """Feed-forward inner width."""
+    head_size: int = 0
+    """Width of each attention head (0: dim // n_heads); structured pruning keeps it when it removes heads."""
     max_seq_len: int = 128
     """Context length (training window and the largest KV cache)."""
     pos: Literal["learned", "sinusoidal", "rope", "alibi"] = "rope"
@@ -82,12 +84,16 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.head_size or self.dim // self.n_heads
 
     def validate(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len"):
             check(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be positive")
-        check(self.dim % self.n_heads == 0, f"model.n_heads={self.n_heads} must divide model.dim={self.dim}")
+        check(self.head_size >= 0, f"model.head_size={self.head_size} must be >= 0 (0: dim // n_heads)")
+        check(
+            self.head_size or self.dim % self.n_heads == 0,
+            f"model.n_heads={self.n_heads} must divide model.dim={self.dim} (or give model.head_size)",
+        )
         check(
             self.n_heads % self.n_kv_heads == 0,
             f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads} (1 = MQA, n_heads = MHA)",
@@ -101,9 +107,9 @@ class ModelConfig:
     def num_params(self, embeddings: bool = True) -> int:
         """Parameter count, computed from the shapes (equals the built model's)."""
         C, H = self.dim, self.hidden_dim
-        kv = self.n_kv_heads * self.head_dim
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         b = 1 if self.bias else 0
-        attn = C * (C + 2 * kv) + C * C + b * (C + 2 * kv + C)
+        attn = C * (q + 2 * kv) + q * C + b * (q + 2 * kv + C)
         mlp = (3 * C * H) if self.mlp == "swiglu" else (2 * C * H + b * (H + C))
         norm = C * (2 if self.norm == "layernorm" and self.bias else 1)
         total = self.n_layers * (attn + mlp + 2 * norm) + norm
@@ -119,7 +125,7 @@ class ModelConfig:
         (Kaplan et al., 2020; PaLM appendix B)."""
         T = seq_len or self.max_seq_len
         C, H = self.dim, self.hidden_dim
-        kv = self.n_kv_heads * self.head_dim
-        matmul = self.n_layers * (2 * C * C + 2 * C * kv + (3 if self.mlp == "swiglu" else 2) * C * H)
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        matmul = self.n_layers * (2 * C * q + 2 * C * kv + (3 if self.mlp == "swiglu" else 2) * C * H)
         matmul += self.vocab_size * C
-        return 6 * matmul + 12 * self.n_layers * T * C
+        return 6 * matmul + 12 * self.n_layers * T * q
