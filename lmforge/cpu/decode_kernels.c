@@ -4,6 +4,9 @@
  * `threads` OpenMP threads. */
 
 #include <math.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
@@ -146,6 +149,209 @@ void lmforge_gemm(const float *x, long xs, const float *w, float *y, long ys, in
     gemm(x, xs, w, y, ys, M, K, N, 0, threads);
 }
 
+/* Unaligned vector loads and stores. GCC 12's tuning for recent Xeons splits a 64-byte memcpy into two 32-byte moves
+ * through the stack, and the product then reads the vector back (a store-forwarding stall per load): the intrinsics
+ * are one instruction. */
+static inline vec load(const float *p) {
+#if defined(__AVX512F__) && VW == 16
+    return (vec)_mm512_loadu_ps(p);
+#elif defined(__AVX2__) && VW == 8
+    return (vec)_mm256_loadu_ps(p);
+#else
+    vec v;
+    memcpy(&v, p, sizeof v);
+    return v;
+#endif
+}
+
+static inline void store(float *p, vec v) {
+#if defined(__AVX512F__) && VW == 16
+    _mm512_storeu_ps(p, (__m512)v);
+#elif defined(__AVX2__) && VW == 8
+    _mm256_storeu_ps(p, (__m256)v);
+#else
+    memcpy(p, &v, sizeof v);
+#endif
+}
+
+/* Integer weights (QuantLinear's: w = (code - zero) * scale per group of input columns), read where they lie, with no
+ * float copy. A product with one row reads nn.Linear's row order: int8 codes one a byte, int4 codes two a byte (column
+ * 2j in the low nibble of byte j, 2j + 1 in the high one); each code is widened to a float, shifted by its zero, and
+ * multiplied by x in fp32 (no rounding of the activations), and the group's sum is scaled once: batch-1 decode is bound
+ * by memory, which reads 1/4 (int8) or 1/8 (int4) of the fp32 weight's bytes. Many rows read a copy of the codes in
+ * panels (the layout of gemm's fp32 panels, the same bytes as the codes), dequantized a block at a time into a buffer
+ * the fp32 tiles then stream through from L1: the widening is paid once for all the rows. */
+typedef unsigned char bvec __attribute__((vector_size(VW), aligned(1)));
+#define KC 128 /* rows of a panel dequantized at a time: KC x PW floats, 32 KB with AVX-512, within L1 */
+
+/* One linear layer's weight W (N, K): bits 32, fp32 (data: row-major W, or gemm's panels); bits 8 or 4, codes (data:
+ * row-major, or panels: int8 (panels, K, PW) bytes, int4 (panels, K, PW / 2) bytes whose byte j holds column j in its
+ * low nibble and column j + PW / 2 in its high one), with scales and zeros (N, groups) row-major, or for panels scales
+ * and offsets (-zero * scale) as (panels, groups, PW). */
+typedef struct {
+    const void *data;
+    const float *scales, *zeros;
+    int bits, group_size;
+} lmforge_matrix;
+
+/* The VW codes of b as floats. GCC 12 turns __builtin_convertvector from bytes into a byte-by-byte loop (6x slower
+ * than fp32's product); on x86 the intrinsics give one zero-extension and one conversion. */
+static inline vec widen(bvec b) {
+#if defined(__AVX512F__) && VW == 16
+    __m128i v;
+    memcpy(&v, &b, sizeof v);
+    return (vec)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v));
+#elif defined(__AVX2__) && VW == 8
+    long long v;
+    memcpy(&v, &b, sizeof v);
+    return (vec)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(v)));
+#else
+    return __builtin_convertvector(b, vec);
+#endif
+}
+
+static inline float lanes_sum(vec v) {
+    float s = 0.0f;
+    for (int i = 0; i < VW; i++) s += v[i];
+    return s;
+}
+
+/* y = W x (add: y += W x) for W's codes in row order; threads split the rows. */
+static void qgemv(const lmforge_matrix *m, const float *x, float *y, int rows, int cols, int add, int threads) {
+    const int bits = m->bits, gs = m->group_size, groups = cols / gs;
+    const long row_bytes = (long)cols * bits / 8;
+    const unsigned char *codes = m->data;
+    /* int4, groups of whole 2 VW-column blocks: x's columns reordered to match each block's VW bytes, the even columns
+     * (low nibbles) then the odd ones (high nibbles) */
+    const int blocks4 = bits == 4 && gs % (2 * VW) == 0;
+    float *xp = NULL;
+    if (blocks4) {
+        xp = malloc(sizeof(float) * (size_t)cols);
+        for (int b = 0; b < cols; b += 2 * VW)
+            for (int i = 0; i < VW; i++) xp[b + i] = x[b + 2 * i], xp[b + VW + i] = x[b + 2 * i + 1];
+    }
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int r = 0; r < rows; r++) {
+        const unsigned char *row = codes + (long)r * row_bytes;
+        const float *scale = m->scales + (long)r * groups, *zero = m->zeros + (long)r * groups;
+        vec total = (vec){0};
+        float tail = 0.0f;
+        for (int g = 0; g < groups; g++) {
+            const int k0 = g * gs;
+            const vec z = (vec){0} + zero[g];
+            vec acc0 = (vec){0}, acc1 = (vec){0};
+            int k = k0;
+            if (bits == 8) {
+                for (; k + 2 * VW <= k0 + gs; k += 2 * VW) {
+                    bvec b0, b1;
+                    memcpy(&b0, row + k, VW), memcpy(&b1, row + k + VW, VW);
+                    acc0 += (widen(b0) - z) * load(x + k);
+                    acc1 += (widen(b1) - z) * load(x + k + VW);
+                }
+                for (; k + VW <= k0 + gs; k += VW) {
+                    bvec b0;
+                    memcpy(&b0, row + k, VW);
+                    acc0 += (widen(b0) - z) * load(x + k);
+                }
+                float rest = 0.0f;
+                for (; k < k0 + gs; k++) rest += ((float)row[k] - zero[g]) * x[k];
+                tail += rest * scale[g];
+            } else if (blocks4) {
+                for (; k < k0 + gs; k += 2 * VW) {
+                    bvec b;
+                    memcpy(&b, row + k / 2, VW);
+                    acc0 += (widen(b & 15) - z) * load(xp + k);
+                    acc1 += (widen(b >> 4) - z) * load(xp + k + VW);
+                }
+            } else {
+                float rest = 0.0f;
+                for (; k < k0 + gs; k++) rest += ((float)((row[k / 2] >> (4 * (k & 1))) & 15) - zero[g]) * x[k];
+                tail += rest * scale[g];
+            }
+            total += (acc0 + acc1) * scale[g];
+        }
+        const float sum = lanes_sum(total) + tail;
+        y[r] = add ? y[r] + sum : sum;
+    }
+    free(xp);
+}
+
+/* Rows k0 .. k0 + kc - 1 of a panel of codes as floats, (kc, PW), into buf: w = code * scale + offset. */
+static void dequantize_panel(const lmforge_matrix *m, const unsigned char *panel, const float *scales,
+                             const float *offsets, int k0, int kc, float *buf) {
+    const int gs = m->group_size;
+    for (int k = k0; k < k0 + kc; k++) {
+        const float *s = scales + (long)(k / gs) * PW, *o = offsets + (long)(k / gs) * PW;
+        float *out = buf + (long)(k - k0) * PW;
+        vec w[4];
+        if (m->bits == 8) {
+            for (int j = 0; j < 4; j++) {
+                bvec b;
+                memcpy(&b, panel + (long)k * PW + j * VW, VW);
+                w[j] = widen(b);
+            }
+        } else {
+            bvec b0, b1;
+            memcpy(&b0, panel + (long)k * (PW / 2), VW), memcpy(&b1, panel + (long)k * (PW / 2) + VW, VW);
+            w[0] = widen(b0 & 15), w[1] = widen(b1 & 15), w[2] = widen(b0 >> 4), w[3] = widen(b1 >> 4);
+        }
+        for (int j = 0; j < 4; j++) {
+            store(out + j * VW, w[j] * load(s + j * VW) + load(o + j * VW));
+        }
+    }
+}
+
+/* M rows of x times one dequantized block (K, PW) of a panel, into y (add: y +=): gemm's tiles. */
+static void block_product(int M, const float *x, long xs, const float *w, float *y, long ys, int K, int add) {
+    const long ws = PW;
+    const int n = 0;
+    ROW_TILES(4, w, NULL)
+}
+
+/* y = x W^T (add: y += x W^T) for M rows of x (M, K) and W's codes in panels; threads split the panels. A panel
+ * right of column N (the last, padded) is computed into a buffer and only its columns left of N are written. */
+static void qgemm(const float *x, long xs, const lmforge_matrix *m, float *y, long ys, int M, int K, int N, int add,
+                  int threads) {
+    const int panels = (N + PW - 1) / PW, groups = K / m->group_size;
+    const long panel_bytes = (long)K * PW * m->bits / 8;
+#pragma omp parallel num_threads(threads)
+    {
+        float *buf = aligned_alloc(64, sizeof(float) * KC * PW);
+        float *edge_y = NULL;
+#pragma omp for schedule(static)
+        for (int p = 0; p < panels; p++) {
+            const unsigned char *panel = (const unsigned char *)m->data + p * panel_bytes;
+            const float *scales = m->scales + (long)p * groups * PW, *offsets = m->zeros + (long)p * groups * PW;
+            const int whole = (p + 1) * PW <= N;
+            if (!whole && !edge_y) edge_y = malloc(sizeof(float) * (size_t)M * PW);
+            float *out = whole ? y + (long)p * PW : edge_y;
+            const long os = whole ? ys : PW;
+            for (int k0 = 0; k0 < K; k0 += KC) {
+                const int kc = MIN(KC, K - k0);
+                dequantize_panel(m, panel, scales, offsets, k0, kc, buf);
+                block_product(M, x + k0, xs, buf, out, os, kc, (whole && add) || k0 > 0);
+            }
+            if (!whole)
+                for (int i = 0; i < M; i++)
+                    for (int c = 0; c < N - p * PW; c++) {
+                        float *yc = y + (long)i * ys + (long)p * PW + c;
+                        *yc = add ? *yc + edge_y[(long)i * PW + c] : edge_y[(long)i * PW + c];
+                    }
+        }
+        free(buf);
+        free(edge_y);
+    }
+}
+
+void lmforge_qgemv(const lmforge_matrix *m, const float *x, float *y, int rows, int cols, int threads) {
+    qgemv(m, x, y, rows, cols, 0, threads);
+}
+
+void lmforge_qgemm(const float *x, long xs, const lmforge_matrix *m, float *y, long ys, int M, int K, int N,
+                   int threads) {
+    qgemm(x, xs, m, y, ys, M, K, N, 0, threads);
+}
+
 /* y = x rotated by RoPE's half-split layout (cos, sin: the (D,) rows of its position; NULL: no rotation), times
  * scale. */
 static void rotate(const float *x, const float *cos, const float *sin, float *y, int D, float scale) {
@@ -175,12 +381,6 @@ static inline float exp_nonpositive(float x) {
     float scale;
     memcpy(&scale, &bits, sizeof scale);
     return p * scale;
-}
-
-static inline vec load(const float *p) {
-    vec v;
-    memcpy(&v, p, sizeof v);
-    return v;
 }
 
 /* out[0..3] = the lane sums of a, b, c and d: three rounds of adding halves, ~13 instructions for four sums */
@@ -418,44 +618,55 @@ void lmforge_rmsnorm(const float *x, long xs, const float *w, float *y, long ys,
     }
 }
 
-/* A Llama-style decoder's layers: per layer six addresses in weights (see lmforge_layers), their sizes and heads. */
+/* A Llama-style decoder's layers: per layer two norm weights and four linear layers' weights, their sizes and
+ * heads. */
 typedef struct {
     int n_layers, dim, hidden;
-    const float *const *weights;
+    const float *const *norms;
+    const lmforge_matrix *matrices;
     int packed;
     float eps;
     lmforge_heads heads;
 } lmforge_stack;
 
+/* out (M, N) = in (M, K) W^T (add: out +=) for a weight of any kind: fp32 or integer codes, in panels (packed) or in
+ * rows (one row of in). */
+static void product(const lmforge_matrix *m, int packed, const float *in, int K, float *out, int N, int M, int add,
+                    int threads) {
+    if (m->bits == 32 && packed)
+        gemm(in, K, m->data, out, N, M, K, N, add, threads);
+    else if (m->bits == 32)
+        gemv(m->data, K, in, out, N, K, add, threads);
+    else if (packed)
+        qgemm(in, K, m, out, N, M, K, N, add, threads);
+    else
+        qgemv(m, in, out, N, K, add, threads);
+}
+
 /* Every layer of a Llama-style decoder (RMSNorm, SwiGLU, no biases) over the M rows of x (M, C), in place: per layer
- * x += proj(attention(qkv(norm(x)))), then x += down(silu(gate) * up(norm(x))). weights: per layer six addresses, the
- * attention norm's (C,) weight, then qkv's and proj's, the MLP norm's weight, then gate_up's and down's: packed W^T
- * (see gemm), or with packed 0 (one row only) nn.Linear's row-major W, through gemv; pools: every layer's; the step's
- * chunks as for lmforge_attention. scratch: M (C + (Hq + 2 Hkv) D +
- * Hq D + 3 H) floats. One call a step instead of ~10 per layer from Python. */
+ * x += proj(attention(qkv(norm(x)))), then x += down(silu(gate) * up(norm(x))). norms: per layer the attention norm's
+ * and the MLP norm's (C,) weights; matrices: per layer qkv, proj, gate_up and down, fp32 or integer codes, in panels
+ * (packed) or, with packed 0 (one row only), in nn.Linear's row order; pools: every layer's; the step's chunks as for
+ * lmforge_attention. scratch: M (C + (Hq + 2 Hkv) D + Hq D + 3 H) floats. One call a step instead of ~10 per layer
+ * from Python. */
 void lmforge_layers(float *x, int M, const lmforge_stack *stack, const lmforge_pool *pools,
                     const lmforge_chunks *chunks, float *scratch, int threads) {
     const int C = stack->dim, L = stack->n_layers, H = stack->hidden, packed = stack->packed;
     const int Hq = stack->heads.n_heads, Hkv = stack->heads.n_kv_heads, D = stack->heads.head_dim;
-    const float *const *weights = stack->weights, eps = stack->eps;
+    const float eps = stack->eps;
     const int W = (Hq + 2 * Hkv) * D, A = Hq * D;
     float *normed = scratch, *qkv = normed + (long)M * C, *attended = qkv + (long)M * W;
     float *gate_up = attended + (long)M * A, *hidden = gate_up + (long)M * 2 * H;
-#define PRODUCT(IN, K, WEIGHT, OUT, N, ADD)                                                                           \
-    if (packed)                                                                                                       \
-        gemm(IN, K, WEIGHT, OUT, N, M, K, N, ADD, threads);                                                           \
-    else                                                                                                              \
-        gemv(WEIGHT, K, IN, OUT, N, K, ADD, threads);
     for (int l = 0; l < L; l++) {
-        const float *const *w = weights + 6L * l;
-        lmforge_rmsnorm(x, C, w[0], normed, C, M, C, eps, threads);
-        PRODUCT(normed, C, w[1], qkv, W, 0)
+        const float *const *norm = stack->norms + 2L * l;
+        const lmforge_matrix *w = stack->matrices + 4L * l;
+        lmforge_rmsnorm(x, C, norm[0], normed, C, M, C, eps, threads);
+        product(w, packed, normed, C, qkv, W, M, 0, threads);
         lmforge_attention(qkv, W, pools + l, chunks, &stack->heads, attended, A, threads);
-        PRODUCT(attended, A, w[2], x, C, 1)
-        lmforge_rmsnorm(x, C, w[3], normed, C, M, C, eps, threads);
-        PRODUCT(normed, C, w[4], gate_up, 2 * H, 0)
+        product(w + 1, packed, attended, A, x, C, M, 1, threads);
+        lmforge_rmsnorm(x, C, norm[1], normed, C, M, C, eps, threads);
+        product(w + 2, packed, normed, C, gate_up, 2 * H, M, 0, threads);
         lmforge_silu_mul(gate_up, 2L * H, hidden, H, M, H, threads);
-        PRODUCT(hidden, H, w[5], x, C, 1)
+        product(w + 3, packed, hidden, H, x, C, M, 1, threads);
     }
-#undef PRODUCT
 }

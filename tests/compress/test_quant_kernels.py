@@ -1,0 +1,98 @@
+"""The integer-weight C kernels (cpu/native.py qmatvec, qmatmul, layers over QuantLinear codes) against QuantLinear's
+own torch forward, and the serving engine and batch-1 decode on int8 and int4 models against the torch path's tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge import sampling
+from lmforge.compress.modules import QuantLinear
+from lmforge.compress.rtn import quantize_rtn, quantize_weight
+from lmforge.cpu import native
+from lmforge.cpu.allowlist import unsupported_reason
+from lmforge.cpu.decode import _quantized
+from lmforge.cpu.runner import CpuRunner
+from lmforge.models import ModelConfig, build_model
+from lmforge.serve.engine import Engine, EngineConfig, SamplingParams
+from lmforge.serve.generate import generate_tokens
+from lmforge.tokenizer import Tokenizer, TokenizerConfig
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="the C kernels are not built here")
+
+# (bits, group_size, symmetric): int8 per channel as `lmforge compress method=int8` writes it, int4 per group, and
+# groups that the kernels' vector paths cannot take whole (16; per channel over 96 inputs)
+FORMATS = [(8, 0, True), (8, 0, False), (8, 32, False), (4, 32, True), (4, 64, False), (4, 128, True), (4, 16, True)]
+
+
+def quant_linear(out_features: int, in_features: int, bits: int, group_size: int, symmetric: bool) -> QuantLinear:
+    w = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(out_features))
+    return QuantLinear.from_codes(*quantize_weight(w, bits, group_size, symmetric), bits)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+def test_integer_products_match_quantlinear(fmt, threads):
+    bits, group_size, symmetric = fmt
+    for out_features, in_features in [(7, 128), (97, 256), (130, 384 if group_size != 16 else 96)]:
+        layer = quant_linear(out_features, in_features, bits, group_size, symmetric)
+        weight = _quantized(layer)
+        matvec, matmul = native.qmatvec(weight, threads), native.qmatmul(weight, threads)
+        for rows in (1, 3, 7, 13):
+            x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
+            expected = layer(x.double()).numpy()  # the dequantized weight, in float64
+            scale = np.abs(expected).max()
+            np.testing.assert_allclose(matmul(x.numpy()), expected, rtol=0, atol=2e-6 * scale * in_features**0.5)
+            np.testing.assert_allclose(matvec(x[0].numpy()), expected[0], rtol=0, atol=2e-6 * scale * in_features**0.5)
+
+
+TINY = dict(vocab_size=263, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=64)
+LLAMA = dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False)
+GREEDY = SamplingParams(max_tokens=16, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer.train([], 263, TokenizerConfig(kind="byte"))
+
+
+def quantized_model(bits: int, group_size: int, symmetric: bool, head: bool):
+    model = build_model(ModelConfig(**TINY, **LLAMA, init_std=0.5), seed=0).eval()
+    quantize_rtn(model, bits, group_size, symmetric, head)
+    return model
+
+
+@pytest.mark.parametrize(
+    "bits, group_size, symmetric, head", [(8, 0, True, True), (4, 32, True, False), (4, 64, False, True)]
+)
+def test_engine_and_batch1_decode_give_the_torch_tokens(tokenizer, bits, group_size, symmetric, head):
+    model, eos = quantized_model(bits, group_size, symmetric, head), tokenizer.eos_id
+    assert unsupported_reason(model) is None
+    gen = torch.Generator().manual_seed(bits)
+    batch = [[1, *torch.randint(7, 200, (n,), generator=gen).tolist()] for n in (1, 5, 12, 19, 3)]
+    expected = [list(sampling.generate_tokens(model, p, GREEDY.max_tokens, stop_ids={eos})) for p in batch]
+    engine = Engine(model, tokenizer, EngineConfig(block_size=4, max_batched_tokens=9))
+    assert isinstance(engine.runner, CpuRunner)
+    assert [o.token_ids for o in engine.generate(batch, GREEDY)] == expected
+    assert [list(generate_tokens(model, p, 16, stop_ids={eos}, backend="numpy")) for p in batch] == expected
+
+
+def test_the_allowlist_takes_quantlinear_only_with_the_kernels(monkeypatch):
+    model = quantized_model(8, 0, True, False)
+    assert unsupported_reason(model) is None
+
+    class Other(QuantLinear):  # a subclass may compute something else
+        pass
+
+    down = model.layers[0].mlp.down
+    model.layers[0].mlp.down = Other(down.in_features, down.out_features, 8, 0)
+    assert "Other" in unsupported_reason(model)
+    model.layers[0].mlp.down = down
+    monkeypatch.setenv("LMFORGE_NATIVE", "0")
+    native._library.cache_clear()
+    try:
+        assert "C kernels" in unsupported_reason(model)
+    finally:
+        monkeypatch.delenv("LMFORGE_NATIVE")
+        native._library.cache_clear()
