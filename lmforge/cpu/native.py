@@ -80,6 +80,7 @@ def _library() -> ctypes.CDLL | None:
     library.lmforge_gemv.argtypes = [p, n, p, p, i, i, i]
     library.lmforge_gemm.argtypes = [p, n, p, p, n, i, i, i, i]
     library.lmforge_panel_width.restype = i
+    library.lmforge_vnni.restype = i
     library.lmforge_attention.argtypes = [p, n, ref(KVPool), ref(_ChunksArg), ref(_Heads), p, n, i]
     library.lmforge_layers.argtypes = [p, i, ref(_Stack), ref(KVPool), ref(_ChunksArg), p, i]
     library.lmforge_qgemv.argtypes = [ref(_Matrix), p, p, i, i, i]
@@ -255,9 +256,15 @@ def pack_quantized(q: Quantized, width: int) -> tuple[np.ndarray, np.ndarray, np
     return np.ascontiguousarray(codes), per_panel(q.scales), per_panel(-q.zeros * q.scales)
 
 
+def rounds_activations(q: Quantized) -> bool:
+    """Whether qmatvec rounds x to int8 in blocks of 32 for q (llama.cpp's Q8_0 activations, ~0.5-1% of the product's
+    size): with AVX-512 VNNI, for groups of whole 64-column chunks. qmatmul and the fp32 kernels never do."""
+    return available() and bool(_library().lmforge_vnni()) and q.group_size % 64 == 0
+
+
 def qmatvec(q: Quantized, threads: int, reuse_output: bool = False) -> Callable[[np.ndarray], np.ndarray] | None:
-    """x (in,) -> W x (out,) for an integer weight, reading its codes where they are (lmforge_qgemv: activations stay
-    fp32); None without the kernels. reuse_output as for matmul."""
+    """x (in,) -> W x (out,) for an integer weight, reading its codes where they are (lmforge_qgemv; see
+    rounds_activations); None without the kernels. reuse_output as for matmul."""
     if (library := _library()) is None:
         return None
     (rows, cols), matrix = q.check().shape, _matrix(q[:3], q.bits, q.group_size)

@@ -13,8 +13,8 @@ from lmforge.compress.rtn import quantize_rtn, quantize_weight
 from lmforge.cpu import native
 from lmforge.cpu.allowlist import unsupported_reason
 from lmforge.cpu.decode import _quantized
-from lmforge.cpu.runner import CpuRunner
-from lmforge.models import ModelConfig, build_model
+from lmforge.cpu.runner import CpuRunner, numpy_step
+from lmforge.models import KVCache, ModelConfig, build_model
 from lmforge.serve.engine import Engine, EngineConfig, SamplingParams
 from lmforge.serve.generate import generate_tokens
 from lmforge.tokenizer import Tokenizer, TokenizerConfig
@@ -44,7 +44,11 @@ def test_integer_products_match_quantlinear(fmt, threads):
             expected = layer(x.double()).numpy()  # the dequantized weight, in float64
             scale = np.abs(expected).max()
             np.testing.assert_allclose(matmul(x.numpy()), expected, rtol=0, atol=2e-6 * scale * in_features**0.5)
-            np.testing.assert_allclose(matvec(x[0].numpy()), expected[0], rtol=0, atol=2e-6 * scale * in_features**0.5)
+            got = matvec(x[0].numpy())
+            if native.rounds_activations(weight):  # llama.cpp's Q8_0 scheme: x rounded to int8 in blocks of 32
+                assert np.linalg.norm(got - expected[0]) < 2e-2 * np.linalg.norm(expected[0])
+            else:
+                np.testing.assert_allclose(got, expected[0], rtol=0, atol=2e-6 * scale * in_features**0.5)
 
 
 TINY = dict(vocab_size=263, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=64)
@@ -57,25 +61,51 @@ def tokenizer() -> Tokenizer:
     return Tokenizer.train([], 263, TokenizerConfig(kind="byte"))
 
 
-def quantized_model(bits: int, group_size: int, symmetric: bool, head: bool):
-    model = build_model(ModelConfig(**TINY, **LLAMA, init_std=0.5), seed=0).eval()
+def quantized_model(bits: int, group_size: int, symmetric: bool, head: bool, init_std: float = 0.5):
+    model = build_model(ModelConfig(**TINY, **LLAMA, init_std=init_std), seed=0).eval()
     quantize_rtn(model, bits, group_size, symmetric, head)
     return model
 
 
-@pytest.mark.parametrize(
-    "bits, group_size, symmetric, head", [(8, 0, True, True), (4, 32, True, False), (4, 64, False, True)]
-)
-def test_engine_and_batch1_decode_give_the_torch_tokens(tokenizer, bits, group_size, symmetric, head):
+CASES = [(8, 0, True, True), (4, 32, True, False), (4, 64, False, True)]  # bits, group_size, symmetric, head
+
+
+@pytest.mark.parametrize("bits, group_size, symmetric, head", CASES)
+def test_the_engine_gives_the_torch_tokens(tokenizer, bits, group_size, symmetric, head):
     model, eos = quantized_model(bits, group_size, symmetric, head), tokenizer.eos_id
     assert unsupported_reason(model) is None
     gen = torch.Generator().manual_seed(bits)
-    batch = [[1, *torch.randint(7, 200, (n,), generator=gen).tolist()] for n in (1, 5, 12, 19, 3)]
+    batch = [[1, *torch.randint(7, 200, (n,), generator=gen).tolist()] for n in (1, 12, 19)]
     expected = [list(sampling.generate_tokens(model, p, GREEDY.max_tokens, stop_ids={eos})) for p in batch]
     engine = Engine(model, tokenizer, EngineConfig(block_size=4, max_batched_tokens=9))
     assert isinstance(engine.runner, CpuRunner)
-    assert [o.token_ids for o in engine.generate(batch, GREEDY)] == expected
-    assert [list(generate_tokens(model, p, 16, stop_ids={eos}, backend="numpy")) for p in batch] == expected
+    assert [o.token_ids for o in engine.generate(batch, GREEDY)] == expected  # fp32 activations: the same sums
+
+
+@pytest.mark.parametrize("bits, group_size, symmetric, head", CASES)
+def test_batch1_decode_follows_the_torch_logits(bits, group_size, symmetric, head):
+    """Batch-1 steps may round activations to int8 (native.rounds_activations, as llama.cpp's Q8_0 does): a random
+    model's near ties can then flip a greedy token, so the steps are checked on the torch model's own tokens: logits
+    within 5% (as a norm; 1e-5 without rounding) and the torch token wherever its lead over the runner-up exceeds twice
+    the largest error. init_std 0.1: at 0.5 the random layers amplify the rounding to ~20% of the logits."""
+    model = quantized_model(bits, group_size, symmetric, head, init_std=0.1)
+    rounds = native.rounds_activations(_quantized(model.layers[0].attn.qkv))
+    prompt = [1, 40, 41, 42, 43]
+    tokens = list(sampling.generate_tokens(model, prompt, GREEDY.max_tokens))
+    cache = KVCache(model.cfg, 1, len(prompt) + len(tokens))
+    with torch.inference_mode():
+        model(torch.tensor([prompt]), cache=cache, last_only=True)
+        step = numpy_step(model, cache)
+        for i, token in enumerate(tokens[:-1]):
+            got = torch.from_numpy(step(token).copy())
+            want = model(torch.tensor([prompt + tokens[: i + 1]]))[0, -1]
+            assert (got - want).norm() <= (5e-2 if rounds else 1e-5) * want.norm()
+            error = (got - want).abs().max()
+            top2 = want.topk(2).values
+            if top2[0] - top2[1] > 2 * error:
+                assert int(got.argmax()) == tokens[i + 1]
+    if not rounds:  # the same sums in another order: the same tokens
+        assert list(generate_tokens(model, prompt, GREEDY.max_tokens, backend="numpy")) == tokens
 
 
 def test_the_allowlist_takes_quantlinear_only_with_the_kernels(monkeypatch):
