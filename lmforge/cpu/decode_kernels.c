@@ -218,65 +218,72 @@ static inline float lanes_sum(vec v) {
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 /* With AVX-512 VNNI, one row times int8 or int4 codes as llama.cpp's Q8_0 and Q4_0 dot products do: x rounded to int8
- * in blocks of 32 (a scale each), and 64 products of code and activation summed into 16 int32 lanes by one vpdpbusd,
- * against ~16 instructions to widen 64 codes to floats and multiply them: the float product ran at ~6 GB/s of codes a
- * core, short of memory's speed. The product moves by ~0.5-1% of its size (the int8 grid of each block's largest
- * value), as much as int8 weights' own rounding. Chunks of 64 columns: int4's 32 bytes hold the even columns in their low nibbles and the
- * odd ones in their high ones, so x is reordered to match. */
+ * in blocks of 32 columns (a scale each), and 64 products of code and activation summed into 16 int32 lanes by one
+ * vpdpbusd, against ~16 instructions to widen 64 codes to floats and multiply them (the float product ran at ~6 GB/s
+ * of codes a core, short of memory's speed). The product moves by ~0.5-1% of its size (the int8 grid of each block's
+ * largest value), as much as int8 weights' own rounding. A chunk of 64 columns is two blocks, A and B: int8's 64 bytes
+ * put A's products in lanes 0-7 and B's in 8-15; int4's 32 bytes hold the even columns in their low nibbles and the odd
+ * ones in their high ones, so the codes come out as A's even, B's even, A's odd, B's odd columns (lanes 0-3, 4-7,
+ * 8-11, 12-15) and x is stored in that order. */
 #define VNNI 1
 typedef struct {
-    signed char *xq;  /* (K,) x's int8 values, in the codes' column order */
-    float *lanes;     /* (K / 64, 16) per chunk: lanes 0-7 the first block's scale, lanes 8-15 the second's */
-    float *shift;     /* (groups,) sum over the group's blocks of scale * sum of the block's int8 values */
+    signed char *xq; /* (K,) x's int8 values, in the codes' order */
+    float *lanes;    /* (K / 64, 16) per chunk and lane, the scale of the lane's block */
+    float *shift;    /* (groups,) sum over the group's blocks of scale * sum of the block's int8 values */
 } qx;
 
 static qx quantize_x(const float *x, int K, int bits, int gs) {
-    qx q = {aligned_alloc(64, (size_t)K), aligned_alloc(64, sizeof(float) * (size_t)K / 4), malloc(sizeof(float) *
-                                                                                                        (size_t)(K / gs))};
-    float block[32];
+    qx q = {aligned_alloc(64, (size_t)K), aligned_alloc(64, sizeof(float) * (size_t)K / 4),
+            calloc((size_t)(K / gs), sizeof(float))};
     for (int b = 0; b < K / 32; b++) {
-        const int c = b / 2, half = b % 2; /* chunk of 64, and which 32 of it */
-        for (int i = 0; i < 32; i++) block[i] = bits == 8 ? x[b * 32 + i] : x[c * 64 + 2 * i + half];
+        const int c = b / 2, half = b % 2; /* chunk, and A or B */
+        const float *xb = x + b * 32;
         float top = 0.0f;
-        for (int i = 0; i < 32; i++) top = fabsf(block[i]) > top ? fabsf(block[i]) : top;
+        for (int i = 0; i < 32; i++) top = fabsf(xb[i]) > top ? fabsf(xb[i]) : top;
         const float d = top / 127.0f, inverse = top > 0.0f ? 127.0f / top : 0.0f;
         int sum = 0;
-        for (int i = 0; i < 32; i++) sum += q.xq[b * 32 + i] = (signed char)lrintf(block[i] * inverse);
-        for (int i = 0; i < 8; i++) q.lanes[c * 16 + half * 8 + i] = d;
-        if (b * 32 % gs == 0) q.shift[b * 32 / gs] = 0.0f;
+        for (int i = 0; i < 32; i++) {
+            const int at = bits == 8 ? half * 32 + i : (i % 2) * 32 + half * 16 + i / 2;
+            sum += q.xq[c * 64 + at] = (signed char)lrintf(xb[i] * inverse);
+        }
+        for (int lane = 0; lane < 16; lane++)
+            if ((bits == 8 ? lane / 8 : lane / 4 % 2) == half) q.lanes[c * 16 + lane] = d;
         q.shift[b * 32 / gs] += d * (float)sum;
     }
     return q;
 }
 
+static inline __attribute__((always_inline)) __m512i chunk_codes(const unsigned char *row, int c, int bits) {
+    if (bits == 8) return _mm512_loadu_si512(row + (long)c * 64);
+    const __m256i b = _mm256_loadu_si256((const __m256i *)(row + (long)c * 32));
+    return _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(b), _mm256_srli_epi16(b, 4), 1),
+                            _mm512_set1_epi8(15));
+}
+
 static void vnni_gemv(const lmforge_matrix *m, const float *x, float *y, int rows, int cols, int add, int threads) {
-    const int bits = m->bits, gs = m->group_size, groups = cols / gs;
+    const int bits = m->bits, gs = m->group_size, groups = cols / gs, chunks = cols / 64;
     const long row_bytes = (long)cols * bits / 8;
     const qx q = quantize_x(x, cols, bits, gs);
-    const __m512i low = _mm512_set1_epi8(15);
+    const __mmask16 b_lanes = bits == 8 ? 0xFF00 : 0xF0F0;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int r = 0; r < rows; r++) {
         const unsigned char *row = (const unsigned char *)m->data + (long)r * row_bytes;
         const float *scale = m->scales + (long)r * groups, *zero = m->zeros + (long)r * groups;
         __m512 total = _mm512_setzero_ps();
         float shift = 0.0f;
-        for (int g = 0; g < groups; g++) {
-            __m512 acc = _mm512_setzero_ps();
-            for (int c = g * gs / 64; c < (g + 1) * gs / 64; c++) {
-                __m512i codes;
-                if (bits == 8) {
-                    codes = _mm512_loadu_si512(row + (long)c * 64);
-                } else {
-                    const __m256i b = _mm256_loadu_si256((const __m256i *)(row + (long)c * 32));
-                    codes = _mm512_and_si512(
-                        _mm512_inserti64x4(_mm512_castsi256_si512(b), _mm256_srli_epi16(b, 4), 1), low);
-                }
-                const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, _mm512_load_si512(q.xq + c * 64));
-                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_load_ps(q.lanes + c * 16), acc);
+        for (int c = 0; c < chunks; c++) {
+            const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), chunk_codes(row, c, bits),
+                                                    _mm512_load_si512(q.xq + c * 64));
+            if (groups == 1) { /* one scale per row (int8 per channel): applied once, at the end */
+                total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_load_ps(q.lanes + c * 16), total);
+                continue;
             }
-            total = _mm512_fmadd_ps(acc, _mm512_set1_ps(scale[g]), total);
-            shift += scale[g] * zero[g] * q.shift[g];
+            const __m512 s = _mm512_mask_blend_ps(b_lanes, _mm512_set1_ps(scale[c * 64 / gs]),
+                                                  _mm512_set1_ps(scale[(c * 64 + 32) / gs]));
+            total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(_mm512_load_ps(q.lanes + c * 16), s), total);
         }
+        if (groups == 1) total = _mm512_mul_ps(total, _mm512_set1_ps(scale[0]));
+        for (int g = 0; g < groups; g++) shift += scale[g] * zero[g] * q.shift[g];
         const float sum = _mm512_reduce_add_ps(total) - shift;
         y[r] = add ? y[r] + sum : sum;
     }
@@ -289,7 +296,7 @@ static void vnni_gemv(const lmforge_matrix *m, const float *x, float *y, int row
 /* y = W x (add: y += W x) for W's codes in row order; threads split the rows. */
 static void qgemv(const lmforge_matrix *m, const float *x, float *y, int rows, int cols, int add, int threads) {
 #if VNNI
-    if (m->group_size % 64 == 0) {
+    if (m->group_size % 32 == 0 && cols % 64 == 0) {
         vnni_gemv(m, x, y, rows, cols, add, threads);
         return;
     }
@@ -419,7 +426,7 @@ static void qgemm(const float *x, long xs, const lmforge_matrix *m, float *y, lo
     }
 }
 
-/* Whether lmforge_qgemv rounds x to int8 (AVX-512 VNNI) for groups of whole 64-column chunks. */
+/* Whether lmforge_qgemv rounds x to int8 (AVX-512 VNNI) for groups of 32 columns or a multiple, 64 dividing K. */
 int lmforge_vnni(void) { return VNNI; }
 
 void lmforge_qgemv(const lmforge_matrix *m, const float *x, float *y, int rows, int cols, int threads) {

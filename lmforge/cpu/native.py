@@ -258,8 +258,9 @@ def pack_quantized(q: Quantized, width: int) -> tuple[np.ndarray, np.ndarray, np
 
 def rounds_activations(q: Quantized) -> bool:
     """Whether qmatvec rounds x to int8 in blocks of 32 for q (llama.cpp's Q8_0 activations, ~0.5-1% of the product's
-    size): with AVX-512 VNNI, for groups of whole 64-column chunks. qmatmul and the fp32 kernels never do."""
-    return available() and bool(_library().lmforge_vnni()) and q.group_size % 64 == 0
+    size): with AVX-512 VNNI, for groups of 32 columns or a multiple, 64 dividing the columns. qmatmul and the fp32
+    kernels never do."""
+    return available() and bool(_library().lmforge_vnni()) and q.group_size % 32 == 0 and q.shape[1] % 64 == 0
 
 
 def qmatvec(q: Quantized, threads: int, reuse_output: bool = False) -> Callable[[np.ndarray], np.ndarray] | None:
