@@ -391,6 +391,125 @@ static void block_product(int M, const float *x, long xs, const float *w, float 
     ROW_TILES(4, w, NULL)
 }
 
+#if VNNI
+/* Many rows times integer codes with VNNI: each row of x rounded to int8 in blocks of 32 (as vnni_gemv), the codes in
+ * panels of 64 columns laid out for vpdpbusd: per 4 rows k of W^T, 16 columns' 4 codes side by side in each of 4
+ * vectors (int8: 256 bytes; int4: 128, vector 2h in the low nibbles of 64 bytes, 2h + 1 in their high ones). A tile of
+ * 3 rows of x sums 4 products per lane and instruction into 12 int32 accumulators over a block of 32 k, then scales
+ * them into 12 float ones: scale (weight group's) x scale (x block's), less scale x zero x the block's sum of x. */
+#define VR 3
+typedef struct {
+    signed char *xq; /* (M, K) */
+    float *d, *e;    /* (M, K / 32): each block's scale, and scale x sum of its int8 values */
+} qrows;
+
+static qrows quantize_rows(const float *x, long xs, int M, int K) {
+    qrows q = {malloc((size_t)M * K), malloc(sizeof(float) * (size_t)M * K / 32),
+               malloc(sizeof(float) * (size_t)M * K / 32)};
+    for (int i = 0; i < M; i++)
+        for (int b = 0; b < K / 32; b++) {
+            const float *xb = x + (long)i * xs + b * 32;
+            float top = 0.0f;
+            for (int k = 0; k < 32; k++) top = fabsf(xb[k]) > top ? fabsf(xb[k]) : top;
+            const float d = top / 127.0f, inverse = top > 0.0f ? 127.0f / top : 0.0f;
+            int sum = 0;
+            for (int k = 0; k < 32; k++) sum += q.xq[(long)i * K + b * 32 + k] = (signed char)lrintf(xb[k] * inverse);
+            q.d[(long)i * (K / 32) + b] = d, q.e[(long)i * (K / 32) + b] = d * (float)sum;
+        }
+    return q;
+}
+
+static inline __attribute__((always_inline)) void vnni_tile(const int mr, const qrows *q, int i0, int K,
+                                                            const unsigned char *panel, int bits, const float *s,
+                                                            const float *sz, int gs, float *y, long ys, int add) {
+    const int nb = K / 32, quad = bits == 8 ? 256 : 128;
+    const __m512i low = _mm512_set1_epi8(15);
+    __m512 fa[VR][4];
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < 4; j++) fa[i][j] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        __m512i ia[VR][4];
+        for (int i = 0; i < mr; i++)
+            for (int j = 0; j < 4; j++) ia[i][j] = _mm512_setzero_si512();
+        for (int k4 = b * 8; k4 < b * 8 + 8; k4++) {
+            const unsigned char *wk = panel + (long)k4 * quad;
+            __m512i w[4];
+            if (bits == 8)
+                for (int j = 0; j < 4; j++) w[j] = _mm512_loadu_si512(wk + j * 64);
+            else
+                for (int h = 0; h < 2; h++) {
+                    const __m512i word = _mm512_loadu_si512(wk + h * 64);
+                    w[2 * h] = _mm512_and_si512(word, low);
+                    w[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(word, 4), low);
+                }
+            for (int i = 0; i < mr; i++) {
+                int four;
+                memcpy(&four, q->xq + (long)(i0 + i) * K + k4 * 4, 4);
+                const __m512i xb = _mm512_set1_epi32(four);
+                for (int j = 0; j < 4; j++) ia[i][j] = _mm512_dpbusd_epi32(ia[i][j], w[j], xb);
+            }
+        }
+        const int g = b * 32 / gs;
+        for (int j = 0; j < 4; j++) {
+            const __m512 sj = _mm512_loadu_ps(s + g * 64 + j * 16), szj = _mm512_loadu_ps(sz + g * 64 + j * 16);
+            for (int i = 0; i < mr; i++) {
+                const long at = (long)(i0 + i) * nb + b;
+                fa[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[i][j]), _mm512_mul_ps(sj, _mm512_set1_ps(q->d[at])),
+                                           fa[i][j]);
+                fa[i][j] = _mm512_fnmadd_ps(szj, _mm512_set1_ps(q->e[at]), fa[i][j]);
+            }
+        }
+    }
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < 4; j++) {
+            float *yij = y + (long)(i0 + i) * ys + j * 16;
+            store(yij, add ? load(yij) + (vec)fa[i][j] : (vec)fa[i][j]);
+        }
+}
+
+/* y = x W^T (add: y +=) over VNNI panels (see vnni_tile); threads split the panels, the last (padded) one computed
+ * into a buffer. */
+static void vnni_gemm(const float *x, long xs, const lmforge_matrix *m, float *y, long ys, int M, int K, int N,
+                      int add, int threads) {
+    const int panels = (N + 63) / 64, groups = K / m->group_size;
+    const long panel_bytes = (long)K * 64 * m->bits / 8;
+    const qrows q = quantize_rows(x, xs, M, K);
+#pragma omp parallel num_threads(threads)
+    {
+        float *edge_y = NULL;
+#pragma omp for schedule(static)
+        for (int p = 0; p < panels; p++) {
+            const unsigned char *panel = (const unsigned char *)m->data + p * panel_bytes;
+            const float *s = m->scales + (long)p * groups * 64, *sz = m->zeros + (long)p * groups * 64;
+            const int whole = (p + 1) * 64 <= N;
+            if (!whole && !edge_y) edge_y = malloc(sizeof(float) * (size_t)M * 64);
+            float *out = whole ? y + (long)p * 64 : edge_y;
+            const long os = whole ? ys : 64;
+            const int tile_add = whole && add;
+            for (int i0 = 0; i0 < M; i0 += VR) {
+                switch (MIN(VR, M - i0)) {
+                case 1: vnni_tile(1, &q, i0, K, panel, m->bits, s, sz, m->group_size, out, os, tile_add); break;
+                case 2: vnni_tile(2, &q, i0, K, panel, m->bits, s, sz, m->group_size, out, os, tile_add); break;
+                default: vnni_tile(3, &q, i0, K, panel, m->bits, s, sz, m->group_size, out, os, tile_add);
+                }
+            }
+            if (!whole)
+                for (int i = 0; i < M; i++)
+                    for (int c = 0; c < N - p * 64; c++) {
+                        float *yc = y + (long)i * ys + (long)p * 64 + c;
+                        *yc = add ? *yc + edge_y[(long)i * 64 + c] : edge_y[(long)i * 64 + c];
+                    }
+        }
+        free(edge_y);
+    }
+    free(q.xq), free(q.d), free(q.e);
+}
+#endif
+
+/* Whether lmforge_qgemm reads VNNI panels (vnni_gemm: codes, scales and scale x zero) rather than float ones (qgemm:
+ * codes, scales and offsets) for K columns in groups of gs. */
+int lmforge_vnni_panels(int K, int gs) { return VNNI && PW == 64 && K % 32 == 0 && gs % 32 == 0; }
+
 /* y = x W^T (add: y += x W^T) for M rows of x (M, K) and W's codes in panels; threads split the panels. A panel
  * right of column N (the last, padded) is computed into a buffer and only its columns left of N are written. */
 static void qgemm(const float *x, long xs, const lmforge_matrix *m, float *y, long ys, int M, int K, int N, int add,
@@ -435,6 +554,12 @@ void lmforge_qgemv(const lmforge_matrix *m, const float *x, float *y, int rows, 
 
 void lmforge_qgemm(const float *x, long xs, const lmforge_matrix *m, float *y, long ys, int M, int K, int N,
                    int threads) {
+#if VNNI
+    if (lmforge_vnni_panels(K, m->group_size)) {
+        vnni_gemm(x, xs, m, y, ys, M, K, N, 0, threads);
+        return;
+    }
+#endif
     qgemm(x, xs, m, y, ys, M, K, N, 0, threads);
 }
 
@@ -723,6 +848,10 @@ static void product(const lmforge_matrix *m, int packed, const float *in, int K,
         gemm(in, K, m->data, out, N, M, K, N, add, threads);
     else if (m->bits == 32)
         gemv(m->data, K, in, out, N, K, add, threads);
+#if VNNI
+    else if (packed && lmforge_vnni_panels(K, m->group_size))
+        vnni_gemm(in, K, m, out, N, M, K, N, add, threads);
+#endif
     else if (packed)
         qgemm(in, K, m, out, N, M, K, N, add, threads);
     else

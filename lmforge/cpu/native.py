@@ -81,6 +81,8 @@ def _library() -> ctypes.CDLL | None:
     library.lmforge_gemm.argtypes = [p, n, p, p, n, i, i, i, i]
     library.lmforge_panel_width.restype = i
     library.lmforge_vnni.restype = i
+    library.lmforge_vnni_panels.argtypes = [i, i]
+    library.lmforge_vnni_panels.restype = i
     library.lmforge_attention.argtypes = [p, n, ref(KVPool), ref(_ChunksArg), ref(_Heads), p, n, i]
     library.lmforge_layers.argtypes = [p, i, ref(_Stack), ref(KVPool), ref(_ChunksArg), p, i]
     library.lmforge_qgemv.argtypes = [ref(_Matrix), p, p, i, i, i]
@@ -237,30 +239,46 @@ def _matrix(arrays: tuple[np.ndarray, ...], bits: int, group_size: int) -> _Matr
 
 
 def pack_quantized(q: Quantized, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The codes of q in panels of `width` columns of W^T, as lmforge_qgemm reads them: (codes, scales, offsets) with
-    int8 codes (panels, K, width), int4 (panels, K, width / 2) bytes (column j of a panel in the low nibble of byte j,
-    column j + width / 2 in its high one), scales and offsets = -zero * scale (panels, groups, width), zero right of
-    the last column. The same bytes as q's codes: a quantized copy for many-row products, as `matmul` keeps for fp32."""
+    """The codes of q in panels of `width` columns of W^T, as lmforge_qgemm reads them, with their scales and a second
+    per-column table (panels, groups, width), zero right of the last column. With VNNI panels (lmforge_vnni_panels):
+    per 4 rows of W^T, each 16 columns' 4 codes side by side (int8 (panels, K / 4, width, 4); int4 (panels, K / 4, 2,
+    64) bytes, vectors 2h and 2h + 1 in the low and high nibbles of 64 bytes h) and scale x zero. Else (float panels):
+    int8 (panels, K, width), int4 (panels, K, width / 2) bytes (column j in the low nibble of byte j, column j + width /
+    2 in its high one), and offsets -zero x scale. The same bytes as q's codes: a quantized copy for many-row products,
+    as `matmul` keeps one for fp32."""
     (N, K), panels = q.shape, -(-q.shape[0] // width)
     pad = panels * width - N
     codes = q.codes if q.bits == 8 else np.stack([q.codes & 15, q.codes >> 4], axis=-1).reshape(N, K)
-    codes = np.concatenate([codes, np.zeros((pad, K), np.uint8)])
-    codes = codes.reshape(panels, width, K).transpose(0, 2, 1)  # (panels, K, width)
-    if q.bits == 4:
-        codes = codes[..., : width // 2] | (codes[..., width // 2 :] << 4)
+    codes = np.concatenate([codes, np.zeros((pad, K), np.uint8)]).reshape(panels, width, K)
+    vnni = _library().lmforge_vnni_panels(K, q.group_size)
+    if vnni:
+        codes = codes.reshape(panels, width, K // 4, 4).transpose(0, 2, 1, 3)  # (panels, K / 4, width, 4)
+        if q.bits == 4:
+            vectors = codes.reshape(panels, K // 4, 2, 2, 64)  # (.., h, low/high, 16 columns x 4)
+            codes = vectors[:, :, :, 0] | (vectors[:, :, :, 1] << 4)
+    else:
+        codes = codes.transpose(0, 2, 1)  # (panels, K, width)
+        if q.bits == 4:
+            codes = codes[..., : width // 2] | (codes[..., width // 2 :] << 4)
 
     def per_panel(a: np.ndarray) -> np.ndarray:  # (N, groups) -> (panels, groups, width)
         a = np.concatenate([a, np.zeros((pad, a.shape[1]), np.float32)])
         return np.ascontiguousarray(a.reshape(panels, width, -1).transpose(0, 2, 1))
 
-    return np.ascontiguousarray(codes), per_panel(q.scales), per_panel(-q.zeros * q.scales)
+    second = q.zeros * q.scales if vnni else -q.zeros * q.scales
+    return np.ascontiguousarray(codes), per_panel(q.scales), per_panel(second)
 
 
-def rounds_activations(q: Quantized) -> bool:
-    """Whether qmatvec rounds x to int8 in blocks of 32 for q (llama.cpp's Q8_0 activations, ~0.5-1% of the product's
-    size): with AVX-512 VNNI, for groups of 32 columns or a multiple, 64 dividing the columns. qmatmul and the fp32
-    kernels never do."""
-    return available() and bool(_library().lmforge_vnni()) and q.group_size % 32 == 0 and q.shape[1] % 64 == 0
+def rounds_activations(q: Quantized, rows: int) -> bool:
+    """Whether a product of `rows` rows with q rounds them to int8 in blocks of 32 (llama.cpp's Q8_0 activations,
+    ~0.5-1% of the product's size): with AVX-512 VNNI, for groups of 32 columns or a multiple; qmatvec (one row) where
+    64 divides the columns, qmatmul where 32 does (lmforge_vnni_panels). The fp32 kernels never do."""
+    if not available() or not _library().lmforge_vnni():
+        return False
+    K = q.shape[1]
+    return (
+        q.group_size % 32 == 0 and K % 64 == 0 if rows == 1 else bool(_library().lmforge_vnni_panels(K, q.group_size))
+    )
 
 
 def qmatvec(q: Quantized, threads: int, reuse_output: bool = False) -> Callable[[np.ndarray], np.ndarray] | None:

@@ -42,13 +42,18 @@ def test_integer_products_match_quantlinear(fmt, threads):
         for rows in (1, 3, 7, 13):
             x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
             expected = layer(x.double()).numpy()  # the dequantized weight, in float64
-            scale = np.abs(expected).max()
-            np.testing.assert_allclose(matmul(x.numpy()), expected, rtol=0, atol=2e-6 * scale * in_features**0.5)
-            got = matvec(x[0].numpy())
-            if native.rounds_activations(weight):  # llama.cpp's Q8_0 scheme: x rounded to int8 in blocks of 32
-                assert np.linalg.norm(got - expected[0]) < 2e-2 * np.linalg.norm(expected[0])
-            else:
-                np.testing.assert_allclose(got, expected[0], rtol=0, atol=2e-6 * scale * in_features**0.5)
+            close(matmul(x.numpy()), expected, native.rounds_activations(weight, rows))
+            close(matvec(x[0].numpy()), expected[0], native.rounds_activations(weight, 1))
+
+
+def close(got: np.ndarray, expected: np.ndarray, rounds: bool) -> None:
+    """Rounding x to int8 in blocks of 32 (llama.cpp's Q8_0 activations) moves a product by ~1% of its size; without
+    it the sums differ only by their order."""
+    if rounds:
+        assert np.linalg.norm(got - expected) < 2e-2 * np.linalg.norm(expected)
+    else:
+        tolerance = 2e-6 * np.abs(expected).max() * expected.shape[-1] ** 0.5
+        np.testing.assert_allclose(got, expected, rtol=0, atol=tolerance)
 
 
 TINY = dict(vocab_size=263, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=64)
@@ -72,14 +77,28 @@ CASES = [(8, 0, True, True), (4, 32, True, False), (4, 64, False, True)]  # bits
 
 @pytest.mark.parametrize("bits, group_size, symmetric, head", CASES)
 def test_the_engine_gives_the_torch_tokens(tokenizer, bits, group_size, symmetric, head):
-    model, eos = quantized_model(bits, group_size, symmetric, head), tokenizer.eos_id
+    """With VNNI the engine's products round activations (see the batch-1 test), which can flip a near tie of this
+    random model: its tokens must be torch's up to a token whose lead over the runner-up is under 3% of the logits'
+    spread (the flips seen here came at 0.5-1.6%; init_std 0.1 keeps the model from amplifying the rounding)."""
+    model, eos = quantized_model(bits, group_size, symmetric, head, init_std=0.1), tokenizer.eos_id
     assert unsupported_reason(model) is None
     gen = torch.Generator().manual_seed(bits)
     batch = [[1, *torch.randint(7, 200, (n,), generator=gen).tolist()] for n in (1, 12, 19)]
     expected = [list(sampling.generate_tokens(model, p, GREEDY.max_tokens, stop_ids={eos})) for p in batch]
     engine = Engine(model, tokenizer, EngineConfig(block_size=4, max_batched_tokens=9))
     assert isinstance(engine.runner, CpuRunner)
-    assert [o.token_ids for o in engine.generate(batch, GREEDY)] == expected  # fp32 activations: the same sums
+    rounds = native.rounds_activations(_quantized(model.layers[0].attn.qkv), 2)
+    for prompt, want, out in zip(batch, expected, engine.generate(batch, GREEDY), strict=True):
+        differ = next((i for i, (a, b) in enumerate(zip(out.token_ids, want, strict=True)) if a != b), None)
+        assert differ is None or (rounds and leads(model, prompt, want)[differ] < 0.03)
+
+
+@torch.inference_mode()
+def leads(model, prompt: list[int], tokens: list[int]) -> list[float]:
+    """Per greedy token of the torch model, its lead over the runner-up, in standard deviations of the logits."""
+    logits = model(torch.tensor([prompt + tokens]))[0, len(prompt) - 1 : -1]  # (len(tokens), V)
+    top2 = logits.topk(2).values
+    return ((top2[:, 0] - top2[:, 1]) / logits.std(dim=-1)).tolist()
 
 
 @pytest.mark.parametrize("bits, group_size, symmetric, head", CASES)
@@ -89,7 +108,7 @@ def test_batch1_decode_follows_the_torch_logits(bits, group_size, symmetric, hea
     within 5% (as a norm; 1e-5 without rounding) and the torch token wherever its lead over the runner-up exceeds twice
     the largest error. init_std 0.1: at 0.5 the random layers amplify the rounding to ~20% of the logits."""
     model = quantized_model(bits, group_size, symmetric, head, init_std=0.1)
-    rounds = native.rounds_activations(_quantized(model.layers[0].attn.qkv))
+    rounds = native.rounds_activations(_quantized(model.layers[0].attn.qkv), 1)
     prompt = [1, 40, 41, 42, 43]
     tokens = list(sampling.generate_tokens(model, prompt, GREEDY.max_tokens))
     cache = KVCache(model.cfg, 1, len(prompt) + len(tokens))
