@@ -57,7 +57,8 @@ def close(got: np.ndarray, expected: np.ndarray, rounds: bool) -> None:
 
 
 TINY = dict(vocab_size=263, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=64)
-LLAMA = dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False)
+LLAMA = dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False)  # all layers in one call
+GPT2 = dict(pos="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True)  # a kernel call per product
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0)
 
 
@@ -66,21 +67,22 @@ def tokenizer() -> Tokenizer:
     return Tokenizer.train([], 263, TokenizerConfig(kind="byte"))
 
 
-def quantized_model(bits: int, group_size: int, symmetric: bool, head: bool, init_std: float = 0.5):
-    model = build_model(ModelConfig(**TINY, **LLAMA, init_std=init_std), seed=0).eval()
+def quantized_model(bits: int, group_size: int, symmetric: bool, head: bool, init_std: float = 0.5, style=LLAMA):
+    model = build_model(ModelConfig(**TINY, **style, init_std=init_std), seed=0).eval()
     quantize_rtn(model, bits, group_size, symmetric, head)
     return model
 
 
-CASES = [(8, 0, True, True), (4, 32, True, False), (4, 64, False, True)]  # bits, group_size, symmetric, head
+# bits, group_size, symmetric, head, the model's style
+CASES = [(8, 0, True, True, LLAMA), (4, 32, True, False, LLAMA), (4, 64, False, True, LLAMA), (8, 0, False, True, GPT2)]
 
 
-@pytest.mark.parametrize("bits, group_size, symmetric, head", CASES)
-def test_the_engine_gives_the_torch_tokens(tokenizer, bits, group_size, symmetric, head):
+@pytest.mark.parametrize("bits, group_size, symmetric, head, style", CASES)
+def test_the_engine_gives_the_torch_tokens(tokenizer, bits, group_size, symmetric, head, style):
     """With VNNI the engine's products round activations (see the batch-1 test), which can flip a near tie of this
     random model: its tokens must be torch's up to a token whose lead over the runner-up is under 3% of the logits'
     spread (the flips seen here came at 0.5-1.6%; init_std 0.1 keeps the model from amplifying the rounding)."""
-    model, eos = quantized_model(bits, group_size, symmetric, head, init_std=0.1), tokenizer.eos_id
+    model, eos = quantized_model(bits, group_size, symmetric, head, 0.1, style), tokenizer.eos_id
     assert unsupported_reason(model) is None
     gen = torch.Generator().manual_seed(bits)
     batch = [[1, *torch.randint(7, 200, (n,), generator=gen).tolist()] for n in (1, 12, 19)]
@@ -101,13 +103,13 @@ def leads(model, prompt: list[int], tokens: list[int]) -> list[float]:
     return ((top2[:, 0] - top2[:, 1]) / logits.std(dim=-1)).tolist()
 
 
-@pytest.mark.parametrize("bits, group_size, symmetric, head", CASES)
-def test_batch1_decode_follows_the_torch_logits(bits, group_size, symmetric, head):
+@pytest.mark.parametrize("bits, group_size, symmetric, head, style", CASES)
+def test_batch1_decode_follows_the_torch_logits(bits, group_size, symmetric, head, style):
     """Batch-1 steps may round activations to int8 (native.rounds_activations, as llama.cpp's Q8_0 does): a random
     model's near ties can then flip a greedy token, so the steps are checked on the torch model's own tokens: logits
     within 5% (as a norm; 1e-5 without rounding) and the torch token wherever its lead over the runner-up exceeds twice
     the largest error. init_std 0.1: at 0.5 the random layers amplify the rounding to ~20% of the logits."""
-    model = quantized_model(bits, group_size, symmetric, head, init_std=0.1)
+    model = quantized_model(bits, group_size, symmetric, head, 0.1, style)
     rounds = native.rounds_activations(_quantized(model.layers[0].attn.qkv), 1)
     prompt = [1, 40, 41, 42, 43]
     tokens = list(sampling.generate_tokens(model, prompt, GREEDY.max_tokens))
