@@ -23,6 +23,7 @@ with llama-server's continuous batching over 32 slots. Rounds alternate so that 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import subprocess
@@ -141,7 +142,7 @@ def serve_llama(server: LlamaServer, requests) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", default="/work/runs/smol", help="the fp32 run to quantize (a Llama-style model)")
-    p.add_argument("--llama-server", required=True, help="path of llama.cpp's llama-server binary")
+    p.add_argument("--llama-server", help="path of llama.cpp's llama-server binary (without: lmforge's figures only)")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--requests", type=int, default=32)
@@ -162,47 +163,60 @@ def main() -> None:
     context = min(base.cfg.max_seq_len, 256)
 
     with tempfile.TemporaryDirectory() as tmp:
-        f32 = write_gguf(base, tokenizer, Path(tmp) / "f32.gguf")
-        ggufs = {q: requantize(f32, Path(tmp) / f"{q}.gguf", q) for q in ("Q8_0", "Q4_0")}
-        decode: dict[str, float] = {}
-        tokens: dict[str, list[int]] = {}
+        ggufs, decode, tokens = {}, {}, {}
+        if args.llama_server:
+            f32 = write_gguf(base, tokenizer, Path(tmp) / "f32.gguf")
+            ggufs = {q: requantize(f32, Path(tmp) / f"{q}.gguf", q) for q in ("Q8_0", "Q4_0")}
         for model in models.values():
             ours_decode(model, prompt, 8)  # warm-up: kernels built, pages touched
-        for qtype, path in ggufs.items():
-            with LlamaServer(args.llama_server, path, threads, 1, context) as server:
-                server.complete(prompt, 8)
+        for qtype in [*ggufs] or [None]:
+            server = LlamaServer(args.llama_server, ggufs[qtype], threads, 1, context) if qtype else None
+            with server or contextlib.nullcontext():
+                if server:
+                    server.complete(prompt, 8)
                 for _ in range(args.rounds):
                     for name, model in models.items():
                         rate, tokens[name] = ours_decode(model, prompt, n)
                         decode[name] = max(decode.get(name, 0.0), rate)
-                    out = server.complete(prompt, n)
-                    decode[qtype] = max(decode.get(qtype, 0.0), out["timings"]["predicted_per_second"])
-                    tokens[qtype] = out.get("tokens", [])
+                    if server:
+                        out = server.complete(prompt, n)
+                        decode[qtype] = max(decode.get(qtype, 0.0), out["timings"]["predicted_per_second"])
+                        tokens[qtype] = out.get("tokens", [])
         print(f"threads {threads}, {args.run}, {base.num_params() / 1e6:.1f}M params, batch 1, prompt {len(prompt)}")
         print(f"greedy decode, {n} tokens, best of {args.rounds} (tokens agreeing with lmforge fp32):")
         for name, rate in decode.items():
             print(f"  {name:5s} {rate:8.1f} tok/s   agree {agreement(tokens[name], tokens['fp32']):3d}")
         print(f"  int8 / fp32  {decode['int8'] / decode['fp32']:5.2f}x  (target >= 1.8x)")
-        print(f"  int8 / Q8_0  {decode['int8'] / decode['Q8_0']:5.2f}x  (target >= 1.0x)")
-        print(f"  int4 / Q4_0  {decode['int4'] / decode['Q4_0']:5.2f}x  (target >= 1.0x)")
+        if ggufs:
+            print(f"  int8 / Q8_0  {decode['int8'] / decode['Q8_0']:5.2f}x  (target >= 1.0x)")
+            print(f"  int4 / Q4_0  {decode['int4'] / decode['Q4_0']:5.2f}x  (target >= 1.0x)")
         if args.skip_serve:
             return
 
         requests = [(p[: context // 4], min(new, context // 2)) for p, new in workload(args.requests, vocab)]
         useful = sum(new for _, new in requests)
         engine_cfg = EngineConfig(args.requests, max_batched_tokens=512, prefix_caching=False)
-        engine = Engine(models["int8"], NoEos(), engine_cfg)
-        run_engine(engine, requests[:4])  # warm-up, as a server runs it
-        ours_s = peer_s = float("inf")
-        with LlamaServer(args.llama_server, ggufs["Q8_0"], threads, args.requests, context) as server:
-            serve_llama(server, requests[:4])
+        engines = {name: Engine(models[name], NoEos(), engine_cfg) for name in ("fp32", "int8")}
+        for engine in engines.values():
+            run_engine(engine, requests[:4])  # warm-up, as a server runs it
+        seconds = dict.fromkeys([*engines, *(["Q8_0"] if ggufs else [])], float("inf"))
+        server = LlamaServer(args.llama_server, ggufs["Q8_0"], threads, args.requests, context) if ggufs else None
+        with server or contextlib.nullcontext():
+            if server:
+                serve_llama(server, requests[:4])
             for _ in range(max(1, args.rounds - 1)):
-                ours_s = min(ours_s, run_engine(engine, requests)[0])
-                peer_s = min(peer_s, serve_llama(server, requests))
-        print(f"{args.requests} concurrent requests, {useful} output tokens, int8 vs Q8_0 (llama-server, 32 slots):")
-        print(f"  lmforge engine  {useful / ours_s:8.1f} tok/s  ({ours_s:.2f} s)")
-        print(f"  llama-server    {useful / peer_s:8.1f} tok/s  ({peer_s:.2f} s)")
-        print(f"  ratio           {peer_s / ours_s:8.2f}x  (target >= 1.0x)")
+                for name, engine in engines.items():
+                    seconds[name] = min(seconds[name], run_engine(engine, requests)[0])
+                if server:
+                    seconds["Q8_0"] = min(seconds["Q8_0"], serve_llama(server, requests))
+        print(
+            f"{args.requests} concurrent requests, {useful} output tokens (Q8_0: llama-server, {args.requests} slots):"
+        )
+        for name, value in seconds.items():
+            print(f"  {name:5s} {useful / value:8.1f} tok/s  ({value:.2f} s)")
+        print(f"  int8 / fp32  {seconds['fp32'] / seconds['int8']:5.2f}x")
+        if server:
+            print(f"  int8 / Q8_0  {seconds['Q8_0'] / seconds['int8']:5.2f}x  (target >= 1.0x)")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ sequences' new tokens, prompt chunks and single decodes, packed in rows) over it
 Why numpy: a step is ~4 matrix products per layer plus ~20-200 small ops, and a numpy op costs ~1 us of overhead
 against 5-40 us for a torch op (nn.RMSNorm ~37 us). The matrix products and the attention go through the C kernels of
 cpu/native.py where they are built, else through numpy's OpenBLAS (~290 tok/s, batch 1 only); the rest stays in
-numpy. For Llama-style layers (RMSNorm, SwiGLU, no biases) a step, an engine's or a batch-1 decode's, goes through
+numpy. Integer-weight layers (compress.modules.QuantLinear) run only through the kernels, which read their codes in
+place. For Llama-style layers (RMSNorm, SwiGLU, no biases) a step, an engine's or a batch-1 decode's, goes through
 all layers in one kernel call (native.layers): on 2 cores 538-748 tok/s batch-1 against 94-115 for transformers on
 benchmarks/bench_decode.py's model.
 

@@ -1,15 +1,18 @@
 """The C kernels of CPU decode (decode_kernels.c), compiled on first use with the machine's C compiler and loaded with
 ctypes: matrix products for one token row (matvec, over nn.Linear's row-major weight) and for many (matmul, over a copy
 packed in panels of columns), attention of a step's new tokens over a paged KV cache, SwiGLU's product and RMSNorm,
-and all the layers of a Llama-style decoder in one call (layers).
+and all the layers of a Llama-style decoder in one call (layers). Integer weights (QuantLinear's int8 and int4 codes,
+`Quantized`) have products of their own (qmatvec, qmatmul, and in layers) that read the codes, never a float copy.
 
 Why: at decode's shapes torch and numpy run these poorly. OpenBLAS runs a matrix-vector product on one thread below
 ~460k weights, and torch's MKL multiplies 4-32 token rows by a weight at 10-50 GFLOP/s; the C kernels split every
 weight over torch's thread count (batch-1 decode at 77-87% of the memory-bandwidth roofline) and stream packed panels
 of the weights past tiles of 6 token rows (~170-190 GFLOP/s at 16-32 rows, ~200 at 256 on 2 cores, the FMA units'
-peak). The attention kernel does in one call per layer (RoPE, the cache writes, causal attention over each sequence's
-blocks where they lie) what takes torch a gather and a padded SDPA per step. `layers` runs them all for a step from
-one call: ~8% of a 32-request serving run went to Python between the kernels.
+peak). Integer codes cut the bytes batch-1 decode reads by 4x (int8) or 8x (int4); with AVX-512 VNNI their products
+round the activations to int8 in blocks of 32, as llama.cpp's Q8_0 does, and sum 64 products an instruction (see
+rounds_activations). The attention kernel does in one call per layer (RoPE, the cache writes, causal attention over
+each sequence's blocks where they lie) what takes torch a gather and a padded SDPA per step. `layers` runs them all
+for a step from one call: ~8% of a 32-request serving run went to Python between the kernels.
 
 Where no C compiler with OpenMP is found, compilation fails, or LMFORGE_NATIVE=0, `available()` is False, every
 factory here gives None, and the decoder runs on numpy alone (batch-1 steps; the engine's many-row steps run in torch).
