@@ -1,5 +1,6 @@
 /* The kernels of CPU decode that torch and numpy run poorly at its shapes (lmforge/cpu/native.py loads them): the
- * product of one or a few token rows with a weight matrix, and attention of new tokens over a paged KV cache.
+ * product of one or a few token rows with a weight matrix, fp32 or integer codes (int8, int4), and attention of new
+ * tokens over a paged KV cache.
  * Compiled on the user's machine with -O3 -march=native, so the vectors are the widest the CPU has; parallel over
  * `threads` OpenMP threads. */
 
