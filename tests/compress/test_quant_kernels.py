@@ -59,7 +59,7 @@ def close(got: np.ndarray, expected: np.ndarray, rounds: bool) -> None:
 TINY = dict(vocab_size=263, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=64)
 LLAMA = dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False)  # all layers in one call
 GPT2 = dict(pos="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True)  # a kernel call per product
-GREEDY = SamplingParams(max_tokens=16, temperature=0.0)
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_the_engine_gives_the_torch_tokens(tokenizer, bits, group_size, symmetri
     model, eos = quantized_model(bits, group_size, symmetric, head, 0.1, style), tokenizer.eos_id
     assert unsupported_reason(model) is None
     gen = torch.Generator().manual_seed(bits)
-    batch = [[1, *torch.randint(7, 200, (n,), generator=gen).tolist()] for n in (1, 12, 19)]
+    batch = [[1, *torch.randint(7, 200, (n,), generator=gen).tolist()] for n in (1, 19)]
     expected = [list(sampling.generate_tokens(model, p, GREEDY.max_tokens, stop_ids={eos})) for p in batch]
     engine = Engine(model, tokenizer, EngineConfig(block_size=4, max_batched_tokens=9))
     assert isinstance(engine.runner, CpuRunner)
