@@ -82,6 +82,7 @@ class LlamaServer:
         self.url = f"http://127.0.0.1:{port}"
         self.command = [binary, "-m", str(model), "-t", str(threads), "-tb", str(threads), "-np", str(slots)]
         self.command += ["-c", str(context * slots), "-ctk", "f32", "-ctv", "f32", "--port", str(port), "-cb"]
+        self.command += ["--no-warmup"]  # its warm-up run segfaults on this model's Q8_0 GGUF here; a request warms it
         self.command += ["--no-webui"] if "--no-webui" in self._help(binary) else []
 
     @staticmethod
