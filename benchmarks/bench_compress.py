@@ -14,8 +14,8 @@ The peer is llama.cpp's own server, built from the llama.cpp sources that llama-
 Both sides get the same weights: lmforge quantizes the run's model by round to nearest (int8 one scale per output
 channel, int4 groups of 32 with a scale each, the LM head too, as `lmforge compress RUN method=int8 quant.head=true`
 writes it), and the GGUF files are the fp32 export (lmforge.interop.gguf) requantized to Q8_0 / Q4_0 (blocks of 32,
-one scale each, token embedding and head included) by the gguf package's own quantizer. KV caches: ours fp32,
-llama.cpp's its default f16 (with f32 this build segfaults on a Q8_0 model).
+one scale each, token embedding and head included) by the gguf package's own quantizer. KV caches are fp32 on both.
+llama-server runs with --no-repack: in this build its AVX-512 repacking of the weights crashes on the first run.
 Decode speed is the steps after the prompt (llama.cpp's own timings.predicted_per_second; ours from the first token to
 the last); the serving figure is output tokens over the wall time of the whole workload (bench_serve.py's requests),
 with llama-server's continuous batching over 32 slots. Rounds alternate so that load from other processes hits both.
@@ -82,10 +82,8 @@ class LlamaServer:
     def __init__(self, binary: str, model: Path, threads: int, slots: int, context: int, port: int = 18431):
         self.url = f"http://127.0.0.1:{port}"
         self.command = [binary, "-m", str(model), "-t", str(threads), "-tb", str(threads), "-np", str(slots)]
-        self.command += ["-c", str(context * slots), "--port", str(port), "-cb"]
-        # its warm-up run, and any run with an f32 KV cache, segfault on these GGUFs here: f16 KV (its default), and a
-        # request warms it
-        self.command += ["--no-warmup"]
+        self.command += ["-c", str(context * slots), "-ctk", "f32", "-ctv", "f32", "--port", str(port), "-cb"]
+        self.command += ["--no-repack"]  # its repacking of Q8_0 weights for AVX-512 crashes (a protection fault) here
         self.command += ["--no-webui"] if "--no-webui" in self._help(binary) else []
 
     @staticmethod
