@@ -5,7 +5,8 @@ sequences' new tokens, prompt chunks and single decodes, packed in rows) over it
 Why numpy: a step is ~4 matrix products per layer plus ~20-200 small ops, and a numpy op costs ~1 us of overhead
 against 5-40 us for a torch op (nn.RMSNorm ~37 us). The matrix products and the attention go through the C kernels of
 cpu/native.py where they are built, else through numpy's OpenBLAS (~290 tok/s, batch 1 only); the rest stays in
-numpy. For Llama-style layers (RMSNorm, SwiGLU, no biases) a step, an engine's or a batch-1 decode's, goes through
+numpy. Integer-weight layers (compress.modules.QuantLinear) run only through the kernels, which read their codes in
+place. For Llama-style layers (RMSNorm, SwiGLU, no biases) a step, an engine's or a batch-1 decode's, goes through
 all layers in one kernel call (native.layers): on 2 cores 538-748 tok/s batch-1 against 94-115 for transformers on
 benchmarks/bench_decode.py's model.
 
@@ -26,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from threadpoolctl import ThreadpoolController
 
+from lmforge.compress.modules import QuantLinear
 from lmforge.cpu import native
 from lmforge.models import Decoder, KVCache
 from lmforge.models.layers import Positions
@@ -42,26 +44,55 @@ def _view(t: torch.Tensor) -> Array:
     return a if a.flags.c_contiguous or a.flags.f_contiguous else np.ascontiguousarray(a)
 
 
-def _linear(linear: nn.Linear, reuse_output: bool = True, batched: bool = False) -> Callable[[Array], Array]:
-    """x (in,) or (N, in) -> linear(x). reuse_output: the C kernels write every product into one array (per shape),
-    valid until the next call (every layer's outputs are consumed before the next step; not the logits, which the
-    caller keeps). batched: the serving engine's steps, whose many rows go through a packed copy of the weight."""
-    weight, threads = linear.weight.detach(), torch.get_num_threads()
-    w_t = _view(weight.t())  # (in, out)
-    if native.available() and weight.stride(1) == 1:
-        # row-major, as nn.Linear keeps it: the fastest layout for one row (batch-1 decode), through matvec; many rows
-        # go through a copy packed in panels of columns (2x the weight's memory, for the engine only), ~3x torch's speed
-        matvec = native.matvec(weight.numpy(), threads, reuse_output)
-        rows = native.matmul(w_t, threads, reuse_output) if batched else w_t.__rmatmul__
+def _quantized(linear: QuantLinear) -> native.Quantized:
+    """The codes, scales and zeros of a QuantLinear, shared with torch (no dequantized copy)."""
+    return native.Quantized(*(_view(t) for t in (linear.qweight, linear.scales, linear.zeros)), linear.bits,
+                            linear.group_size)  # fmt: skip
+
+
+def _weight(linear: nn.Module) -> Array | native.Quantized:
+    """What the kernels read of a linear layer: a QuantLinear's codes, or nn.Linear's fp32 weight (out, in)."""
+    return _quantized(linear) if type(linear) is QuantLinear else _view(linear.weight)
+
+
+def _linear(linear: nn.Module, reuse_output: bool = True, batched: bool = False) -> Callable[[Array], Array]:
+    """x (in,) or (N, in) -> linear(x), for nn.Linear or QuantLinear. reuse_output: the C kernels write every product
+    into one array (per shape), valid until the next call (every layer's outputs are consumed before the next step;
+    not the logits, which the caller keeps). batched: the serving engine's steps, whose many rows go through a packed
+    copy of the weight."""
+    threads = torch.get_num_threads()
+    if type(linear) is QuantLinear:  # the allowlist admits it only with the kernels: they read its codes in place
+        weight = _quantized(linear)
+        matvec = native.qmatvec(weight, threads, reuse_output)
+        if batched:
+            rows = native.qmatmul(weight, threads, reuse_output)
+        else:  # an unbatched decoder's rare many-row forward: a row at a time, no packed copy
+
+            def rows(x: Array) -> Array:
+                return np.stack([matvec(row).copy() for row in x])
 
         def matmul(x: Array) -> Array:
             return matvec(x) if x.ndim == 1 else rows(x)
 
     else:
-        # without the C kernels prepare_for_decode stores W column-major, so W^T is a C-contiguous (in, out) matrix:
-        # OpenBLAS's fastest GEMV (2.4 vs 3.8 ms a token for the row-major layout, read through a transposed view)
-        def matmul(x: Array) -> Array:
-            return x @ w_t
+        weight = linear.weight.detach()
+        w_t = _view(weight.t())  # (in, out)
+        if native.available() and weight.stride(1) == 1:
+            # row-major, as nn.Linear keeps it: the fastest layout for one row (batch-1 decode), through matvec; many
+            # rows go through a copy packed in panels of columns (2x the weight's memory, for the engine only), ~3x
+            # torch's speed
+            matvec = native.matvec(weight.numpy(), threads, reuse_output)
+            rows = native.matmul(w_t, threads, reuse_output) if batched else w_t.__rmatmul__
+
+            def matmul(x: Array) -> Array:
+                return matvec(x) if x.ndim == 1 else rows(x)
+
+        else:
+            # without the C kernels prepare_for_decode stores W column-major, so W^T is a C-contiguous (in, out)
+            # matrix: OpenBLAS's fastest GEMV (2.4 vs 3.8 ms a token for the row-major layout, read through a
+            # transposed view)
+            def matmul(x: Array) -> Array:
+                return x @ w_t
 
     if linear.bias is None:
         return matmul
@@ -261,8 +292,8 @@ class NumpyDecoder:
         self.all_layers, self.batched = None, batched
         if self.attention and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and not cfg.bias:
             weights = [
-                native.LayerWeights(*(_view(m.weight) for m in (b.attn_norm, b.attn.qkv, b.attn.proj)),
-                                    *(_view(m.weight) for m in (b.mlp_norm, b.mlp.gate_up, b.mlp.down)))
+                native.LayerWeights(_view(b.attn_norm.weight), _weight(b.attn.qkv), _weight(b.attn.proj),
+                                    _view(b.mlp_norm.weight), _weight(b.mlp.gate_up), _weight(b.mlp.down))
                 for b in model.layers
             ]  # fmt: skip
             tables = positions.tables

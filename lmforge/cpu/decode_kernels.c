@@ -1,9 +1,13 @@
 /* The kernels of CPU decode that torch and numpy run poorly at its shapes (lmforge/cpu/native.py loads them): the
- * product of one or a few token rows with a weight matrix, and attention of new tokens over a paged KV cache.
+ * product of one or a few token rows with a weight matrix, fp32 or integer codes (int8, int4), and attention of new
+ * tokens over a paged KV cache.
  * Compiled on the user's machine with -O3 -march=native, so the vectors are the widest the CPU has; parallel over
  * `threads` OpenMP threads. */
 
 #include <math.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
@@ -146,6 +150,420 @@ void lmforge_gemm(const float *x, long xs, const float *w, float *y, long ys, in
     gemm(x, xs, w, y, ys, M, K, N, 0, threads);
 }
 
+/* Unaligned vector loads and stores. GCC 12's tuning for recent Xeons splits a 64-byte memcpy into two 32-byte moves
+ * through the stack, and the product then reads the vector back (a store-forwarding stall per load): the intrinsics
+ * are one instruction. */
+static inline vec load(const float *p) {
+#if defined(__AVX512F__) && VW == 16
+    return (vec)_mm512_loadu_ps(p);
+#elif defined(__AVX2__) && VW == 8
+    return (vec)_mm256_loadu_ps(p);
+#else
+    vec v;
+    memcpy(&v, p, sizeof v);
+    return v;
+#endif
+}
+
+static inline void store(float *p, vec v) {
+#if defined(__AVX512F__) && VW == 16
+    _mm512_storeu_ps(p, (__m512)v);
+#elif defined(__AVX2__) && VW == 8
+    _mm256_storeu_ps(p, (__m256)v);
+#else
+    memcpy(p, &v, sizeof v);
+#endif
+}
+
+/* Integer weights (QuantLinear's: w = (code - zero) * scale per group of input columns), read where they lie, with no
+ * float copy. A product with one row reads nn.Linear's row order: int8 codes one a byte, int4 codes two a byte (column
+ * 2j in the low nibble of byte j, 2j + 1 in the high one); each code is widened to a float, shifted by its zero, and
+ * multiplied by x in fp32 (no rounding of the activations), and the group's sum is scaled once: batch-1 decode is bound
+ * by memory, which reads 1/4 (int8) or 1/8 (int4) of the fp32 weight's bytes. Many rows read a copy of the codes in
+ * panels (the layout of gemm's fp32 panels, the same bytes as the codes), dequantized a block at a time into a buffer
+ * the fp32 tiles then stream through from L1: the widening is paid once for all the rows. */
+typedef unsigned char bvec __attribute__((vector_size(VW), aligned(1)));
+#define KC 128 /* rows of a panel dequantized at a time: KC x PW floats, 32 KB with AVX-512, within L1 */
+
+/* One linear layer's weight W (N, K): bits 32, fp32 (data: row-major W, or gemm's panels); bits 8 or 4, codes (data:
+ * row-major, or panels: int8 (panels, K, PW) bytes, int4 (panels, K, PW / 2) bytes whose byte j holds column j in its
+ * low nibble and column j + PW / 2 in its high one), with scales and zeros (N, groups) row-major, or for panels scales
+ * and offsets (-zero * scale) as (panels, groups, PW). */
+typedef struct {
+    const void *data;
+    const float *scales, *zeros;
+    int bits, group_size;
+} lmforge_matrix;
+
+/* The VW codes of b as floats. GCC 12 turns __builtin_convertvector from bytes into a byte-by-byte loop (6x slower
+ * than fp32's product); on x86 the intrinsics give one zero-extension and one conversion. */
+static inline vec widen(bvec b) {
+#if defined(__AVX512F__) && VW == 16
+    __m128i v;
+    memcpy(&v, &b, sizeof v);
+    return (vec)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v));
+#elif defined(__AVX2__) && VW == 8
+    long long v;
+    memcpy(&v, &b, sizeof v);
+    return (vec)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(v)));
+#else
+    return __builtin_convertvector(b, vec);
+#endif
+}
+
+static inline float lanes_sum(vec v) {
+    float s = 0.0f;
+    for (int i = 0; i < VW; i++) s += v[i];
+    return s;
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+/* With AVX-512 VNNI, one row times int8 or int4 codes as llama.cpp's Q8_0 and Q4_0 dot products do: x rounded to int8
+ * in blocks of 32 columns (a scale each), and 64 products of code and activation summed into 16 int32 lanes by one
+ * vpdpbusd, against ~16 instructions to widen 64 codes to floats and multiply them (the float product ran at ~6 GB/s
+ * of codes a core, short of memory's speed). The product moves by ~0.5-1% of its size (the int8 grid of each block's
+ * largest value), as much as int8 weights' own rounding. A chunk of 64 columns is two blocks, A and B: int8's 64 bytes
+ * put A's products in lanes 0-7 and B's in 8-15; int4's 32 bytes hold the even columns in their low nibbles and the odd
+ * ones in their high ones, so the codes come out as A's even, B's even, A's odd, B's odd columns (lanes 0-3, 4-7,
+ * 8-11, 12-15) and x is stored in that order. */
+#define VNNI 1
+typedef struct {
+    signed char *xq; /* (K,) x's int8 values, in the codes' order */
+    float *lanes;    /* (K / 64, 16) per chunk and lane, the scale of the lane's block */
+    float *shift;    /* (groups,) sum over the group's blocks of scale * sum of the block's int8 values */
+} qx;
+
+static qx quantize_x(const float *x, int K, int bits, int gs) {
+    qx q = {aligned_alloc(64, (size_t)K), aligned_alloc(64, sizeof(float) * (size_t)K / 4),
+            calloc((size_t)(K / gs), sizeof(float))};
+    for (int b = 0; b < K / 32; b++) {
+        const int c = b / 2, half = b % 2; /* chunk, and A or B */
+        const float *xb = x + b * 32;
+        float top = 0.0f;
+        for (int i = 0; i < 32; i++) top = fabsf(xb[i]) > top ? fabsf(xb[i]) : top;
+        const float d = top / 127.0f, inverse = top > 0.0f ? 127.0f / top : 0.0f;
+        int sum = 0;
+        for (int i = 0; i < 32; i++) {
+            const int at = bits == 8 ? half * 32 + i : (i % 2) * 32 + half * 16 + i / 2;
+            sum += q.xq[c * 64 + at] = (signed char)lrintf(xb[i] * inverse);
+        }
+        for (int lane = 0; lane < 16; lane++)
+            if ((bits == 8 ? lane / 8 : lane / 4 % 2) == half) q.lanes[c * 16 + lane] = d;
+        q.shift[b * 32 / gs] += d * (float)sum;
+    }
+    return q;
+}
+
+static inline __attribute__((always_inline)) __m512i chunk_codes(const unsigned char *row, int c, int bits) {
+    if (bits == 8) return _mm512_loadu_si512(row + (long)c * 64);
+    const __m256i b = _mm256_loadu_si256((const __m256i *)(row + (long)c * 32));
+    return _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(b), _mm256_srli_epi16(b, 4), 1),
+                            _mm512_set1_epi8(15));
+}
+
+static void vnni_gemv(const lmforge_matrix *m, const float *x, float *y, int rows, int cols, int add, int threads) {
+    const int bits = m->bits, gs = m->group_size, groups = cols / gs, chunks = cols / 64;
+    const long row_bytes = (long)cols * bits / 8;
+    const qx q = quantize_x(x, cols, bits, gs);
+    const __mmask16 b_lanes = bits == 8 ? 0xFF00 : 0xF0F0;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int r = 0; r < rows; r++) {
+        const unsigned char *row = (const unsigned char *)m->data + (long)r * row_bytes;
+        const float *scale = m->scales + (long)r * groups, *zero = m->zeros + (long)r * groups;
+        __m512 total = _mm512_setzero_ps();
+        float shift = 0.0f;
+        for (int c = 0; c < chunks; c++) {
+            const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), chunk_codes(row, c, bits),
+                                                    _mm512_load_si512(q.xq + c * 64));
+            if (groups == 1) { /* one scale per row (int8 per channel): applied once, at the end */
+                total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_load_ps(q.lanes + c * 16), total);
+                continue;
+            }
+            const __m512 s = _mm512_mask_blend_ps(b_lanes, _mm512_set1_ps(scale[c * 64 / gs]),
+                                                  _mm512_set1_ps(scale[(c * 64 + 32) / gs]));
+            total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(_mm512_load_ps(q.lanes + c * 16), s), total);
+        }
+        if (groups == 1) total = _mm512_mul_ps(total, _mm512_set1_ps(scale[0]));
+        for (int g = 0; g < groups; g++) shift += scale[g] * zero[g] * q.shift[g];
+        const float sum = _mm512_reduce_add_ps(total) - shift;
+        y[r] = add ? y[r] + sum : sum;
+    }
+    free(q.xq), free(q.lanes), free(q.shift);
+}
+#else
+#define VNNI 0
+#endif
+
+/* y = W x (add: y += W x) for W's codes in row order; threads split the rows. */
+static void qgemv(const lmforge_matrix *m, const float *x, float *y, int rows, int cols, int add, int threads) {
+#if VNNI
+    if (m->group_size % 32 == 0 && cols % 64 == 0) {
+        vnni_gemv(m, x, y, rows, cols, add, threads);
+        return;
+    }
+#endif
+    const int bits = m->bits, gs = m->group_size, groups = cols / gs;
+    const long row_bytes = (long)cols * bits / 8;
+    const unsigned char *codes = m->data;
+    /* int4, groups of whole 2 VW-column blocks: x's columns reordered to match each block's VW bytes, the even columns
+     * (low nibbles) then the odd ones (high nibbles) */
+    const int blocks4 = bits == 4 && gs % (2 * VW) == 0;
+    float *xp = NULL;
+    if (blocks4) {
+        xp = malloc(sizeof(float) * (size_t)cols);
+        for (int b = 0; b < cols; b += 2 * VW)
+            for (int i = 0; i < VW; i++) xp[b + i] = x[b + 2 * i], xp[b + VW + i] = x[b + 2 * i + 1];
+    }
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int r = 0; r < rows; r++) {
+        const unsigned char *row = codes + (long)r * row_bytes;
+        const float *scale = m->scales + (long)r * groups, *zero = m->zeros + (long)r * groups;
+        vec total = (vec){0};
+        float tail = 0.0f;
+        for (int g = 0; g < groups; g++) {
+            const int k0 = g * gs;
+            const vec z = (vec){0} + zero[g];
+            vec acc0 = (vec){0}, acc1 = (vec){0};
+            int k = k0;
+            if (bits == 8) {
+                for (; k + 2 * VW <= k0 + gs; k += 2 * VW) {
+                    bvec b0, b1;
+                    memcpy(&b0, row + k, VW), memcpy(&b1, row + k + VW, VW);
+                    acc0 += (widen(b0) - z) * load(x + k);
+                    acc1 += (widen(b1) - z) * load(x + k + VW);
+                }
+                for (; k + VW <= k0 + gs; k += VW) {
+                    bvec b0;
+                    memcpy(&b0, row + k, VW);
+                    acc0 += (widen(b0) - z) * load(x + k);
+                }
+                float rest = 0.0f;
+                for (; k < k0 + gs; k++) rest += ((float)row[k] - zero[g]) * x[k];
+                tail += rest * scale[g];
+            } else if (blocks4) {
+                for (; k < k0 + gs; k += 2 * VW) {
+                    bvec b;
+                    memcpy(&b, row + k / 2, VW);
+                    acc0 += (widen(b & 15) - z) * load(xp + k);
+                    acc1 += (widen(b >> 4) - z) * load(xp + k + VW);
+                }
+            } else {
+                float rest = 0.0f;
+                for (; k < k0 + gs; k++) rest += ((float)((row[k / 2] >> (4 * (k & 1))) & 15) - zero[g]) * x[k];
+                tail += rest * scale[g];
+            }
+            total += (acc0 + acc1) * scale[g];
+        }
+        const float sum = lanes_sum(total) + tail;
+        y[r] = add ? y[r] + sum : sum;
+    }
+    free(xp);
+}
+
+/* Rows k0 .. k0 + kc - 1 of a panel of codes as floats, (kc, PW), into buf: w = code * scale + offset. */
+static void dequantize_panel(const lmforge_matrix *m, const unsigned char *panel, const float *scales,
+                             const float *offsets, int k0, int kc, float *buf) {
+    const int gs = m->group_size;
+    for (int k = k0; k < k0 + kc; k++) {
+        const float *s = scales + (long)(k / gs) * PW, *o = offsets + (long)(k / gs) * PW;
+        float *out = buf + (long)(k - k0) * PW;
+        vec w[4];
+        if (m->bits == 8) {
+            for (int j = 0; j < 4; j++) {
+                bvec b;
+                memcpy(&b, panel + (long)k * PW + j * VW, VW);
+                w[j] = widen(b);
+            }
+        } else {
+            bvec b0, b1;
+            memcpy(&b0, panel + (long)k * (PW / 2), VW), memcpy(&b1, panel + (long)k * (PW / 2) + VW, VW);
+            w[0] = widen(b0 & 15), w[1] = widen(b1 & 15), w[2] = widen(b0 >> 4), w[3] = widen(b1 >> 4);
+        }
+        for (int j = 0; j < 4; j++) {
+            store(out + j * VW, w[j] * load(s + j * VW) + load(o + j * VW));
+        }
+    }
+}
+
+/* M rows of x times one dequantized block (K, PW) of a panel, into y (add: y +=): gemm's tiles. */
+static void block_product(int M, const float *x, long xs, const float *w, float *y, long ys, int K, int add) {
+    const long ws = PW;
+    const int n = 0;
+    ROW_TILES(4, w, NULL)
+}
+
+#if VNNI
+/* Many rows times integer codes with VNNI: each row of x rounded to int8 in blocks of 32 (as vnni_gemv), the codes in
+ * panels of 64 columns laid out for vpdpbusd: per 4 rows k of W^T, 16 columns' 4 codes side by side in each of 4
+ * vectors (int8: 256 bytes; int4: 128, vector 2h in the low nibbles of 64 bytes, 2h + 1 in their high ones). A tile of
+ * 3 rows of x sums 4 products per lane and instruction into 12 int32 accumulators over a block of 32 k, then scales
+ * them into 12 float ones: scale (weight group's) x scale (x block's), less scale x zero x the block's sum of x. */
+#define VR 3
+typedef struct {
+    signed char *xq; /* (M, K) */
+    float *d, *e;    /* (M, K / 32): each block's scale, and scale x sum of its int8 values */
+} qrows;
+
+static qrows quantize_rows(const float *x, long xs, int M, int K) {
+    qrows q = {malloc((size_t)M * K), malloc(sizeof(float) * (size_t)M * K / 32),
+               malloc(sizeof(float) * (size_t)M * K / 32)};
+    for (int i = 0; i < M; i++)
+        for (int b = 0; b < K / 32; b++) {
+            const float *xb = x + (long)i * xs + b * 32;
+            float top = 0.0f;
+            for (int k = 0; k < 32; k++) top = fabsf(xb[k]) > top ? fabsf(xb[k]) : top;
+            const float d = top / 127.0f, inverse = top > 0.0f ? 127.0f / top : 0.0f;
+            int sum = 0;
+            for (int k = 0; k < 32; k++) sum += q.xq[(long)i * K + b * 32 + k] = (signed char)lrintf(xb[k] * inverse);
+            q.d[(long)i * (K / 32) + b] = d, q.e[(long)i * (K / 32) + b] = d * (float)sum;
+        }
+    return q;
+}
+
+static inline __attribute__((always_inline)) void vnni_tile(const int mr, const qrows *q, int i0, int K,
+                                                            const unsigned char *panel, int bits, const float *s,
+                                                            const float *sz, int gs, float *y, long ys, int add) {
+    const int nb = K / 32, quad = bits == 8 ? 256 : 128;
+    const __m512i low = _mm512_set1_epi8(15);
+    __m512 fa[VR][4];
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < 4; j++) fa[i][j] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        __m512i ia[VR][4];
+        for (int i = 0; i < mr; i++)
+            for (int j = 0; j < 4; j++) ia[i][j] = _mm512_setzero_si512();
+        for (int k4 = b * 8; k4 < b * 8 + 8; k4++) {
+            const unsigned char *wk = panel + (long)k4 * quad;
+            __m512i w[4];
+            if (bits == 8)
+                for (int j = 0; j < 4; j++) w[j] = _mm512_loadu_si512(wk + j * 64);
+            else
+                for (int h = 0; h < 2; h++) {
+                    const __m512i word = _mm512_loadu_si512(wk + h * 64);
+                    w[2 * h] = _mm512_and_si512(word, low);
+                    w[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(word, 4), low);
+                }
+            for (int i = 0; i < mr; i++) {
+                int four;
+                memcpy(&four, q->xq + (long)(i0 + i) * K + k4 * 4, 4);
+                const __m512i xb = _mm512_set1_epi32(four);
+                for (int j = 0; j < 4; j++) ia[i][j] = _mm512_dpbusd_epi32(ia[i][j], w[j], xb);
+            }
+        }
+        const int g = b * 32 / gs;
+        for (int j = 0; j < 4; j++) {
+            const __m512 sj = _mm512_loadu_ps(s + g * 64 + j * 16), szj = _mm512_loadu_ps(sz + g * 64 + j * 16);
+            for (int i = 0; i < mr; i++) {
+                const long at = (long)(i0 + i) * nb + b;
+                fa[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[i][j]), _mm512_mul_ps(sj, _mm512_set1_ps(q->d[at])),
+                                           fa[i][j]);
+                fa[i][j] = _mm512_fnmadd_ps(szj, _mm512_set1_ps(q->e[at]), fa[i][j]);
+            }
+        }
+    }
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < 4; j++) {
+            float *yij = y + (long)(i0 + i) * ys + j * 16;
+            store(yij, add ? load(yij) + (vec)fa[i][j] : (vec)fa[i][j]);
+        }
+}
+
+/* y = x W^T (add: y +=) over VNNI panels (see vnni_tile); threads split the panels, the last (padded) one computed
+ * into a buffer. */
+static void vnni_gemm(const float *x, long xs, const lmforge_matrix *m, float *y, long ys, int M, int K, int N,
+                      int add, int threads) {
+    const int panels = (N + 63) / 64, groups = K / m->group_size;
+    const long panel_bytes = (long)K * 64 * m->bits / 8;
+    const qrows q = quantize_rows(x, xs, M, K);
+#pragma omp parallel num_threads(threads)
+    {
+        float *edge_y = NULL;
+#pragma omp for schedule(static)
+        for (int p = 0; p < panels; p++) {
+            const unsigned char *panel = (const unsigned char *)m->data + p * panel_bytes;
+            const float *s = m->scales + (long)p * groups * 64, *sz = m->zeros + (long)p * groups * 64;
+            const int whole = (p + 1) * 64 <= N;
+            if (!whole && !edge_y) edge_y = malloc(sizeof(float) * (size_t)M * 64);
+            float *out = whole ? y + (long)p * 64 : edge_y;
+            const long os = whole ? ys : 64;
+            const int tile_add = whole && add;
+            for (int i0 = 0; i0 < M; i0 += VR) {
+                switch (MIN(VR, M - i0)) {
+                case 1: vnni_tile(1, &q, i0, K, panel, m->bits, s, sz, m->group_size, out, os, tile_add); break;
+                case 2: vnni_tile(2, &q, i0, K, panel, m->bits, s, sz, m->group_size, out, os, tile_add); break;
+                default: vnni_tile(3, &q, i0, K, panel, m->bits, s, sz, m->group_size, out, os, tile_add);
+                }
+            }
+            if (!whole)
+                for (int i = 0; i < M; i++)
+                    for (int c = 0; c < N - p * 64; c++) {
+                        float *yc = y + (long)i * ys + (long)p * 64 + c;
+                        *yc = add ? *yc + edge_y[(long)i * 64 + c] : edge_y[(long)i * 64 + c];
+                    }
+        }
+        free(edge_y);
+    }
+    free(q.xq), free(q.d), free(q.e);
+}
+#endif
+
+/* Whether lmforge_qgemm reads VNNI panels (vnni_gemm: codes, scales and scale x zero) rather than float ones (qgemm:
+ * codes, scales and offsets) for K columns in groups of gs. */
+int lmforge_vnni_panels(int K, int gs) { return VNNI && PW == 64 && K % 32 == 0 && gs % 32 == 0; }
+
+/* y = x W^T (add: y += x W^T) for M rows of x (M, K) and W's codes in panels; threads split the panels. A panel
+ * right of column N (the last, padded) is computed into a buffer and only its columns left of N are written. */
+static void qgemm(const float *x, long xs, const lmforge_matrix *m, float *y, long ys, int M, int K, int N, int add,
+                  int threads) {
+    const int panels = (N + PW - 1) / PW, groups = K / m->group_size;
+    const long panel_bytes = (long)K * PW * m->bits / 8;
+#pragma omp parallel num_threads(threads)
+    {
+        float *buf = aligned_alloc(64, sizeof(float) * KC * PW);
+        float *edge_y = NULL;
+#pragma omp for schedule(static)
+        for (int p = 0; p < panels; p++) {
+            const unsigned char *panel = (const unsigned char *)m->data + p * panel_bytes;
+            const float *scales = m->scales + (long)p * groups * PW, *offsets = m->zeros + (long)p * groups * PW;
+            const int whole = (p + 1) * PW <= N;
+            if (!whole && !edge_y) edge_y = malloc(sizeof(float) * (size_t)M * PW);
+            float *out = whole ? y + (long)p * PW : edge_y;
+            const long os = whole ? ys : PW;
+            for (int k0 = 0; k0 < K; k0 += KC) {
+                const int kc = MIN(KC, K - k0);
+                dequantize_panel(m, panel, scales, offsets, k0, kc, buf);
+                block_product(M, x + k0, xs, buf, out, os, kc, (whole && add) || k0 > 0);
+            }
+            if (!whole)
+                for (int i = 0; i < M; i++)
+                    for (int c = 0; c < N - p * PW; c++) {
+                        float *yc = y + (long)i * ys + (long)p * PW + c;
+                        *yc = add ? *yc + edge_y[(long)i * PW + c] : edge_y[(long)i * PW + c];
+                    }
+        }
+        free(buf);
+        free(edge_y);
+    }
+}
+
+/* Whether lmforge_qgemv rounds x to int8 (AVX-512 VNNI) for groups of 32 columns or a multiple, 64 dividing K. */
+int lmforge_vnni(void) { return VNNI; }
+
+void lmforge_qgemv(const lmforge_matrix *m, const float *x, float *y, int rows, int cols, int threads) {
+    qgemv(m, x, y, rows, cols, 0, threads);
+}
+
+void lmforge_qgemm(const float *x, long xs, const lmforge_matrix *m, float *y, long ys, int M, int K, int N,
+                   int threads) {
+#if VNNI
+    if (lmforge_vnni_panels(K, m->group_size)) {
+        vnni_gemm(x, xs, m, y, ys, M, K, N, 0, threads);
+        return;
+    }
+#endif
+    qgemm(x, xs, m, y, ys, M, K, N, 0, threads);
+}
+
 /* y = x rotated by RoPE's half-split layout (cos, sin: the (D,) rows of its position; NULL: no rotation), times
  * scale. */
 static void rotate(const float *x, const float *cos, const float *sin, float *y, int D, float scale) {
@@ -175,12 +593,6 @@ static inline float exp_nonpositive(float x) {
     float scale;
     memcpy(&scale, &bits, sizeof scale);
     return p * scale;
-}
-
-static inline vec load(const float *p) {
-    vec v;
-    memcpy(&v, p, sizeof v);
-    return v;
 }
 
 /* out[0..3] = the lane sums of a, b, c and d: three rounds of adding halves, ~13 instructions for four sums */
@@ -418,44 +830,59 @@ void lmforge_rmsnorm(const float *x, long xs, const float *w, float *y, long ys,
     }
 }
 
-/* A Llama-style decoder's layers: per layer six addresses in weights (see lmforge_layers), their sizes and heads. */
+/* A Llama-style decoder's layers: per layer two norm weights and four linear layers' weights, their sizes and
+ * heads. */
 typedef struct {
     int n_layers, dim, hidden;
-    const float *const *weights;
+    const float *const *norms;
+    const lmforge_matrix *matrices;
     int packed;
     float eps;
     lmforge_heads heads;
 } lmforge_stack;
 
+/* out (M, N) = in (M, K) W^T (add: out +=) for a weight of any kind: fp32 or integer codes, in panels (packed) or in
+ * rows (one row of in). */
+static void product(const lmforge_matrix *m, int packed, const float *in, int K, float *out, int N, int M, int add,
+                    int threads) {
+    if (m->bits == 32 && packed)
+        gemm(in, K, m->data, out, N, M, K, N, add, threads);
+    else if (m->bits == 32)
+        gemv(m->data, K, in, out, N, K, add, threads);
+#if VNNI
+    else if (packed && lmforge_vnni_panels(K, m->group_size))
+        vnni_gemm(in, K, m, out, N, M, K, N, add, threads);
+#endif
+    else if (packed)
+        qgemm(in, K, m, out, N, M, K, N, add, threads);
+    else
+        qgemv(m, in, out, N, K, add, threads);
+}
+
 /* Every layer of a Llama-style decoder (RMSNorm, SwiGLU, no biases) over the M rows of x (M, C), in place: per layer
- * x += proj(attention(qkv(norm(x)))), then x += down(silu(gate) * up(norm(x))). weights: per layer six addresses, the
- * attention norm's (C,) weight, then qkv's and proj's, the MLP norm's weight, then gate_up's and down's: packed W^T
- * (see gemm), or with packed 0 (one row only) nn.Linear's row-major W, through gemv; pools: every layer's; the step's
- * chunks as for lmforge_attention. scratch: M (C + (Hq + 2 Hkv) D +
- * Hq D + 3 H) floats. One call a step instead of ~10 per layer from Python. */
+ * x += proj(attention(qkv(norm(x)))), then x += down(silu(gate) * up(norm(x))). norms: per layer the attention norm's
+ * and the MLP norm's (C,) weights; matrices: per layer qkv, proj, gate_up and down, fp32 or integer codes, in panels
+ * (packed) or, with packed 0 (one row only), in nn.Linear's row order; pools: every layer's; the step's chunks as for
+ * lmforge_attention. scratch: M (C + (Hq + 2 Hkv) D + Hq D + 3 H) floats. One call a step instead of ~10 per layer
+ * from Python. */
 void lmforge_layers(float *x, int M, const lmforge_stack *stack, const lmforge_pool *pools,
                     const lmforge_chunks *chunks, float *scratch, int threads) {
     const int C = stack->dim, L = stack->n_layers, H = stack->hidden, packed = stack->packed;
     const int Hq = stack->heads.n_heads, Hkv = stack->heads.n_kv_heads, D = stack->heads.head_dim;
-    const float *const *weights = stack->weights, eps = stack->eps;
+    const float eps = stack->eps;
     const int W = (Hq + 2 * Hkv) * D, A = Hq * D;
     float *normed = scratch, *qkv = normed + (long)M * C, *attended = qkv + (long)M * W;
     float *gate_up = attended + (long)M * A, *hidden = gate_up + (long)M * 2 * H;
-#define PRODUCT(IN, K, WEIGHT, OUT, N, ADD)                                                                           \
-    if (packed)                                                                                                       \
-        gemm(IN, K, WEIGHT, OUT, N, M, K, N, ADD, threads);                                                           \
-    else                                                                                                              \
-        gemv(WEIGHT, K, IN, OUT, N, K, ADD, threads);
     for (int l = 0; l < L; l++) {
-        const float *const *w = weights + 6L * l;
-        lmforge_rmsnorm(x, C, w[0], normed, C, M, C, eps, threads);
-        PRODUCT(normed, C, w[1], qkv, W, 0)
+        const float *const *norm = stack->norms + 2L * l;
+        const lmforge_matrix *w = stack->matrices + 4L * l;
+        lmforge_rmsnorm(x, C, norm[0], normed, C, M, C, eps, threads);
+        product(w, packed, normed, C, qkv, W, M, 0, threads);
         lmforge_attention(qkv, W, pools + l, chunks, &stack->heads, attended, A, threads);
-        PRODUCT(attended, A, w[2], x, C, 1)
-        lmforge_rmsnorm(x, C, w[3], normed, C, M, C, eps, threads);
-        PRODUCT(normed, C, w[4], gate_up, 2 * H, 0)
+        product(w + 1, packed, attended, A, x, C, M, 1, threads);
+        lmforge_rmsnorm(x, C, norm[1], normed, C, M, C, eps, threads);
+        product(w + 2, packed, normed, C, gate_up, 2 * H, M, 0, threads);
         lmforge_silu_mul(gate_up, 2L * H, hidden, H, M, H, threads);
-        PRODUCT(hidden, H, w[5], x, C, 1)
+        product(w + 3, packed, hidden, H, x, C, M, 1, threads);
     }
-#undef PRODUCT
 }

@@ -1,15 +1,18 @@
 """The C kernels of CPU decode (decode_kernels.c), compiled on first use with the machine's C compiler and loaded with
 ctypes: matrix products for one token row (matvec, over nn.Linear's row-major weight) and for many (matmul, over a copy
 packed in panels of columns), attention of a step's new tokens over a paged KV cache, SwiGLU's product and RMSNorm,
-and all the layers of a Llama-style decoder in one call (layers).
+and all the layers of a Llama-style decoder in one call (layers). Integer weights (QuantLinear's int8 and int4 codes,
+`Quantized`) have products of their own (qmatvec, qmatmul, and in layers) that read the codes, never a float copy.
 
 Why: at decode's shapes torch and numpy run these poorly. OpenBLAS runs a matrix-vector product on one thread below
 ~460k weights, and torch's MKL multiplies 4-32 token rows by a weight at 10-50 GFLOP/s; the C kernels split every
 weight over torch's thread count (batch-1 decode at 77-87% of the memory-bandwidth roofline) and stream packed panels
 of the weights past tiles of 6 token rows (~170-190 GFLOP/s at 16-32 rows, ~200 at 256 on 2 cores, the FMA units'
-peak). The attention kernel does in one call per layer (RoPE, the cache writes, causal attention over each sequence's
-blocks where they lie) what takes torch a gather and a padded SDPA per step. `layers` runs them all for a step from
-one call: ~8% of a 32-request serving run went to Python between the kernels.
+peak). Integer codes cut the bytes batch-1 decode reads by 4x (int8) or 8x (int4); with AVX-512 VNNI their products
+round the activations to int8 in blocks of 32, as llama.cpp's Q8_0 does, and sum 64 products an instruction (see
+rounds_activations). The attention kernel does in one call per layer (RoPE, the cache writes, causal attention over
+each sequence's blocks where they lie) what takes torch a gather and a padded SDPA per step. `layers` runs them all
+for a step from one call: ~8% of a 32-request serving run went to Python between the kernels.
 
 Where no C compiler with OpenMP is found, compilation fails, or LMFORGE_NATIVE=0, `available()` is False, every
 factory here gives None, and the decoder runs on numpy alone (batch-1 steps; the engine's many-row steps run in torch).
@@ -80,11 +83,16 @@ def _library() -> ctypes.CDLL | None:
     library.lmforge_gemv.argtypes = [p, n, p, p, i, i, i]
     library.lmforge_gemm.argtypes = [p, n, p, p, n, i, i, i, i]
     library.lmforge_panel_width.restype = i
+    library.lmforge_vnni.restype = i
+    library.lmforge_vnni_panels.argtypes = [i, i]
+    library.lmforge_vnni_panels.restype = i
     library.lmforge_attention.argtypes = [p, n, ref(KVPool), ref(_ChunksArg), ref(_Heads), p, n, i]
     library.lmforge_layers.argtypes = [p, i, ref(_Stack), ref(KVPool), ref(_ChunksArg), p, i]
+    library.lmforge_qgemv.argtypes = [ref(_Matrix), p, p, i, i, i]
+    library.lmforge_qgemm.argtypes = [p, n, ref(_Matrix), p, n, i, i, i, i]
     library.lmforge_silu_mul.argtypes = [p, n, p, n, i, i, i]
     library.lmforge_rmsnorm.argtypes = [p, n, p, p, n, i, i, ctypes.c_float, i]
-    for kernel in ("gemv", "gemm", "attention", "silu_mul", "rmsnorm", "layers"):
+    for kernel in ("gemv", "gemm", "qgemv", "qgemm", "attention", "silu_mul", "rmsnorm", "layers"):
         getattr(library, f"lmforge_{kernel}").restype = None
     return library
 
@@ -185,6 +193,136 @@ def matmul(w_t: np.ndarray, threads: int, reuse_output: bool = False) -> Callabl
     return run
 
 
+class Quantized(NamedTuple):
+    """An integer weight W (out, in) as QuantLinear keeps it: w = (code - zero) * scale per group of group_size input
+    columns. codes (out, in * bits / 8) uint8 (int4: column 2j in the low nibble of byte j, 2j + 1 in the high one);
+    scales and zeros (out, in / group_size) fp32."""
+
+    codes: np.ndarray
+    scales: np.ndarray
+    zeros: np.ndarray
+    bits: int
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape[0], self.codes.shape[1] * 8 // self.bits
+
+    def check(self) -> Quantized:
+        (N, K), groups = self.shape, self.scales.shape[-1]
+        if self.bits not in (4, 8) or self.codes.dtype != np.uint8 or not self.codes.flags.c_contiguous:
+            raise ValueError(f"codes must be C-contiguous uint8 of 4 or 8 bits, not {self.codes.dtype} {self.bits}")
+        for name in ("scales", "zeros"):
+            a = getattr(self, name)
+            if (
+                a.dtype != np.float32
+                or a.shape != (N, groups)
+                or not a.flags.c_contiguous
+                or groups * self.group_size != K
+            ):
+                raise ValueError(f"{name} must be C-contiguous fp32 ({N}, {K} / {self.group_size}), not {a.shape}")
+        return self
+
+
+class _Matrix(ctypes.Structure):
+    """lmforge_matrix: a linear layer's weight, fp32 (bits 32) or integer codes, in rows or in panels."""
+
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("scales", ctypes.c_void_p),
+        ("zeros", ctypes.c_void_p),
+        ("bits", ctypes.c_int),
+        ("group_size", ctypes.c_int),
+    ]
+
+
+def _matrix(arrays: tuple[np.ndarray, ...], bits: int, group_size: int) -> _Matrix:
+    data, scales, zeros = (a.ctypes.data if a is not None else None for a in arrays)
+    return _Matrix(data, scales, zeros, bits, group_size)
+
+
+def pack_quantized(q: Quantized, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The codes of q in panels of `width` columns of W^T, as lmforge_qgemm reads them, with their scales and a second
+    per-column table (panels, groups, width), zero right of the last column. With VNNI panels (lmforge_vnni_panels):
+    per 4 rows of W^T, each 16 columns' 4 codes side by side (int8 (panels, K / 4, width, 4); int4 (panels, K / 4, 2,
+    64) bytes, vectors 2h and 2h + 1 in the low and high nibbles of 64 bytes h) and scale x zero. Else (float panels):
+    int8 (panels, K, width), int4 (panels, K, width / 2) bytes (column j in the low nibble of byte j, column j + width /
+    2 in its high one), and offsets -zero x scale. The same bytes as q's codes: a quantized copy for many-row products,
+    as `matmul` keeps one for fp32."""
+    (N, K), panels = q.shape, -(-q.shape[0] // width)
+    pad = panels * width - N
+    codes = q.codes if q.bits == 8 else np.stack([q.codes & 15, q.codes >> 4], axis=-1).reshape(N, K)
+    codes = np.concatenate([codes, np.zeros((pad, K), np.uint8)]).reshape(panels, width, K)
+    vnni = _library().lmforge_vnni_panels(K, q.group_size)
+    if vnni:
+        codes = codes.reshape(panels, width, K // 4, 4).transpose(0, 2, 1, 3)  # (panels, K / 4, width, 4)
+        if q.bits == 4:
+            vectors = codes.reshape(panels, K // 4, 2, 2, 64)  # (.., h, low/high, 16 columns x 4)
+            codes = vectors[:, :, :, 0] | (vectors[:, :, :, 1] << 4)
+    else:
+        codes = codes.transpose(0, 2, 1)  # (panels, K, width)
+        if q.bits == 4:
+            codes = codes[..., : width // 2] | (codes[..., width // 2 :] << 4)
+
+    def per_panel(a: np.ndarray) -> np.ndarray:  # (N, groups) -> (panels, groups, width)
+        a = np.concatenate([a, np.zeros((pad, a.shape[1]), np.float32)])
+        return np.ascontiguousarray(a.reshape(panels, width, -1).transpose(0, 2, 1))
+
+    second = q.zeros * q.scales if vnni else -q.zeros * q.scales
+    return np.ascontiguousarray(codes), per_panel(q.scales), per_panel(second)
+
+
+def rounds_activations(q: Quantized, rows: int) -> bool:
+    """Whether a product of `rows` rows with q rounds them to int8 in blocks of 32 (llama.cpp's Q8_0 activations,
+    ~0.5-1% of the product's size): with AVX-512 VNNI, for groups of 32 columns or a multiple; qmatvec (one row) where
+    64 divides the columns, qmatmul where 32 does (lmforge_vnni_panels). The fp32 kernels never do."""
+    if not available() or not _library().lmforge_vnni():
+        return False
+    K = q.shape[1]
+    return (
+        q.group_size % 32 == 0 and K % 64 == 0 if rows == 1 else bool(_library().lmforge_vnni_panels(K, q.group_size))
+    )
+
+
+def qmatvec(q: Quantized, threads: int, reuse_output: bool = False) -> Callable[[np.ndarray], np.ndarray] | None:
+    """x (in,) -> W x (out,) for an integer weight, reading its codes where they are (lmforge_qgemv; see
+    rounds_activations); None without the kernels. reuse_output as for matmul."""
+    if (library := _library()) is None:
+        return None
+    (rows, cols), matrix = q.check().shape, _matrix(q[:3], q.bits, q.group_size)
+    kernel, output = library.lmforge_qgemv, _Outputs(rows, reuse_output)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        if x.dtype != np.float32 or x.shape != (cols,):
+            raise ValueError(f"a ({rows}, {cols}) weight takes a ({cols},) fp32 vector, not {x.dtype} {x.shape}")
+        if not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x)
+        y, y_address = output(1, True)
+        kernel(matrix, x.ctypes.data, y_address, rows, cols, threads)
+        return y
+
+    run.weight = q  # keeps the codes alive as long as their address is used
+    return run
+
+
+def qmatmul(q: Quantized, threads: int, reuse_output: bool = False) -> Callable[[np.ndarray], np.ndarray] | None:
+    """x (M, in) or (in,) -> x W^T (M, out) or (out,) for an integer weight, through a copy of its codes in panels
+    (pack_quantized; lmforge_qgemm); None without the kernels. reuse_output as for matmul."""
+    if (library := _library()) is None:
+        return None
+    (N, K), packed = q.check().shape, pack_quantized(q, library.lmforge_panel_width())
+    kernel, matrix, output = library.lmforge_qgemm, _matrix(packed, q.bits, q.group_size), _Outputs(N, reuse_output)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        x, rows, x_stride = _rows(x, K, f"the input of a ({N}, {K}) integer matmul")
+        y, y_address = output(rows, x.ndim == 1)
+        kernel(x.ctypes.data, x_stride, matrix, y_address, N, rows, K, N, threads)
+        return y
+
+    run.weight = packed  # keeps the codes alive as long as their address is used
+    return run
+
+
 def silu_mul(hidden: int, threads: int) -> Callable[[np.ndarray], np.ndarray] | None:
     """gu (rows, 2 H) or (2 H,), the gate's H columns then the up projection's -> silu(gate) * up, (rows, H) or (H,),
     written to one reused buffer, valid until the next call; None without the kernels."""
@@ -267,7 +405,8 @@ class _Stack(ctypes.Structure):
         ("n_layers", ctypes.c_int),
         ("dim", ctypes.c_int),
         ("hidden", ctypes.c_int),
-        ("weights", ctypes.c_void_p),
+        ("norms", ctypes.c_void_p),
+        ("matrices", ctypes.c_void_p),
         ("packed", ctypes.c_int),
         ("eps", ctypes.c_float),
         ("heads", _Heads),
@@ -389,14 +528,15 @@ class _HeadsAndPositions:
 
 
 class LayerWeights(NamedTuple):
-    """A Llama-style decoder layer for `layers`: the norms' (C,) weights and the linear layers' weights W (out, in)."""
+    """A Llama-style decoder layer for `layers`: the norms' (C,) weights and the linear layers' weights, fp32 W (out,
+    in) arrays or Quantized."""
 
     attn_norm: np.ndarray
-    qkv: np.ndarray
-    proj: np.ndarray
+    qkv: np.ndarray | Quantized
+    proj: np.ndarray | Quantized
     mlp_norm: np.ndarray
-    gate_up: np.ndarray
-    down: np.ndarray
+    gate_up: np.ndarray | Quantized
+    down: np.ndarray | Quantized
 
 
 def layers(
@@ -413,24 +553,40 @@ def layers(
     """(x, pools, chunks) -> None: every layer of a Llama-style decoder (RMSNorm, SwiGLU's gate then up in one
     projection, no biases) applied in place to x, the (rows, C) fp32 hidden states of a step's new tokens, in one
     kernel call; pools: every layer's (see `pools`); chunks, slopes and rope as for `attention`. packed: keep the
-    linear weights packed as `matmul` does, for any number of rows; else read them where they are, row-major, through
-    `matvec`'s product, for one row at a time (batch-1 decode, no copy). None without the kernels."""
+    linear weights packed as `matmul` (fp32) and `qmatmul` (Quantized) do, for any number of rows; else read them where
+    they are, in rows, through `matvec`'s and `qmatvec`'s products, for one row at a time (batch-1 decode, no copy).
+    None without the kernels."""
     if (library := _library()) is None:
         return None
     Hq, Hkv, D = n_heads, n_kv_heads, head_dim
     where = _HeadsAndPositions(Hq, Hkv, D, slopes, rope)
-    C, H = len(weights[0].attn_norm), len(weights[0].down[0])
+    C, H = len(weights[0].attn_norm), weights[0].down.shape[1]
     shapes = LayerWeights((C,), (where.width, C), (C, Hq * D), (C,), (2 * H, C), (C, H))
     width = library.lmforge_panel_width()
-    kept = []
+    kept, norms, matrices = [], [], []
     for layer in weights:
         for name, array, shape in zip(LayerWeights._fields, layer, shapes, strict=True):
+            if isinstance(array, Quantized):
+                if array.check().shape != shape:
+                    raise ValueError(f"a layer's {name} weight must be {shape}, not {array.shape}")
+                arrays = pack_quantized(array, width) if packed else array[:3]
+                kept.append(arrays)
+                matrices.append(_matrix(arrays, array.bits, array.group_size))
+                continue
             if array.dtype != np.float32 or array.shape != shape:
                 raise ValueError(f"a layer's {name} weight must be fp32 {shape}, not {array.dtype} {array.shape}")
-            kept.append(pack_panels(array.T, width) if packed and array.ndim == 2 else np.ascontiguousarray(array))
-    addresses = (ctypes.c_void_p * len(kept))(*(a.ctypes.data for a in kept))
+            array = pack_panels(array.T, width) if packed and array.ndim == 2 else np.ascontiguousarray(array)
+            kept.append(array)
+            if array.ndim == 1:
+                norms.append(array.ctypes.data)
+            else:
+                matrices.append(_Matrix(array.ctypes.data, None, None, 32, 0))
+    norm_addresses = (ctypes.c_void_p * len(norms))(*norms)
+    matrix_array = (_Matrix * len(matrices))(*matrices)
     per_row = C + where.width + Hq * D + 3 * H
-    stack = _Stack(len(weights), C, H, ctypes.addressof(addresses), packed, eps, where.arg)
+    stack = _Stack(
+        len(weights), C, H, ctypes.addressof(norm_addresses), ctypes.addressof(matrix_array), packed, eps, where.arg
+    )
     kernel, scratch, caches = library.lmforge_layers, np.empty(0, np.float32), (None, None)
 
     def run(x: np.ndarray, pools: list[KVPool], chunks: Chunks) -> None:
@@ -450,5 +606,5 @@ def layers(
             scratch = np.empty(len(x) * per_row, np.float32)
         kernel(x.ctypes.data, len(x), stack, caches[1], chunks.arg, scratch.ctypes.data, threads)
 
-    run.keep = (kept, addresses, where)  # alive as long as their addresses are used
+    run.keep = (kept, norm_addresses, matrix_array, where)  # alive as long as their addresses are used
     return run

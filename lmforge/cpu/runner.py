@@ -2,7 +2,8 @@
 with the C kernels of native.py, reading the model's weights and KV cache in place.
 
 On the CPU in fp32 an engine step runs in numpy with the kernels (decode.NumpyDecoder.forward; the runner keeps a copy
-of each weight packed for its many-row products, twice the weights' memory). Without the kernels only single decodes
+of each weight packed for its many-row products, twice the weights' memory; of an integer layer's codes, a packed copy
+of the codes). Without the kernels only single decodes
 run in numpy, and steps of several rows go to the torch runner it is given.
 """
 
