@@ -128,9 +128,12 @@ class ShareConfig:
     """Distinct layers kept (0: half the base's); consecutive layers share one block, initialised from their mean."""
     recover_steps: int = 50
     """Recovery fine-tune steps on the calibration text."""
+    init: str = "mean"
+    """A shared block starts from the mean of its layers' weights (mean) or from the first layer's (first)."""
 
     def validate(self) -> None:
         check(self.groups >= 0, f"share.groups={self.groups} must be >= 0")
+        check(self.init in ("mean", "first"), f"share.init={self.init!r} must be mean or first")
         check(self.recover_steps >= 0, f"share.recover_steps={self.recover_steps} must be >= 0")
 
 

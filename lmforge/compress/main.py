@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from lmforge.checkpoint import latest_checkpoint, load_run
-from lmforge.compress import rtn
+from lmforge.compress import distill, lowrank, rtn, share, ternary
 from lmforge.compress.calibration import calibration_windows
 from lmforge.compress.config import CompressConfig
 from lmforge.compress.store import save_compressed
@@ -52,7 +52,14 @@ def _int4(cfg: CompressConfig, model: Decoder, tokenizer, windows, run: Run) -> 
     return Compressed(model)
 
 
-METHODS: dict[str, Method] = {"int8": _int8, "int4": _int4}
+METHODS: dict[str, Method] = {
+    "int8": _int8,
+    "int4": _int4,
+    "ternary": ternary.compress,
+    "distill": distill.compress,
+    "lowrank": lowrank.compress,
+    "share": share.compress,
+}
 
 
 def weights_bytes(run_dir: Path) -> int:

@@ -72,6 +72,9 @@ def load_compressed(ckpt: Path, cfg: ModelConfig, device: str | torch.device = "
         raise LmforgeError(f"{ckpt}/model.json says n_layers={cfg.n_layers}, the weights hold another count: {fix}")
     with torch.device("meta"):
         model = install(Decoder(cfg), info["modules"])
+        for module in list(model.modules()):
+            if hasattr(module, "bind"):
+                module.bind(model)  # a shared layer takes its source layer's modules before the weights load
     wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for name, shape in shapes.items():
         if wanted.get(name) != shape:
