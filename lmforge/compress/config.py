@@ -125,7 +125,7 @@ class LowRankConfig:
 @dataclass
 class ShareConfig:
     groups: int = 0
-    """Distinct layers kept (0: half the base's); consecutive layers share one block, initialised from their mean."""
+    """Distinct layers kept (0: half the base's); each run of consecutive layers shares one block (see share.init)."""
     recover_steps: int = 50
     """Recovery fine-tune steps on the calibration text."""
     init: str = "mean"

@@ -4,6 +4,7 @@ estimator (the forward pass sees the ternary weight, the gradient reaches the fl
 packed 2-bit codes and one float scale per row.
 
     lmforge compress tiny method=ternary calibration.path=text.txt train.steps=200 run.name=tiny-ternary
+    lmforge compress tiny method=ternary run.name=tiny-ternary-ptq    (no calibration text: no QAT)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from lmforge.compress.config import CompressConfig
 from lmforge.compress.modules import BUILDERS, linear_names
-from lmforge.compress.recover import held_out_loss, require_windows, split, train
+from lmforge.compress.recover import held_out_loss, split, train
 from lmforge.models import Decoder
 from lmforge.run import Run
 
@@ -100,11 +101,11 @@ BUILDERS["ternary"] = lambda old, spec: TernaryLinear(old.in_features, old.out_f
 
 
 def compress(cfg: CompressConfig, model: Decoder, tokenizer, windows: Tensor | None, run: Run):
-    """method=ternary: QAT for train.steps steps (0: ternarise after training only), then pack every block linear."""
+    """method=ternary: QAT for train.steps steps on the calibration text (without one: ternarise only), then pack
+    every block linear."""
     from lmforge.compress.main import Compressed  # here: main imports this module
 
-    steps = cfg.train.steps
-    require_windows(windows, steps, "train.steps")
+    steps = cfg.train.steps if windows is not None else 0  # train.steps cannot be 0: no text means no QAT
     names = linear_names(model)
     summary: dict[str, float] = {}
     if windows is not None:

@@ -86,3 +86,10 @@ def test_student_deeper_than_teacher_exits_2_before_writing(tmp_path, tiny_run, 
         main(["compress", str(tiny_run), *args])
     assert exit_.value.code == 2 and "distill.layers=3" in capsys.readouterr().err
     assert not any(tmp_path.rglob("*.safetensors")) and not any(tmp_path.rglob("metrics.jsonl"))
+
+
+def test_distillation_without_calibration_text_exits_2_before_writing(tmp_path, tiny_run, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["compress", str(tiny_run), "method=distill", "distill.layers=1", f"run.root={tmp_path}"])
+    assert exit_.value.code == 2 and "calibration.path" in capsys.readouterr().err
+    assert not any(tmp_path.rglob("*.safetensors")) and not any(tmp_path.rglob("metrics.jsonl"))

@@ -3,13 +3,11 @@ gradient through the dequantized weight, and a QAT run loads back with the logit
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 import torch.nn.utils.parametrize as parametrize
 
 from lmforge.checkpoint import load_run
-from lmforge.cli import main
 from lmforge.compress.calibration import calibration_windows
 from lmforge.compress.config import CompressConfig
 from lmforge.compress.main import METHODS
@@ -85,8 +83,10 @@ def test_qat_run_loads_back_with_its_logits(tmp_path, tiny_run, tiny_text):
     assert torch.equal(model(idx), result.model(idx))
 
 
-def test_training_without_calibration_text_exits_2_before_writing(tmp_path, tiny_run, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main(["compress", str(tiny_run), "method=ternary", "train.steps=5", f"run.root={tmp_path}"])
-    assert exit_.value.code == 2 and "calibration.path" in capsys.readouterr().err
-    assert not any(tmp_path.rglob("*.safetensors")) and not any(tmp_path.rglob("metrics.jsonl"))
+def test_without_calibration_text_ternary_is_post_training_only(tiny_run):
+    model, tokenizer = load_run(tiny_run)
+    cfg = load_config(CompressConfig, None, [f"base={tiny_run}", "method=ternary"])
+    expected = ternarize(model.layers[0].mlp.down.weight.detach())
+    result = METHODS["ternary"](cfg, model, tokenizer, None, None)
+    assert result.steps == 0 and "qat_held_out_after" not in result.summary
+    assert torch.equal(result.model.layers[0].mlp.down.weight, expected)
