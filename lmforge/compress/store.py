@@ -61,6 +61,8 @@ def read_compression(ckpt: Path) -> dict[str, Any]:
 
 def load_compressed(ckpt: Path, cfg: ModelConfig, device: str | torch.device = "cpu") -> Decoder:
     """The compressed model of checkpoint folder `ckpt` (whose model.json gave cfg), checked against its hash."""
+    from lmforge.compress import main  # noqa: F401  importing the methods puts their module kinds in BUILDERS
+
     info = read_compression(ckpt)
     weights = ckpt / "model.safetensors"
     fix = "the file was changed or cut short; compress the base run again"

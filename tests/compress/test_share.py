@@ -3,6 +3,9 @@ the compressed checkpoint, the logits survive it and a cached decode still equal
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -66,6 +69,11 @@ def test_shared_run_loads_back_as_one_set_of_modules(tmp_path, tiny_run, tiny_te
     for _ in range(8):
         ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     assert cached == ids[len(prompt) :]
+    # a fresh process that never imported the methods still knows the "shared" kind
+    check = f"from lmforge.checkpoint import load_run; m, _ = load_run({str(path)!r}); print(m.layers[1].mlp is "
+    check += "m.layers[0].mlp)"
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
 
 
 def test_more_groups_than_layers_exits_2_before_writing(tmp_path, tiny_run, capsys):
