@@ -128,8 +128,9 @@ class ShareConfig:
     """Distinct layers kept (0: half the base's); each run of consecutive layers shares one block (see share.init)."""
     recover_steps: int = 50
     """Recovery fine-tune steps on the calibration text."""
-    init: str = "mean"
-    """A shared block starts from the mean of its layers' weights (mean) or from the first layer's (first)."""
+    init: str = "first"
+    """A shared block starts from its first layer's weights (first) or their mean (mean); on the speedrun's 4 layers in
+    2 groups, held-out loss 3.43 (first) vs 4.72 (mean) before recovery, 3.15 vs 3.92 after 60 steps."""
 
     def validate(self) -> None:
         check(self.groups >= 0, f"share.groups={self.groups} must be >= 0")

@@ -1,6 +1,6 @@
 """Cross-layer weight sharing (ALBERT, Lan et al., 2020): the base's layers fall into share.groups runs of
-consecutive layers, each run served by one block's weights (initialised from the mean of the run's trained layers,
-or its first), then a recovery fine-tune.
+consecutive layers, each run served by one block's weights (initialised from the run's first layer, which measured
+better than the mean of its layers: share.init), then a recovery fine-tune.
 
     lmforge compress tiny method=share share.groups=2 share.recover_steps=200 calibration.path=text.txt
 """
@@ -61,7 +61,7 @@ def groups_of(n_layers: int, groups: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def share_layers(model: Decoder, groups: int, init: str = "mean") -> Decoder:
+def share_layers(model: Decoder, groups: int, init: str = "first") -> Decoder:
     """Make each run of layers use its first layer's modules, holding the run's mean weights (init="mean") or the
     first layer's own (init="first"), in place."""
     for members in groups_of(len(model.layers), groups):

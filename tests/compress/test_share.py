@@ -45,7 +45,7 @@ def test_groups_are_consecutive_runs_and_the_mean_starts_each():
     cfg = ModelConfig(vocab_size=64, dim=32, n_layers=4, n_heads=2, hidden_dim=64, max_seq_len=32)
     model = build_model(cfg, seed=0)
     before = [layer.mlp.down.weight.detach().clone() for layer in model.layers]
-    share_layers(model, 2)
+    share_layers(model, 2, init="mean")
     assert torch.allclose(model.layers[0].mlp.down.weight, (before[0] + before[1]) / 2)
     assert model.layers[3].mlp.down is model.layers[2].mlp.down and model.layers[1].attn is not model.layers[0].attn
 
