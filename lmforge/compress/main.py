@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from lmforge.checkpoint import latest_checkpoint, load_run
-from lmforge.compress import awq, gptq, nf4, prune, rtn, sparsegpt, structured
+from lmforge.compress import awq, distill, gptq, lowrank, nf4, prune, rtn, share, sparsegpt, structured, ternary
 from lmforge.compress.calibration import calibration_windows
 from lmforge.compress.config import CompressConfig
 from lmforge.compress.store import save_compressed
@@ -62,6 +62,10 @@ METHODS: dict[str, Method] = {
     "wanda": prune.wanda,
     "sparsegpt": sparsegpt.sparsegpt,
     "structured": structured.structured,
+    "ternary": ternary.compress,
+    "distill": distill.compress,
+    "lowrank": lowrank.compress,
+    "share": share.compress,
 }
 
 

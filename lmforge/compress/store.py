@@ -61,6 +61,8 @@ def read_compression(ckpt: Path) -> dict[str, Any]:
 
 def load_compressed(ckpt: Path, cfg: ModelConfig, device: str | torch.device = "cpu") -> Decoder:
     """The compressed model of checkpoint folder `ckpt` (whose model.json gave cfg), checked against its hash."""
+    from lmforge.compress import main  # noqa: F401  importing the methods puts their module kinds in BUILDERS
+
     info = read_compression(ckpt)
     weights = ckpt / "model.safetensors"
     fix = "the file was changed or cut short; compress the base run again"
@@ -72,6 +74,9 @@ def load_compressed(ckpt: Path, cfg: ModelConfig, device: str | torch.device = "
         raise LmforgeError(f"{ckpt}/model.json says n_layers={cfg.n_layers}, the weights hold another count: {fix}")
     with torch.device("meta"):
         model = install(Decoder(cfg), info["modules"])
+        for module in list(model.modules()):
+            if hasattr(module, "bind"):
+                module.bind(model)  # a shared layer takes its source layer's modules before the weights load
     wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for name, shape in shapes.items():
         if wanted.get(name) != shape:
