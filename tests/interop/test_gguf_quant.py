@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from lmforge.checkpoint import load_run
+from lmforge.checkpoint import load_run, save_checkpoint
 from lmforge.cli import main as cli
 from lmforge.interop.gguf import gguf_tensors
 from lmforge.interop.gguf_quants import q4_0, q8_0
+from lmforge.models import ModelConfig, build_model
 
 QTYPES = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
 OURS = {"q8_0": q8_0, "q4_0": q4_0}
@@ -51,11 +52,19 @@ def test_blocks_equal_gguf_quants_byte_for_byte(kind):
     )
 
 
-@pytest.mark.parametrize("kind", ["f16", "q8_0", "q4_0"])
-def test_export_reads_back_and_dequantizes_close_to_the_weights(tiny_run, tmp_path, kind):
+@pytest.mark.parametrize("kind,tied", [("f16", False), ("q8_0", False), ("q4_0", False), ("q4_0", True)])
+def test_export_reads_back_and_dequantizes_close_to_the_weights(tiny_run, tiny_tokenizer, tmp_path, kind, tied):
+    run = tiny_run
+    if tied:  # the embedding is the head: q4_0 keeps it at q8_0
+        cfg = ModelConfig(
+            vocab_size=512, dim=64, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=96, tie_embeddings=True
+        )
+        run = tmp_path / "tied"
+        tiny_tokenizer.save(run)
+        save_checkpoint(run, 0, build_model(cfg, seed=1), state={})
     out = tmp_path / f"model-{kind}.gguf"
-    cli(["export", "gguf", str(tiny_run), str(out), "--type", kind])
-    model, _ = load_run(tiny_run)
+    cli(["export", "gguf", str(run), str(out), "--type", kind])
+    model, _ = load_run(run)
     weights = gguf_tensors(model)
     reader = gguf.GGUFReader(out)
     file_types = {"f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
