@@ -123,9 +123,10 @@ def task_score(model, tokenizer, args: argparse.Namespace, text: str) -> tuple[s
 def measure(run: Path, method: str, args: argparse.Namespace, text: str) -> dict[str, Any]:
     from lmforge.eval.backends import Local
 
+    start = time.perf_counter()
     model, tokenizer = load_run(run)
     ids = tokenizer.encode(text)
-    width = max(8, min(32, len(ids) // CONCURRENT))  # prompts of up to 32 tokens from across the text
+    width = max(8, min(32, len(ids) // CONCURRENT))  # consecutive pieces of the text
     prompts = [[tokenizer.bos_id, *ids[i * width : (i + 1) * width]] for i in range(CONCURRENT)]
     row: dict[str, Any] = {"run": run.name, "method": method, "size_bytes": weights_file(run).stat().st_size}
     row |= probe(run, prompts[0], args.tokens)
@@ -133,6 +134,11 @@ def measure(run: Path, method: str, args: argparse.Namespace, text: str) -> dict
     nll, n = Local(model, tokenizer).rolling_nll(text)
     row["ppl"] = math.exp(nll / n)
     row["task"], row["score"] = task_score(model, tokenizer, args, text)
+    print(
+        f"{run.name}: ppl {row['ppl']:.3f}, measured in {time.perf_counter() - start:.0f} s",
+        file=sys.stderr,
+        flush=True,
+    )
     return row
 
 
