@@ -201,6 +201,7 @@ def command(argv: list[str]) -> None:
     print(markdown, end="")
     out = Run(args.out or runs[1][0])
     settings = {k: v for k, v in vars(args).items() if k not in ("base", "outs")}
+    settings["task"] = args.task or "next_line, items built from --text"
     out.write_json("compress_report.json", {"base": str(base), **settings, "memory": MEMORY, "rows": rows})
     intro = f"Base `{base}`; perplexity on the first {len(text):,} characters of `{args.text}`. Memory: {MEMORY}.\n\n"
     atomic_write(out.file("compress_report.md"), f"# Compression report\n\n{intro}{markdown}")

@@ -25,8 +25,8 @@ def runs(tiny_run, tiny_text, tmp_path_factory):
 
 def test_report_has_a_row_per_run_with_file_sizes_and_the_backends_perplexity(runs, tmp_path, capsys):
     base, int8, int4, text = runs
-    out = tmp_path / "report"
-    args = ["--text", str(text), "--chars", "3000", "--limit", "6", "--tokens", "6", "--out", str(out)]
+    out = int8  # the default: the first OUT, whose run report gets the comparison as a section
+    args = ["--text", str(text), "--chars", "2000", "--limit", "6", "--tokens", "4"]
     cli(["compress", "report", str(base), str(int8), str(int4), *args])
     printed = capsys.readouterr().out
     report = json.loads((out / "compress_report.json").read_text())
@@ -34,7 +34,8 @@ def test_report_has_a_row_per_run_with_file_sizes_and_the_backends_perplexity(ru
     assert [r["method"] for r in rows] == ["base", "int8", "int4"]
     assert (out / "compress_report.md").read_text().count("\n| ") == 4  # header and three rows
     assert sum(line.startswith("| ") for line in printed.splitlines()) == 4
-    body = text.read_text()[:3000]
+    assert "## compress_report" in (int8 / "report.md").read_text()
+    body = text.read_text()[:2000]
     for row, run in zip(rows, (base, int8, int4), strict=True):
         assert row["size_bytes"] == (latest_checkpoint(run) / "model.safetensors").stat().st_size
         model, tokenizer = load_run(run)
