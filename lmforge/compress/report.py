@@ -27,7 +27,7 @@ from lmforge.run import Run, atomic_write, resolve_run
 
 CONCURRENT = 32
 MEMORY = (
-    "peak resident set (ru_maxrss) of a fresh Python process that imports lmforge, loads the run and greedily decodes "
+    "peak resident set (VmHWM) of a fresh Python process that imports lmforge, loads the run and greedily decodes "
     "--tokens tokens at batch 1; the batch-1 speed is that process's, after the first token"
 )
 
@@ -89,7 +89,14 @@ def _probe_main(run: str, prompt: str, tokens: str) -> None:
     start = time.perf_counter()
     n = sum(1 for _ in stream)
     seconds = time.perf_counter() - start
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    # Linux keeps ru_maxrss across fork and exec (it would report the parent's peak); VmHWM is this process's own
+    status = Path("/proc/self/status")
+    hwm = (
+        [line.split()[1] for line in status.read_text().splitlines() if line.startswith("VmHWM")]
+        if status.exists()
+        else []
+    )
+    rss = int(hwm[0]) * 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     backend = "torch" if unsupported_reason(model) else "numpy"
     print(json.dumps({"peak_rss_bytes": rss, "decode_tok_s": n / seconds, "decode_backend": backend}))
 
