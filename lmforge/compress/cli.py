@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file with the config sections")
     parser.add_argument(
         "args",
-        nargs="+",
+        nargs=argparse.REMAINDER,  # `report`'s own flags (--text ...) pass through to its parser
         metavar="BASE key=value | report BASE OUT",
         help="the run to compress and overrides (method=int8|int4|gptq|awq|nf4|ternary|magnitude|wanda|sparsegpt|"
         "structured|distill|lowrank|share, run.name=OUT, quant.*, prune.*, ...); or `report BASE OUT...` "
@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def command(args: argparse.Namespace) -> None:
+    if not args.args:
+        raise LmforgeError("name the run to compress: lmforge compress BASE method=NAME ... (or `report BASE OUT...`)")
     if args.args[0] == "report":
         from lmforge.compress import report
 

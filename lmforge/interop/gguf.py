@@ -1,7 +1,8 @@
 """GGUF export for llama.cpp: a LLaMA-style run's weights under llama.cpp's tensor names and rotary layout, and its
-byte-level BPE tokenizer as a "gpt2" vocabulary, in one float32 file (the format of ggml's GGUF spec).
+byte-level BPE tokenizer as a "gpt2" vocabulary, in one file of float32, float16, Q8_0 or Q4_0 weights (the format of
+ggml's GGUF spec; the quantized blocks are gguf_quants.py's).
 
-Run: lmforge export gguf RUN FILE
+Run: lmforge export gguf RUN FILE [--type f32|f16|q8_0|q4_0]
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import Tensor
 
 from lmforge.checkpoint import load_run
 from lmforge.errors import LmforgeError
+from lmforge.interop.gguf_quants import TYPES, encode, tensor_type
 from lmforge.interop.hf import FAMILIES, TO_HF
 from lmforge.models import Decoder, ModelConfig
 from lmforge.tokenizer import Tokenizer
@@ -108,9 +110,15 @@ def tokenizer_vocab(tokenizer: Tokenizer) -> tuple[list[str], list[int], list[st
     return tokens, types, merges
 
 
-def write_gguf(model: Decoder, tokenizer: Tokenizer, path: str | Path, name: str = "lmforge") -> Path:
-    """Write model and tokenizer as one GGUF file, atomically (a temp file beside it, renamed when complete)."""
+def write_gguf(
+    model: Decoder, tokenizer: Tokenizer, path: str | Path, name: str = "lmforge", file_type: str = "f32"
+) -> Path:
+    """Write model and tokenizer as one GGUF file, atomically (a temp file beside it, renamed when complete); its
+    matrices in `file_type` (f32, f16, q8_0 or q4_0; gguf_quants.tensor_type says which stay f32)."""
     gguf = _gguf()
+    if file_type not in TYPES:
+        raise LmforgeError(f"GGUF type {file_type!r} is not one lmforge writes; choose one of {', '.join(TYPES)}")
+    file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
     cfg, path = model.cfg, Path(path)
     tensors = gguf_tensors(model)
     if tokenizer.vocab_size != cfg.vocab_size:
@@ -121,7 +129,7 @@ def write_gguf(model: Decoder, tokenizer: Tokenizer, path: str | Path, name: str
     try:
         w = gguf.GGUFWriter(tmp, "llama")
         w.add_name(name)
-        w.add_file_type(gguf.LlamaFileType.ALL_F32)
+        w.add_file_type(gguf.LlamaFileType[file_types[file_type]])
         w.add_vocab_size(cfg.vocab_size)
         w.add_context_length(cfg.max_seq_len)
         w.add_embedding_length(cfg.dim)
@@ -148,7 +156,9 @@ def write_gguf(model: Decoder, tokenizer: Tokenizer, path: str | Path, name: str
         w.add_add_eos_token(False)
         w.add_chat_template(tokenizer.chat_template)
         for key, tensor in tensors.items():
-            w.add_tensor(key, tensor.numpy())
+            kind = tensor_type(key, tuple(tensor.shape), file_type, cfg.tie_embeddings)
+            raw = gguf.GGMLQuantizationType[kind.upper()] if kind.startswith("q") else None  # shape read from bytes
+            w.add_tensor(key, encode(tensor.numpy(), kind), raw_dtype=raw)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -160,10 +170,15 @@ def write_gguf(model: Decoder, tokenizer: Tokenizer, path: str | Path, name: str
     return path
 
 
-def export_gguf(run: str | Path, out: str | Path) -> Path:
-    """Write the run's newest checkpoint and tokenizer as a GGUF file that llama.cpp loads."""
+def export_gguf(run: str | Path, out: str | Path, file_type: str = "f32") -> Path:
+    """Write the run's newest checkpoint and tokenizer as a GGUF file that llama.cpp loads; a compressed run's
+    weights are dequantized first (llama.cpp has its own types; --type q8_0/q4_0 quantizes them again)."""
     path = Path(out)
     if path.exists():
         raise LmforgeError(f"{path} exists; choose a new file name or delete it")
     model, tokenizer = load_run(run)
-    return write_gguf(model, tokenizer, path, name=Path(run).name)
+    if getattr(model, "compression", None):
+        from lmforge.compress.modules import densify
+
+        densify(model)
+    return write_gguf(model, tokenizer, path, name=Path(run).name, file_type=file_type)

@@ -482,15 +482,22 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("run", help="run folder, or its name under runs/")
     parser.add_argument("dir", metavar="out", help="hf: folder to create (absent or empty); gguf: file to create")
+    parser.add_argument(
+        "--type",
+        choices=["f32", "f16", "q8_0", "q4_0"],
+        help="gguf: the weights' type (default f32; norms stay f32; q4_0 keeps the head at q8_0)",
+    )
 
 
 def export_command(args: argparse.Namespace) -> Path:
     if args.format == "gguf":
         from lmforge.interop.gguf import export_gguf  # imports this module
 
-        out = export_gguf(args.run, args.dir)
+        out = export_gguf(args.run, args.dir, args.type or "f32")
         print(f"wrote {out}: load it with llama.cpp, e.g. llama_cpp.Llama(model_path={str(out)!r})")
         return out
+    if args.type:
+        raise LmforgeError("--type sets a GGUF file's weight type; drop it for `export hf` (it writes the run's dtype)")
     out = export_hf(args.run, args.dir)
     print(f"wrote {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return out
