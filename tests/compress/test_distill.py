@@ -10,31 +10,7 @@ import torch.nn.functional as F
 
 from lmforge.checkpoint import load_run
 from lmforge.cli import main
-from lmforge.compress.calibration import calibration_windows
-from lmforge.compress.config import CompressConfig
 from lmforge.compress.distill import distill_loss, mapped_layers
-from lmforge.compress.main import METHODS
-from lmforge.compress.store import save_compressed
-from lmforge.config import load_config
-from lmforge.run import Run
-
-
-def compress_tiny(tmp_path, tiny_run, tiny_text, *overrides):
-    """Compress the tiny run with the CLI's config and METHODS entry; (the in-memory result, the saved run folder)."""
-    text = tmp_path / "text.txt"
-    text.write_text(tiny_text[:40_000])
-    cfg = load_config(
-        CompressConfig,
-        None,
-        [f"base={tiny_run}", f"run.root={tmp_path}", f"calibration.path={text}", "train.batch_size=2", *overrides],
-    )
-    model, tokenizer = load_run(tiny_run)
-    windows = calibration_windows(tokenizer, text, 16, 32)
-    run = Run.from_config(cfg.run)
-    result = METHODS[cfg.method](cfg, model, tokenizer, windows, run)
-    save_compressed(run.path, result.model, tokenizer, {"method": cfg.method}, result.steps)
-    tokenizer.save(run.path)
-    return result, run.path
 
 
 @pytest.mark.parametrize(("temperature", "alpha"), [(1.0, 0.0), (2.0, 0.5), (4.0, 1.0)])
@@ -56,7 +32,7 @@ def test_student_layers_are_evenly_spaced():
     assert mapped_layers(4, 2) == [1, 3] and mapped_layers(30, 3) == [9, 19, 29] and mapped_layers(2, 2) == [0, 1]
 
 
-def test_shallower_student_loads_back_as_a_plain_decoder(tmp_path, tiny_run, tiny_text):
+def test_shallower_student_loads_back_as_a_plain_decoder(tmp_path, tiny_run, tiny_text, compress_tiny):
     base, _ = load_run(tiny_run)
     overrides = ["method=distill", "distill.layers=1", "distill.hidden_weight=1.0", "train.steps=3", "train.lr=1e-3"]
     result, path = compress_tiny(tmp_path, tiny_run, tiny_text, *overrides)
@@ -70,7 +46,7 @@ def test_shallower_student_loads_back_as_a_plain_decoder(tmp_path, tiny_run, tin
     assert torch.equal(model(idx), result.model(idx))
 
 
-def test_narrower_student_trains_through_a_projection_that_is_not_saved(tmp_path, tiny_run, tiny_text):
+def test_narrower_student_trains_through_a_projection_that_is_not_saved(tmp_path, tiny_run, tiny_text, compress_tiny):
     overrides = ["method=distill", "distill.dim=32", "distill.hidden_weight=1.0", "distill.scratch=false"]
     result, path = compress_tiny(tmp_path, tiny_run, tiny_text, *overrides, "train.steps=2")
     model, _ = load_run(path)

@@ -9,31 +9,7 @@ import torch
 
 from lmforge.checkpoint import load_run
 from lmforge.cli import main
-from lmforge.compress.calibration import calibration_windows
-from lmforge.compress.config import CompressConfig
 from lmforge.compress.lowrank import LowRankLinear, rank_by_energy, ranks_by_budget
-from lmforge.compress.main import METHODS
-from lmforge.compress.store import save_compressed
-from lmforge.config import load_config
-from lmforge.run import Run
-
-
-def compress_tiny(tmp_path, tiny_run, tiny_text, *overrides):
-    """Compress the tiny run with the CLI's config and METHODS entry; (the in-memory result, the saved run folder)."""
-    text = tmp_path / "text.txt"
-    text.write_text(tiny_text[:40_000])
-    cfg = load_config(
-        CompressConfig,
-        None,
-        [f"base={tiny_run}", f"run.root={tmp_path}", f"calibration.path={text}", "train.batch_size=2", *overrides],
-    )
-    model, tokenizer = load_run(tiny_run)
-    windows = calibration_windows(tokenizer, text, 16, 32)
-    run = Run.from_config(cfg.run)
-    result = METHODS[cfg.method](cfg, model, tokenizer, windows, run)
-    save_compressed(run.path, result.model, tokenizer, {"method": cfg.method}, result.steps)
-    tokenizer.save(run.path)
-    return result, run.path
 
 
 @pytest.mark.parametrize("energy", [0.5, 0.9, 0.99, 1.0])
@@ -58,14 +34,14 @@ def test_full_rank_factors_reproduce_the_matrix_and_budget_is_kept():
     assert spent <= 0.3 * sum(o * i for o, i in shapes.values()) and min(ranks.values()) >= 1
 
 
-def test_energy_one_keeps_the_logits(tmp_path, tiny_run, tiny_text):
+def test_energy_one_keeps_the_logits(tmp_path, tiny_run, tiny_text, compress_tiny):
     base, _ = load_run(tiny_run)
     result, _ = compress_tiny(tmp_path, tiny_run, tiny_text, "method=lowrank", "lowrank.energy=1.0")
     idx = torch.randint(0, 512, (2, 16))
     assert torch.allclose(result.model(idx), base(idx), atol=1e-4)
 
 
-def test_recovered_run_loads_back_with_its_logits(tmp_path, tiny_run, tiny_text):
+def test_recovered_run_loads_back_with_its_logits(tmp_path, tiny_run, tiny_text, compress_tiny):
     overrides = ["method=lowrank", "lowrank.energy=0.5", "lowrank.recover_steps=4", "train.lr=1e-3"]
     result, path = compress_tiny(tmp_path, tiny_run, tiny_text, *overrides)
     summary = result.summary

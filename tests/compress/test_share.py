@@ -11,33 +11,9 @@ import torch
 
 from lmforge.checkpoint import load_run
 from lmforge.cli import main
-from lmforge.compress.calibration import calibration_windows
-from lmforge.compress.config import CompressConfig
-from lmforge.compress.main import METHODS
 from lmforge.compress.share import SharedBlock, groups_of, share_layers
-from lmforge.compress.store import save_compressed
-from lmforge.config import load_config
 from lmforge.models import ModelConfig, build_model
-from lmforge.run import Run
 from lmforge.sampling import generate_tokens
-
-
-def compress_tiny(tmp_path, tiny_run, tiny_text, *overrides):
-    """Compress the tiny run with the CLI's config and METHODS entry; (the in-memory result, the saved run folder)."""
-    text = tmp_path / "text.txt"
-    text.write_text(tiny_text[:40_000])
-    cfg = load_config(
-        CompressConfig,
-        None,
-        [f"base={tiny_run}", f"run.root={tmp_path}", f"calibration.path={text}", "train.batch_size=2", *overrides],
-    )
-    model, tokenizer = load_run(tiny_run)
-    windows = calibration_windows(tokenizer, text, 16, 32)
-    run = Run.from_config(cfg.run)
-    result = METHODS[cfg.method](cfg, model, tokenizer, windows, run)
-    save_compressed(run.path, result.model, tokenizer, {"method": cfg.method}, result.steps)
-    tokenizer.save(run.path)
-    return result, run.path
 
 
 def test_groups_are_consecutive_runs_and_the_mean_starts_each():
@@ -50,7 +26,7 @@ def test_groups_are_consecutive_runs_and_the_mean_starts_each():
     assert model.layers[3].mlp.down is model.layers[2].mlp.down and model.layers[1].attn is not model.layers[0].attn
 
 
-def test_shared_run_loads_back_as_one_set_of_modules(tmp_path, tiny_run, tiny_text):
+def test_shared_run_loads_back_as_one_set_of_modules(tmp_path, tiny_run, tiny_text, compress_tiny):
     base, tokenizer = load_run(tiny_run)
     overrides = ["method=share", "share.groups=1", "share.recover_steps=4", "train.lr=1e-3"]
     result, path = compress_tiny(tmp_path, tiny_run, tiny_text, *overrides)

@@ -8,10 +8,8 @@ import torch.nn.functional as F
 import torch.nn.utils.parametrize as parametrize
 
 from lmforge.checkpoint import load_run
-from lmforge.compress.calibration import calibration_windows
 from lmforge.compress.config import CompressConfig
 from lmforge.compress.main import METHODS
-from lmforge.compress.store import save_compressed
 from lmforge.compress.ternary import (
     StraightThrough,
     TernaryLinear,
@@ -21,7 +19,6 @@ from lmforge.compress.ternary import (
     unpack_ternary,
 )
 from lmforge.config import load_config
-from lmforge.run import Run
 
 
 def test_codes_and_scale_follow_the_absmean_formula():
@@ -54,25 +51,7 @@ def test_straight_through_gradient_is_the_gradient_through_the_dequantized_weigh
     assert torch.allclose(latent.grad, dequantized.grad)
 
 
-def compress_tiny(tmp_path, tiny_run, tiny_text, *overrides):
-    """Compress the tiny run with the CLI's config and METHODS entry; (the in-memory result, the saved run folder)."""
-    text = tmp_path / "text.txt"
-    text.write_text(tiny_text[:40_000])
-    cfg = load_config(
-        CompressConfig,
-        None,
-        [f"base={tiny_run}", f"run.root={tmp_path}", f"calibration.path={text}", "train.batch_size=2", *overrides],
-    )
-    model, tokenizer = load_run(tiny_run)
-    windows = calibration_windows(tokenizer, text, 16, 32)
-    run = Run.from_config(cfg.run)
-    result = METHODS[cfg.method](cfg, model, tokenizer, windows, run)
-    save_compressed(run.path, result.model, tokenizer, {"method": cfg.method}, result.steps)
-    tokenizer.save(run.path)
-    return result, run.path
-
-
-def test_qat_run_loads_back_with_its_logits(tmp_path, tiny_run, tiny_text):
+def test_qat_run_loads_back_with_its_logits(tmp_path, tiny_run, tiny_text, compress_tiny):
     result, path = compress_tiny(tmp_path, tiny_run, tiny_text, "method=ternary", "train.steps=4", "train.lr=1e-3")
     assert result.summary["qat_held_out_after"] < result.summary["qat_held_out_before"]  # QAT helps
     model, _ = load_run(path)
