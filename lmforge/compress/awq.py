@@ -18,12 +18,12 @@ from torch import Tensor
 
 from lmforge.compress import rtn
 from lmforge.compress.calibration import block_inputs, capture, run_blocks
+from lmforge.compress.compressed import Compressed
 from lmforge.compress.modules import QuantLinear, linear_names
 from lmforge.errors import LmforgeError
 
 if TYPE_CHECKING:
     from lmforge.compress.config import CompressConfig, QuantConfig
-    from lmforge.compress.main import Compressed
     from lmforge.models import Decoder
     from lmforge.run import Run
 
@@ -169,6 +169,5 @@ def quantize_awq(model: Decoder, windows: Tensor, quant: QuantConfig, batch_size
 
 def compress(cfg: CompressConfig, model: Decoder, tokenizer, windows: Tensor, run: Run) -> Compressed:
     """main.METHODS["awq"]."""
-    from lmforge.compress.main import Compressed  # noqa: F811 (main imports this module to list it)
 
     return Compressed(model, quantize_awq(model, windows, cfg.quant))

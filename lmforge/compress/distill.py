@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmforge.compress.compressed import Compressed
 from lmforge.compress.config import CompressConfig
 from lmforge.compress.recover import held_out_loss, require_windows, split, train
 from lmforge.errors import LmforgeError
@@ -79,7 +80,6 @@ def distill_loss(student: Tensor, teacher: Tensor, targets: Tensor, temperature:
 
 def compress(cfg: CompressConfig, teacher: Decoder, tokenizer, windows: Tensor | None, run: Run):
     """method=distill: train a smaller student from the base for train.steps steps (and one from scratch)."""
-    from lmforge.compress.main import Compressed  # here: main imports this module
 
     dc, steps = cfg.distill, cfg.train.steps
     scfg = student_config(teacher.cfg, dc.layers, dc.dim, dc.hidden_dim)

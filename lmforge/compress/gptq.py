@@ -15,12 +15,12 @@ from torch import Tensor
 
 from lmforge.compress import rtn
 from lmforge.compress.calibration import block_inputs, block_linears, hessians, run_blocks
+from lmforge.compress.compressed import Compressed
 from lmforge.compress.modules import QuantLinear, linear_names
 from lmforge.errors import LmforgeError
 
 if TYPE_CHECKING:
     from lmforge.compress.config import CompressConfig, QuantConfig
-    from lmforge.compress.main import Compressed
     from lmforge.models import Decoder
     from lmforge.run import Run
 
@@ -137,6 +137,5 @@ def quantize_gptq(model: Decoder, windows: Tensor, quant: QuantConfig, batch_siz
 
 def compress(cfg: CompressConfig, model: Decoder, tokenizer, windows: Tensor, run: Run) -> Compressed:
     """main.METHODS["gptq"]."""
-    from lmforge.compress.main import Compressed  # noqa: F811 (main imports this module to list it)
 
     return Compressed(model, quantize_gptq(model, windows, cfg.quant))

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmforge.compress.compressed import Compressed
 from lmforge.compress.config import CompressConfig
 from lmforge.compress.modules import BUILDERS, linear_names
 from lmforge.compress.recover import held_out_loss, require_windows, split, train
@@ -89,7 +90,6 @@ def ranks_by_budget(spectra: dict[str, Tensor], shapes: dict[str, tuple[int, int
 
 def compress(cfg: CompressConfig, model: Decoder, tokenizer, windows: Tensor | None, run: Run):
     """method=lowrank: factorise the block linears, then recover for lowrank.recover_steps steps."""
-    from lmforge.compress.main import Compressed  # here: main imports this module
 
     lc = cfg.lowrank
     require_windows(windows, lc.recover_steps, "lowrank.recover_steps")

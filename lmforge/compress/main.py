@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,23 +18,13 @@ from torch import Tensor
 from lmforge.checkpoint import latest_checkpoint, load_run
 from lmforge.compress import awq, distill, gptq, lowrank, nf4, prune, rtn, share, sparsegpt, structured, ternary
 from lmforge.compress.calibration import calibration_windows
+from lmforge.compress.compressed import Compressed
 from lmforge.compress.config import CompressConfig
 from lmforge.compress.store import save_compressed
 from lmforge.config import to_dict
 from lmforge.errors import LmforgeError
 from lmforge.models import Decoder
 from lmforge.run import Run, resolve_run
-
-
-@dataclass
-class Compressed:
-    model: Decoder
-    """The compressed model (its compressed modules installed; a plain Decoder for pruning and distillation)."""
-    summary: dict[str, Any] = field(default_factory=dict)
-    """Method-specific figures for compress.json and the report."""
-    steps: int = 0
-    """Training steps taken (the checkpoint's step)."""
-
 
 # A method: (config, the base model, its tokenizer, calibration windows or None, the output run) -> Compressed. It
 # checks that it applies before it writes anything.

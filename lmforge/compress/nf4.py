@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from lmforge.compress.compressed import Compressed
 from lmforge.compress.modules import linear_names
 from lmforge.finetune.nf4 import NF4Linear
 
 if TYPE_CHECKING:
     from lmforge.compress.config import CompressConfig
-    from lmforge.compress.main import Compressed
     from lmforge.models import Decoder
     from lmforge.run import Run
 
@@ -32,7 +32,6 @@ def quantize_nf4_model(model: torch.nn.Module, head: bool = False) -> None:
 
 def compress(cfg: CompressConfig, model: Decoder, tokenizer, windows: Tensor | None, run: Run) -> Compressed:
     """main.METHODS["nf4"]."""
-    from lmforge.compress.main import Compressed  # noqa: F811 (main imports this module to list it)
 
     quantize_nf4_model(model, cfg.quant.head)
     return Compressed(model)

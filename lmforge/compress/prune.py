@@ -14,6 +14,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from lmforge.compress.calibration import block_inputs, block_linears, capture, run_blocks
+from lmforge.compress.compressed import Compressed
 from lmforge.compress.config import CompressConfig
 from lmforge.compress.modules import linear_names
 from lmforge.models import Decoder
@@ -93,14 +94,12 @@ def prune_wanda(model: Decoder, cfg: CompressConfig, windows: Tensor) -> None:
 
 
 def magnitude(cfg: CompressConfig, model: Decoder, tokenizer, windows, run: Run):
-    from lmforge.compress.main import Compressed
 
     prune_magnitude(model, cfg)
     return Compressed(model, sparsity_summary(model))
 
 
 def wanda(cfg: CompressConfig, model: Decoder, tokenizer, windows: Tensor, run: Run):
-    from lmforge.compress.main import Compressed
 
     prune_wanda(model, cfg, windows)
     return Compressed(model, sparsity_summary(model))

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from lmforge.compress.compressed import Compressed
 from lmforge.compress.config import CompressConfig
 from lmforge.compress.modules import BUILDERS
 from lmforge.compress.recover import held_out_loss, require_windows, split, train
@@ -77,7 +78,6 @@ def share_layers(model: Decoder, groups: int, init: str = "first") -> Decoder:
 
 def compress(cfg: CompressConfig, model: Decoder, tokenizer, windows: Tensor | None, run: Run):
     """method=share: share.groups distinct blocks, then share.recover_steps recovery steps."""
-    from lmforge.compress.main import Compressed  # here: main imports this module
 
     sc, n_layers = cfg.share, model.cfg.n_layers
     groups = sc.groups or max(1, n_layers // 2)

@@ -13,6 +13,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from lmforge.compress.calibration import block_inputs, block_linears, hessians, run_blocks
+from lmforge.compress.compressed import Compressed
 from lmforge.compress.config import CompressConfig
 from lmforge.compress.prune import lowest, sparsity_summary
 from lmforge.models import Decoder
@@ -80,7 +81,6 @@ def prune_sparsegpt(model: Decoder, cfg: CompressConfig, windows: Tensor) -> Non
 
 
 def sparsegpt(cfg: CompressConfig, model: Decoder, tokenizer, windows: Tensor, run: Run):
-    from lmforge.compress.main import Compressed
 
     prune_sparsegpt(model, cfg, windows)
     return Compressed(model, sparsity_summary(model))

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmforge.compress.calibration import batches
+from lmforge.compress.compressed import Compressed
 from lmforge.compress.config import CompressConfig
 from lmforge.models import Decoder, build_model
 from lmforge.run import Run
@@ -127,7 +128,6 @@ def shrink(model: Decoder, layers: Tensor, groups: list[Tensor], neurons: list[T
 
 
 def structured(cfg: CompressConfig, model: Decoder, tokenizer, windows: Tensor | None, run: Run):
-    from lmforge.compress.main import Compressed
 
     p, mcfg = cfg.prune, model.cfg
     G = mcfg.n_heads // mcfg.n_kv_heads

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import torch.nn.utils.parametrize as parametrize
 from torch import Tensor
 
+from lmforge.compress.compressed import Compressed
 from lmforge.compress.config import CompressConfig
 from lmforge.compress.modules import BUILDERS, linear_names
 from lmforge.compress.recover import held_out_loss, split, train
@@ -103,7 +104,6 @@ BUILDERS["ternary"] = lambda old, spec: TernaryLinear(old.in_features, old.out_f
 def compress(cfg: CompressConfig, model: Decoder, tokenizer, windows: Tensor | None, run: Run):
     """method=ternary: QAT for train.steps steps on the calibration text (without one: ternarise only), then pack
     every block linear."""
-    from lmforge.compress.main import Compressed  # here: main imports this module
 
     steps = cfg.train.steps if windows is not None else 0  # train.steps cannot be 0: no text means no QAT
     names = linear_names(model)
