@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 
 
-def peer(hf_dir: str, windows_json: str, out_dir: str, group: int, act_order: bool) -> None:
-    """Runs in llm-compressor's environment: GPTQ W4 (symmetric, `group` columns per scale) on every block linear,
-    then the dequantized weights saved as a plain transformers model."""
+def peer(hf_dir: str, windows_json: str, out_dir: str, group: int, act_order: bool, observer: str) -> None:
+    """Runs in llm-compressor's environment: GPTQ W4 (symmetric, `group` columns per scale, the group ranges from
+    `observer`) on every block linear, then the dequantized weights saved as a plain transformers model."""
     import torch
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from datasets import Dataset
@@ -39,7 +39,14 @@ def peer(hf_dir: str, windows_json: str, out_dir: str, group: int, act_order: bo
     windows = json.loads(Path(windows_json).read_text())
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     ds = Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * len(w) for w in windows]})
-    weights = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=group)
+    weights = QuantizationArgs(
+        num_bits=4,
+        type="int",
+        symmetric=True,
+        strategy="group",
+        group_size=group,
+        observer="memoryless_mse" if observer == "mse" else "memoryless_minmax",
+    )
     recipe = GPTQModifier(
         config_groups={"g": QuantizationScheme(targets=["Linear"], weights=weights)},
         ignore=["lm_head"],
@@ -86,6 +93,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--chars", type=int, default=200_000)
     parser.add_argument("--act-order", action="store_true")
+    parser.add_argument("--observer", choices=["minmax", "mse"], default="mse", help="both sides use it")
     parser.add_argument("--out", default="/tmp/bench_gptq")
     args = parser.parse_args()
 
@@ -105,6 +113,7 @@ def main() -> None:
     overrides += [
         f"quant.group_size={args.group}",
         f"quant.act_order={str(args.act_order).lower()}",
+        f"quant.observer={args.observer}",
         f"run.root={out}",
         "run.name=ours",
     ]
@@ -124,7 +133,9 @@ def main() -> None:
         str(out / "windows.json"),
         str(out / "hf_peer"),
     ]
-    result = subprocess.run([*command, str(args.group), str(int(args.act_order))], capture_output=True, text=True)
+    result = subprocess.run(
+        [*command, str(args.group), str(int(args.act_order)), args.observer], capture_output=True, text=True
+    )
     if result.returncode:
         sys.exit(f"llm-compressor failed:\n{result.stderr[-3000:]}")
     peer_seconds = json.loads(result.stdout.strip().splitlines()[-1])["peer_seconds"]
@@ -138,7 +149,10 @@ def main() -> None:
         name: perplexity(path, text)
         for name, path in [("base", Path(args.base)), ("ours", out / "ours"), ("llm-compressor", out / "peer")]
     }
-    print(f"GPTQ 4-bit g{args.group} act_order={args.act_order}, {len(windows)} windows of {seq_len} tokens")
+    print(
+        f"GPTQ 4-bit g{args.group} act_order={args.act_order} observer={args.observer}, {len(windows)} windows of "
+        f"{seq_len} tokens"
+    )
     print(f"{'':16} {'perplexity':>10} {'seconds':>8}")
     print(f"{'base':16} {ppl['base']:10.3f}")
     print(f"{'lmforge':16} {ppl['ours']:10.3f} {ours_seconds:8.1f}")
@@ -151,6 +165,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--peer":
-        peer(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), bool(int(sys.argv[6])))
+        peer(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), bool(int(sys.argv[6])), sys.argv[7])
     else:
         main()

@@ -31,9 +31,9 @@ GRID = 20  # alphas 0, 0.05, ..., 0.95 (AutoAWQ's n_grid); alpha = 0 is plain ro
 SEARCH_WINDOWS = 2  # calibration windows the grid is scored on (the statistics use all): 20 passes cost CPU time
 
 
-def fake_quant(w: Tensor, bits: int, group_size: int, symmetric: bool) -> Tensor:
+def fake_quant(w: Tensor, bits: int, group_size: int, symmetric: bool, observer: str = "minmax") -> Tensor:
     """w rounded to its round-to-nearest grid and back (float32)."""
-    codes, scales, zeros = rtn.quantize_weight(w, bits, group_size, symmetric)
+    codes, scales, zeros = rtn.quantize_weight(w, bits, group_size, symmetric, observer)
     size = group_size or w.shape[1]
     groups = codes.reshape(w.shape[0], -1, size)
     return ((groups - zeros[..., None]) * scales[..., None]).reshape(w.shape)
@@ -54,7 +54,7 @@ def search_scale(
         s = x_mean.pow(k / GRID).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
         for linear, w in zip(linears, originals, strict=True):
-            linear.weight.copy_(fake_quant(w * s, bits, size, quant.symmetric) / s)
+            linear.weight.copy_(fake_quant(w * s, bits, size, quant.symmetric, quant.observer_for("awq")) / s)
         loss = sum(float((y - r).float().pow(2).sum()) for y, r in zip(run(), reference, strict=True))
         loss /= sum(r.numel() for r in reference)
         rtn_loss = loss if k == 0 else rtn_loss
@@ -150,7 +150,9 @@ def quantize_awq(model: Decoder, windows: Tensor, quant: QuantConfig, batch_size
         for group, (loss, rtn_loss) in found.items():
             losses[f"layers.{i}.{group}"] = [loss, rtn_loss]
         for name, linear in [(n, m) for n, m in block.named_modules() if type(m) is nn.Linear]:
-            codes, scales, zeros = rtn.quantize_weight(linear.weight, bits, size, quant.symmetric)
+            codes, scales, zeros = rtn.quantize_weight(
+                linear.weight, bits, size, quant.symmetric, quant.observer_for("awq")
+            )
             parent, _, attr = name.rpartition(".")
             layer = QuantLinear.from_codes(codes, scales, zeros, bits, linear.bias)
             setattr(block.get_submodule(parent), attr, layer.to(linear.weight.device))

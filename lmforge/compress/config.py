@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmforge.checkpoint import latest_checkpoint, read_model_config
+from lmforge.compress.rtn import OBSERVERS
 from lmforge.config import check
 from lmforge.errors import LmforgeError
 from lmforge.finetune.config import SftTrainConfig
@@ -51,16 +52,27 @@ class QuantConfig:
     """GPTQ/SparseGPT: columns updated together (lazy batch updates)."""
     head: bool = False
     """Quantize the LM head too (the embedding table stays float: it is read by rows)."""
+    observer: str = ""
+    """How a group's range is chosen: minmax (covers every weight) or mse (shrunk to the least rounding error, clipping
+    outliers; llm-compressor's MSE observer); empty: the method's default, mse for gptq and minmax for the others."""
 
     def groups(self, bits: int) -> int:
         """The group size in use for `bits`-bit weights (0: per channel)."""
         return self.group_size if self.group_size >= 0 else (0 if bits == 8 else 128)
+
+    def observer_for(self, method: str) -> str:
+        """The observer in use for `method`."""
+        return self.observer or ("mse" if method == "gptq" else "minmax")
 
     def validate(self) -> None:
         check(self.bits in (4, 8), f"quant.bits={self.bits} must be 4 or 8")
         check(self.group_size >= -1, f"quant.group_size={self.group_size} must be >= 0 (0: per channel)")
         check(self.damp >= 0, f"quant.damp={self.damp} must be >= 0")
         check(self.block_size > 0, f"quant.block_size={self.block_size} must be positive")
+        check(
+            self.observer in ("", *OBSERVERS),
+            f"quant.observer={self.observer!r} is not an observer; choose minmax or mse (or leave it empty)",
+        )
 
 
 @dataclass
@@ -192,6 +204,7 @@ class CompressConfig:
             raise LmforgeError(f"base run {base} has no checkpoint; train it first (lmforge pretrain)")
         if base.resolve() == (Path(self.run.root) / self.run.name).resolve():
             raise LmforgeError(f"run.name={self.run.name} is the base run itself; give the compressed run a new name")
+        self.quant.observer = self.quant.observer_for(self.method)  # recorded in the run as the one in use
         if self.method in PRUNE_METHODS:
             self.prune.check_model(read_model_config(latest_checkpoint(base)), self.method)
         if self.method in NEEDS_CALIBRATION and not self.calibration.path:

@@ -48,6 +48,7 @@ def quantize_layer(
     act_order: bool = False,
     damp: float = 0.01,
     block_size: int = 128,
+    observer: str = "minmax",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """w (out, in), h (in, in) = 2/n X^T X -> (codes (out, in), scales, zeros (out, groups)), computed in h's dtype.
 
@@ -63,7 +64,7 @@ def quantize_layer(
     w[:, dead] = 0
     static = None
     if act_order:
-        static = rtn.group_params(w.reshape(-1, size), bits, symmetric)  # each (rows * groups,)
+        static = rtn.group_params(w.reshape(-1, size), bits, symmetric, observer)  # each (rows * groups,)
         static = tuple(p.reshape(rows, -1) for p in static)
         order = torch.argsort(h.diagonal(), descending=True)
         w, h = w[:, order], h[order][:, order]
@@ -86,7 +87,7 @@ def quantize_layer(
                 # batch's pending lazy update
                 later = w[:, i2 : col + size] - err1[:, :i] @ factor[i1 : i1 + i, i2 : col + size]
                 scales[:, g], zeros[:, g] = rtn.group_params(
-                    torch.cat([w1[:, i : i + size], later], 1), bits, symmetric
+                    torch.cat([w1[:, i : i + size], later], 1), bits, symmetric, observer
                 )
             scale, zero = scales[:, g], zeros[:, g]
             q = rtn.quantize(w1[:, i], scale, zero, bits)
@@ -122,7 +123,15 @@ def quantize_gptq(model: Decoder, windows: Tensor, quant: QuantConfig, batch_siz
             linear = block.get_submodule(name)
             w = linear.weight.detach().float()
             codes, scales, zeros = quantize_layer(
-                w, hs[name], bits, size, quant.symmetric, quant.act_order, quant.damp, quant.block_size
+                w,
+                hs[name],
+                bits,
+                size,
+                quant.symmetric,
+                quant.act_order,
+                quant.damp,
+                quant.block_size,
+                quant.observer_for("gptq"),
             )
             layer = QuantLinear.from_codes(codes, scales.float(), zeros.float(), bits, linear.bias)
             errors[f"layers.{i}.{name}"] = output_error(w, layer.weight, hs[name])

@@ -32,12 +32,14 @@ Method = Callable[[CompressConfig, Decoder, Any, Tensor | None, Run], Compressed
 
 
 def _int8(cfg: CompressConfig, model: Decoder, tokenizer, windows, run: Run) -> Compressed:
-    rtn.quantize_rtn(model, 8, cfg.quant.groups(8), cfg.quant.symmetric, cfg.quant.head)
+    q = cfg.quant
+    rtn.quantize_rtn(model, 8, q.groups(8), q.symmetric, q.head, q.observer_for("int8"))
     return Compressed(model)
 
 
 def _int4(cfg: CompressConfig, model: Decoder, tokenizer, windows, run: Run) -> Compressed:
-    rtn.quantize_rtn(model, 4, cfg.quant.groups(4), cfg.quant.symmetric, cfg.quant.head)
+    q = cfg.quant
+    rtn.quantize_rtn(model, 4, q.groups(4), q.symmetric, q.head, q.observer_for("int4"))
     return Compressed(model)
 
 

@@ -38,6 +38,29 @@ def test_rtn_equals_torch_fake_quantization(bits, group_size, symmetric):
     assert torch.all(err <= scales.reshape(-1) * 0.5 + 1e-6)
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_mse_observer_picks_the_least_error_shrink(symmetric):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 64, generator=g) * torch.linspace(0.1, 2, 256)[:, None]
+    codes, scales, zeros = rtn.quantize_weight(w, 4, 64, symmetric, observer="mse")
+    w_hat = QuantLinear.from_codes(codes, scales, zeros, 4).weight
+
+    def error(shrink: float) -> torch.Tensor:  # each group's sum |w - w_hat|^norm on torch's fake quantization
+        scale, zero = rtn.range_params(shrink * w.amin(1).clamp(max=0), shrink * w.amax(1).clamp(min=0), 4, symmetric)
+        fake = torch.fake_quantize_per_channel_affine(w, scale, zero.int(), 0, 0, 15)
+        return (fake - w).abs().pow(rtn.MSE_NORM).sum(1)
+
+    # with this many groups some group improves at every step, so the search runs its whole range
+    tried = torch.stack([error(1 - i / rtn.MSE_GRID) for i in range(int(rtn.MSE_MAXSHRINK * rtn.MSE_GRID))])
+    ours = (w_hat - w).abs().pow(rtn.MSE_NORM).sum(1)
+    torch.testing.assert_close(ours, tried.amin(0), rtol=1e-4, atol=1e-6)
+    assert torch.all(ours <= tried[0] + 1e-6)  # never worse than minmax (shrink 1)
+    assert (ours < tried[0]).float().mean() > 0.5  # most groups round better clipped a little
+    assert int(codes.min()) >= 0 and int(codes.max()) <= 15
+    with pytest.raises(LmforgeError, match="observer"):
+        rtn.quantize_weight(w, 4, 64, symmetric, observer="percentile")
+
+
 def test_4bit_codes_pack_two_to_a_byte():
     codes = torch.randint(0, 16, (3, 10), dtype=torch.uint8)
     packed = pack_codes(codes, 4)

@@ -16,7 +16,7 @@ from lmforge.compress.gptq import quantize_layer
 from lmforge.compress.modules import QuantLinear
 
 
-def naive_gptq(w, h, bits, size, symmetric, act_order, damp):
+def naive_gptq(w, h, bits, size, symmetric, act_order, damp, observer="minmax"):
     """Optimal Brain Quantization one column at a time in float64: quantize a column, spread its error over the
     remaining columns with the inverse Hessian, then drop that column from the inverse (Frantar et al., 2022, eq. 2-3),
     with no Cholesky factor and no lazy batches."""
@@ -25,7 +25,7 @@ def naive_gptq(w, h, bits, size, symmetric, act_order, damp):
     dead = h.diagonal() == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    static = [p.reshape(rows, -1) for p in rtn.group_params(w.reshape(-1, size), bits, symmetric)]
+    static = [p.reshape(rows, -1) for p in rtn.group_params(w.reshape(-1, size), bits, symmetric, observer)]
     order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(cols)
     h.diagonal().add_(damp * h.diagonal().mean())
     hinv = torch.linalg.inv(h)
@@ -37,7 +37,7 @@ def naive_gptq(w, h, bits, size, symmetric, act_order, damp):
         if act_order:
             scale, zero = static[0][:, j // size], static[1][:, j // size]
         elif j % size == 0:
-            scale, zero = rtn.group_params(w[:, j : j + size], bits, symmetric)
+            scale, zero = rtn.group_params(w[:, j : j + size], bits, symmetric, observer)
         q = rtn.quantize(w[:, j], scale, zero, bits)
         codes[:, j] = q
         err = (w[:, j] - (q - zero) * scale) / hinv[j, j]
@@ -54,15 +54,22 @@ def correlated_inputs(n: int, cols: int, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "act_order,symmetric,size,block", [(False, True, 16, 24), (False, False, 32, 16), (True, True, 16, 24)]
+    "act_order,symmetric,size,block,observer",
+    [
+        (False, True, 16, 24, "minmax"),
+        (False, False, 32, 16, "minmax"),
+        (True, True, 16, 24, "minmax"),
+        (False, True, 16, 24, "mse"),
+        (True, False, 16, 24, "mse"),
+    ],
 )
-def test_lazy_batches_give_the_naive_updates_codes(act_order, symmetric, size, block):
+def test_lazy_batches_give_the_naive_updates_codes(act_order, symmetric, size, block, observer):
     x = correlated_inputs(512, 64).double()
     x[:, 5] = 0  # a dead input
     h = 2 * x.T @ x / len(x)
     w = torch.randn(12, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    codes, scales, zeros = quantize_layer(w, h, 4, size, symmetric, act_order, damp=0.01, block_size=block)
-    expected = naive_gptq(w, h, 4, size, symmetric, act_order, 0.01)
+    codes, scales, zeros = quantize_layer(w, h, 4, size, symmetric, act_order, 0.01, block, observer)
+    expected = naive_gptq(w, h, 4, size, symmetric, act_order, 0.01, observer)
     assert torch.equal(codes, expected)
     assert scales.shape == zeros.shape == (12, 64 // size)
 
@@ -104,6 +111,7 @@ def test_gptq_run_loads_back(tiny_run, calib, tmp_path, options):
     assert compress(*args, "calibration.seq_len=64", *options, f"run.root={tmp_path}", "run.name=q") == 0
     model, _ = load_run(tmp_path / "q")
     assert model.compression["method"] == "gptq"
+    assert model.compression["options"]["quant"]["observer"] == "mse"  # the method's default, recorded as used
     layer = model.layers[1].mlp.down
     assert isinstance(layer, QuantLinear) and layer.bits == 4
     assert layer.group_size == (32 if "quant.group_size=32" in options else layer.in_features)
@@ -117,6 +125,9 @@ def test_gptq_run_loads_back(tiny_run, calib, tmp_path, options):
 def test_bad_input_writes_nothing(tiny_run, calib, tmp_path):
     assert compress(str(tiny_run), "method=gptq", f"run.root={tmp_path}", "run.name=nocal") == 2
     assert not (tmp_path / "nocal").exists()
+    args = [str(tiny_run), "method=gptq", f"calibration.path={calib}", "quant.observer=percentile"]
+    assert compress(*args, f"run.root={tmp_path}", "run.name=badobserver") == 2
+    assert not (tmp_path / "badobserver").exists()
     args = [str(tiny_run), "method=gptq", f"calibration.path={calib}", "quant.group_size=48"]
     assert compress(*args, f"run.root={tmp_path}", "run.name=badgroup") == 2
     assert not any((tmp_path / "badgroup").glob("*"))  # the CLI makes the run folder before the method runs
