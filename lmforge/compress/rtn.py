@@ -46,14 +46,14 @@ def group_params(w: Tensor, bits: int, symmetric: bool, observer: str = "minmax"
         w_hat = (quantize(w, s[:, None], z[:, None], bits) - z[:, None]) * s[:, None]
         error = (w_hat - w).abs_().pow_(MSE_NORM).sum(dim=1)
         better = error < best
-        if not better.any():
+        if better.any():
+            stale = 0
+            best = torch.where(better, error, best)
+            scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
+        else:
             stale += 1
             if stale >= MSE_PATIENCE:
                 break
-            continue
-        stale = 0
-        best = torch.where(better, error, best)
-        scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
     return scale, zero
 
 
