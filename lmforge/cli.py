@@ -6,54 +6,57 @@ Run: `lmforge --help`. User errors print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib
+import importlib.util
 import json
 import os
 import sys
-from typing import NoReturn
+from pathlib import Path
+from typing import Any, NoReturn
 
 from lmforge import report
-from lmforge.align import main as align
-from lmforge.align.config import AlignConfig
-from lmforge.compress import cli as compress_cli
 from lmforge.config import load_config
-from lmforge.data import prepare
 from lmforge.errors import LmforgeError
-from lmforge.eval import arena
-from lmforge.eval import cli as eval_cli
-from lmforge.finetune import sft
-from lmforge.finetune.config import FinetuneConfig
-from lmforge.interop import hf
 from lmforge.run import Run
-from lmforge.serve import chat, generate, server
-from lmforge.speedrun import SpeedrunConfig
-from lmforge.speedrun import main as speedrun_main
-from lmforge.tokenizer import train as tokenizer_train
-from lmforge.train import plan
-from lmforge.train.pretrain import PretrainConfig
-from lmforge.train.pretrain import main as pretrain_main
 
-# stages: a config dataclass and main(cfg, run) -> metrics
+# Each verb's module is imported only when that verb runs: importing every stage costs seconds, paid by each command
+# and by each torchrun rank. "module:name" names an attribute of a module.
+# stages: the config dataclass and main(cfg, run) -> metrics
 VERBS = {
-    "pretrain": (PretrainConfig, pretrain_main),
-    "speedrun": (SpeedrunConfig, speedrun_main),
-    "finetune": (FinetuneConfig, sft.main),
-    "align": (AlignConfig, align.main),
+    "pretrain": ("lmforge.train.pretrain:PretrainConfig", "lmforge.train.pretrain:main"),
+    "speedrun": ("lmforge.speedrun:SpeedrunConfig", "lmforge.speedrun:main"),
+    "finetune": ("lmforge.finetune.config:FinetuneConfig", "lmforge.finetune.sft:main"),
+    "align": ("lmforge.align.config:AlignConfig", "lmforge.align.main:main"),
 }
 # tools: add_arguments(parser) and command(args)
 TOOLS = {
-    "generate": (generate.add_arguments, generate.command),
-    "chat": (chat.add_arguments, chat.command),
-    "serve": (server.add_arguments, server.command),
-    "export": (hf.add_export_arguments, hf.export_command),
-    "import": (hf.add_import_arguments, hf.import_command),
-    "report": (report.add_arguments, report.command),
-    "data": (prepare.add_arguments, prepare.command),
-    "plan": (plan.add_arguments, plan.command),
-    "tokenizer": (tokenizer_train.add_arguments, tokenizer_train.command),
-    "arena": (arena.add_arguments, arena.command),
-    "eval": (eval_cli.add_arguments, eval_cli.command),
-    "compress": (compress_cli.add_arguments, compress_cli.command),
+    "generate": ("lmforge.serve.generate:add_arguments", "lmforge.serve.generate:command"),
+    "chat": ("lmforge.serve.chat:add_arguments", "lmforge.serve.chat:command"),
+    "serve": ("lmforge.serve.server:add_arguments", "lmforge.serve.server:command"),
+    "export": ("lmforge.interop.hf:add_export_arguments", "lmforge.interop.hf:export_command"),
+    "import": ("lmforge.interop.hf:add_import_arguments", "lmforge.interop.hf:import_command"),
+    "report": ("lmforge.report:add_arguments", "lmforge.report:command"),
+    "data": ("lmforge.data.prepare:add_arguments", "lmforge.data.prepare:command"),
+    "plan": ("lmforge.train.plan:add_arguments", "lmforge.train.plan:command"),
+    "tokenizer": ("lmforge.tokenizer.train:add_arguments", "lmforge.tokenizer.train:command"),
+    "arena": ("lmforge.eval.arena:add_arguments", "lmforge.eval.arena:command"),
+    "eval": ("lmforge.eval.cli:add_arguments", "lmforge.eval.cli:command"),
+    "compress": ("lmforge.compress.cli:add_arguments", "lmforge.compress.cli:command"),
 }
+
+
+def load(name: str) -> Any:
+    """The attribute "module:name", its module imported now."""
+    module, _, attr = name.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def summary(name: str) -> str:
+    """The first line of the docstring of the module of "module:name", read from its source without importing it."""
+    origin = importlib.util.find_spec(name.partition(":")[0]).origin
+    doc = ast.get_docstring(ast.parse(Path(origin).read_text(encoding="utf-8"))) or ""
+    return doc.splitlines()[0] if doc else ""
 
 
 class Parser(argparse.ArgumentParser):
@@ -63,22 +66,24 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The whole CLI's parser; of the tools only `verb`'s arguments are added (the others' modules stay unimported)."""
     parser = Parser(prog="lmforge", description="Train, sample and export language models.")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for name, (cfg_cls, _) in VERBS.items():
-        p = verbs.add_parser(name, help=(sys.modules[cfg_cls.__module__].__doc__ or "").splitlines()[0])
+        p = verbs.add_parser(name, help=summary(cfg_cls))
         p.add_argument("--config", help="YAML file with the config sections")
         p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of run.name")
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override a config value")
     for name, (add_arguments, command) in TOOLS.items():
-        p = verbs.add_parser(name, help=(sys.modules[command.__module__].__doc__ or "").splitlines()[0])
-        add_arguments(p)
+        p = verbs.add_parser(name, help=summary(command))
+        if name == verb:
+            load(add_arguments)(p)
     return parser
 
 
 def run_stage(verb: str, config: str | None, overrides: list[str], resume: bool = False) -> dict[str, float]:
-    cfg_cls, stage_main = VERBS[verb]
+    cfg_cls, stage_main = (load(name) for name in VERBS[verb])
     cfg = load_config(cfg_cls, config, overrides)  # validated before anything is written
     if resume:
         if not hasattr(cfg, "resume"):
@@ -93,12 +98,13 @@ def run_stage(verb: str, config: str | None, overrides: list[str], resume: bool 
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(next((a for a in argv if not a.startswith("-")), None)).parse_args(argv)
     try:
         if args.verb in VERBS:
             run_stage(args.verb, args.config, args.overrides, args.resume)
         else:
-            TOOLS[args.verb][1](args)
+            load(TOOLS[args.verb][1])(args)
     except LmforgeError as e:
         print(f"lmforge {args.verb}: error: {e}", file=sys.stderr)
         sys.exit(2)
